@@ -1,0 +1,86 @@
+"""The one packed-batch layout every stage reads: pretraining, evaluation, group query.
+
+Sequences (one per user, or per window of a long user) are laid end to end on a single token axis,
+jagged-tensor style: values are ``[T, ...]`` and ``cu_seqlens`` (int32, ``[S + 1]``, leading 0) marks
+where each sequence starts. Attention never crosses a boundary and ``positions`` restart at 0 at
+every sequence. ``row_splits`` groups sequences into the fixed token-budget rows they were packed
+into (``[R + 1]`` indices into the sequence axis); it only matters for utilisation and for backends
+that want fixed shapes.
+
+Token layout of one sequence: each behaviour is two tokens ``<condition, item>``::
+
+    tokens    c_0  i_0  c_1  i_1 ... c_{n-1} i_{n-1}  [q_0 ... q_{Q-1}]
+    type       0    1    0    1        0       1        0 ...  0
+    targets   i_0   0   i_1   0      i_{n-1}   0       (eval / query targets or 0)
+
+The output at a condition token predicts the item of the same behaviour (it has seen the history
+and the condition), so ``targets`` holds that item's id at condition tokens and 0 (no loss)
+elsewhere. Evaluation appends one query condition token (``num_queries = 1``); group query appends
+``Q`` of them, which see the history and themselves but never each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+COND_TOKEN = 0
+ITEM_TOKEN = 1
+
+
+@dataclass
+class PackedBatch:
+    item_ids: torch.Tensor  # int64 [T]; PAD_ID on condition tokens
+    cond_ids: torch.Tensor  # int64 [T, F]; PAD_ID on item tokens
+    token_type: torch.Tensor  # int64 [T]; COND_TOKEN or ITEM_TOKEN
+    positions: torch.Tensor  # int64 [T]; index within the sequence (group queries share position L)
+    time_gaps: torch.Tensor  # int64 [T]; bucketed log2 seconds since the previous behaviour, 0 = unknown
+    targets: torch.Tensor  # int64 [T]; item id to predict at this token, 0 = no loss
+    cu_seqlens: torch.Tensor  # int32 [S + 1]
+    max_seqlen: int
+    num_queries: torch.Tensor  # int32 [S]; trailing group-query tokens per sequence (0 in pretraining)
+    row_splits: torch.Tensor  # int32 [R + 1]; sequence index range of each packed row
+    token_budget: int  # tokens per row the packer filled to (rows * budget = padded size)
+    user_ids: list[str]  # raw user id of every sequence
+    numeric: torch.Tensor | None = None  # float32 [T, G] numeric side features, or None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.item_ids.numel())
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.numel() - 1)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_splits.numel() - 1)
+
+    @property
+    def utilization(self) -> float:
+        """Real tokens / padded size of the rows they were packed into."""
+        return self.num_tokens / max(1, self.num_rows * self.token_budget)
+
+    def seq_lens(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def seq_index(self) -> torch.Tensor:
+        """int64 [T]: which sequence each token belongs to."""
+        return torch.repeat_interleave(torch.arange(self.num_sequences), self.seq_lens().long().cpu()).to(
+            self.item_ids.device
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return replace(self, **moved)
+
+    def pin_memory(self) -> PackedBatch:
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in pinned.items():
+            if isinstance(v, torch.Tensor):
+                pinned[k] = v.pin_memory()
+        return replace(self, **pinned)
