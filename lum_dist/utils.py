@@ -79,3 +79,20 @@ def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def expand_data_path(value: str) -> str:
+    """Expand ``${LUM_DATA_DIR}`` (default: ../shared/data when it exists) and other env vars in a path."""
+    if "${LUM_DATA_DIR}" in value or "$LUM_DATA_DIR" in value:
+        root = data_dir()
+        if root is None:
+            raise FileNotFoundError(
+                f"{value!r} needs the raw datasets: set LUM_DATA_DIR to the folder holding them"
+            )
+        value = value.replace("${LUM_DATA_DIR}", str(root)).replace("$LUM_DATA_DIR", str(root))
+    return os.path.expandvars(value)
+
+
+def expand_source(source: dict) -> dict:
+    """A data source spec with its ``input``/``meta`` paths expanded (see expand_data_path)."""
+    return {k: expand_data_path(v) if k in ("input", "meta") and isinstance(v, str) else v for k, v in source.items()}

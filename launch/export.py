@@ -1,0 +1,35 @@
+"""Export a pretrained LUM for use outside lum-dist.
+
+    python launch/export.py --checkpoint runs/pretrain --split test --out runs/export
+
+writes ``users.parquet`` (user_id, embedding), ``items.parquet`` (item_id, embedding) and, with ``--hf``,
+a consolidated ``save_pretrained`` model (safetensors) built from the ZeRO shards. The score of a (user, item)
+pair is the dot product of their embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lum_dist.train.export import consolidate, export_embeddings, resolve_checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint dir, or a run's output dir")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-users", type=int, default=0)
+    p.add_argument("--hf", action="store_true", help="also write <out>/model (save_pretrained, safetensors)")
+    args = p.parse_args(argv)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, cfg, meta = consolidate(ckpt)
+    counts = export_embeddings(model, cfg, meta, args.split, args.out, args.max_users)
+    if args.hf:
+        model.save_pretrained(args.out / "model", safe_serialization=True)
+    print(f"exported {counts['users']} users and {counts['items']} items from {ckpt} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

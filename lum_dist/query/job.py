@@ -1,0 +1,181 @@
+"""Step 2, knowledge querying: ask a trained LUM many condition queries per user in one pass.
+
+Each user's history is encoded once and followed by Q query condition tokens; the group-query mask
+lets every query see the whole history and itself, never the other queries, so one forward pass
+answers all Q (``lum_dist.ops.group_query``; a Triton kernel on CUDA).
+
+Output directory::
+
+    part-00000.parquet ...  user_id (raw), condition ("*" or "<field>=<raw value>"), embedding, model_version
+    items.parquet           item_id (raw), embedding: the model's item embeddings
+    manifest.json           written last; "complete": true once every shard exists
+
+Users are cut into fixed chunks in a deterministic order; chunk k becomes ``part-k`` (written atomically)
+and is computed by rank ``k % world_size``. A killed job re-run with the same arguments skips the shards
+that exist, so it resumes without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from lum_dist.data.packing import best_fit_decreasing, collate
+from lum_dist.data.prepare import load_vocab, read_users
+from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.tokenize import tokenize_group_query
+from lum_dist.model import LUMModel
+from lum_dist.utils import atomic_write_bytes, atomic_write_text
+
+GENERIC = "*"
+
+
+@dataclass
+class QueryJob:
+    checkpoint: str
+    out: str
+    conditions: list[str] = field(default_factory=lambda: [GENERIC])  # "*", "field=value", "field=ALL"
+    split: str = "test"  # history ends at valid_end ("test") or train_end ("valid")
+    token_budget: int = 8192  # tokens per packed row
+    users_per_shard: int = 4096
+    max_users: int = 0
+    device: str = "auto"
+
+
+def parse_conditions(specs: list[str], meta: DatasetMeta, data_path: Path) -> tuple[list[str], np.ndarray]:
+    """Condition specs -> (names, cond ids [Q, F]). Unspecified fields are MASK (the generic value).
+
+    ``field=ALL`` expands to every training value of that field (most frequent first)."""
+    names: list[str] = []
+    rows: list[np.ndarray] = []
+    for spec in specs:
+        if spec == GENERIC:
+            names.append(GENERIC)
+            rows.append(np.full(len(meta.cond_fields), MASK_ID, np.int64))
+            continue
+        if "=" not in spec:
+            raise ValueError(f"condition {spec!r}: expected '*' or '<field>=<value>' (fields: {meta.cond_fields})")
+        fname, value = spec.split("=", 1)
+        if fname not in meta.cond_fields:
+            raise ValueError(f"condition {spec!r}: unknown field {fname!r}; fields: {meta.cond_fields}")
+        vocab = load_vocab(data_path, fname).sort_by("id")
+        raw, ids = vocab.column("raw").to_pylist(), vocab.column("id").to_numpy()
+        lookup = dict(zip(raw, ids))
+        values = [r for r, i in zip(raw, ids) if i >= NUM_SPECIAL_IDS] if value == "ALL" else [value]
+        for v in values:
+            if v not in lookup:
+                raise ValueError(f"condition {spec!r}: value {v!r} is not in the training vocabulary of {fname}")
+            row = np.full(len(meta.cond_fields), MASK_ID, np.int64)
+            row[meta.cond_fields.index(fname)] = lookup[v]
+            names.append(f"{fname}={v}")
+            rows.append(row)
+    return names, np.stack(rows)
+
+
+def model_version(ckpt: Path) -> str:
+    state = json.loads((ckpt / "checkpoint.json").read_text())
+    digest = hashlib.sha1(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()[:8]
+    return f"{ckpt.parent.parent.name}/{ckpt.name}/{digest}"
+
+
+@torch.no_grad()
+def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, end_col: str,
+                 max_seq_len: int, token_budget: int, device: torch.device) -> np.ndarray:
+    """Outputs [U, Q, E] for the users of one shard: histories and queries packed many users per row."""
+    q_per_pass = max(1, token_budget - max_seq_len)  # a user with many queries is split into several sequences
+    seqs, owner = [], []  # owner[i] = (user index, first query) of sequence i
+    for u, row in enumerate(users.to_pylist()):
+        row = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}
+        for q0 in range(0, len(queries), q_per_pass):
+            seqs.append(tokenize_group_query(row, meta, max_seq_len, int(row[end_col]), queries[q0:q0 + q_per_pass]))
+            owner.append((u, q0))
+    result = np.zeros((users.num_rows, len(queries), model.config.item_emb_dim), np.float32)
+    for rows in best_fit_decreasing(np.array([len(s.item) for s in seqs]), token_budget):
+        batch = collate(seqs, [rows], token_budget).to(device)
+        out = model.forward_batch(batch).float().cpu().numpy()
+        ends = batch.cu_seqlens[1:].cpu().numpy()
+        for s, i in enumerate(rows):  # collate keeps the row's sequence order
+            u, q0 = owner[i]
+            nq = int(batch.num_queries[s])
+            result[u, q0:q0 + nq] = out[ends[s] - nq:ends[s]]
+    return result
+
+
+def run(job: QueryJob) -> Path:
+    from lum_dist.train.export import consolidate, resolve_checkpoint
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ckpt = resolve_checkpoint(Path(job.checkpoint))
+    model, cfg, meta = consolidate(ckpt)
+    device = torch.device(job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        model = model.to(device, dtype=torch.bfloat16)
+    data_path = Path(cfg.data.path)
+    names, queries = parse_conditions(job.conditions, meta, data_path)
+    version = model_version(ckpt)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    end_col = {"test": "valid_end", "valid": "train_end"}[job.split]
+
+    users = read_users(data_path)
+    if job.max_users:
+        users = users.slice(0, job.max_users)
+    chunks = [(k, s) for k, s in enumerate(range(0, users.num_rows, job.users_per_shard))]
+    mine = [(k, s) for k, s in chunks if k % world == rank and not (out / shard_name(k)).is_file()]
+    for k, start in tqdm(mine, desc=f"query rank {rank}", unit="shard", disable=rank != 0 and world > 1):
+        part = users.slice(start, job.users_per_shard)
+        emb = answer_users(model, part, meta, queries, end_col, cfg.data.max_seq_len, job.token_budget, device)
+        uids = part.column("user_id").to_pylist()
+        emb = emb.reshape(len(uids) * len(names), -1)
+        table = pa.table({
+            "user_id": pa.array(np.repeat(uids, len(names)).tolist(), pa.string()),
+            "condition": pa.array(names * len(uids), pa.string()),
+            "embedding": _list_column(emb),
+            "model_version": pa.array([version] * len(emb), pa.string()),
+        })
+        atomic_write_bytes(out / shard_name(k), _parquet_bytes(table))
+
+    if rank == 0:
+        _write_items(model, data_path, out)
+        shards = [shard_name(k) for k, _ in chunks]
+        complete = all((out / s).is_file() for s in shards)
+        manifest = {"model_version": version, "checkpoint": str(ckpt), "dataset": meta.name, "split": job.split,
+                    "history_end": end_col, "conditions": names, "embedding_dim": int(model.config.item_emb_dim),
+                    "shards": shards, "num_rows": users.num_rows * len(names), "complete": complete,
+                    "job": asdict(job)}
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    return out
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def _write_items(model: LUMModel, data_path: Path, out: Path) -> None:
+    vocab = load_vocab(data_path, ITEM_FIELD).sort_by("id")
+    ids = vocab.column("id").to_numpy()
+    keep = ids >= NUM_SPECIAL_IDS
+    with torch.no_grad():
+        emb = model.item_embeddings(None).float().cpu().numpy()[ids[keep]]
+    table = pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)), "embedding": _list_column(emb)})
+    atomic_write_bytes(out / "items.parquet", _parquet_bytes(table))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _list_column(x: np.ndarray) -> pa.Array:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))

@@ -1,0 +1,181 @@
+"""Everything DeepSpeed: process group, ZeRO config, model construction under ZeRO-3, the engine.
+
+This is the only module of the trainer that imports DeepSpeed; the model knows nothing of it.
+On the CPU (laptops, CI) the same path runs with ``DS_ACCELERATOR=cpu``, the gloo backend and fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lum_dist.config import PretrainConfig
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group under any launcher (deepspeed, torchrun, or plain python).
+
+    Returns (rank, world_size, device)."""
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A single process started with plain `python` has no launcher variables: provide them.
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch_comm
+
+    if on_cpu():
+        # DeepSpeed compiles a shared-memory all-reduce op on first CPU use (~40 s); gloo does not need it.
+        ds_torch_comm.build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
+        device = torch.device("cpu")
+    else:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        device = torch.device("cuda", local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_bf16(cfg: PretrainConfig) -> bool:
+    if cfg.train.precision == "auto":
+        return not on_cpu()
+    return cfg.train.precision == "bf16"
+
+
+def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from the run config (one place, no separate JSON file)."""
+    t = cfg.train
+    zero: dict[str, Any] = {
+        "stage": t.zero_stage,
+        "overlap_comm": not on_cpu(),
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e7,
+    }
+    if t.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=5e7,
+            stage3_param_persistence_threshold=1e5,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
+    if t.offload_params:
+        if t.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one packed batch (rows_per_batch rows) per micro-step
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_optimization": zero,
+        # torch AdamW under ZeRO; DeepSpeedCPUAdam only when asked (it compiles an op on first use).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": t.cpu_adam,
+        "steps_per_print": 10**9,  # the trainer prints its own log line
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
+    """Build the model; under ZeRO-3 each rank materialises only its own shard of every parameter.
+
+    ``deepspeed.zero.Init`` partitions each submodule's parameters as soon as it is built, so a 7B model
+    never exists whole on one rank. Weight init of a partitioned parameter would be a no-op, so every
+    module is re-initialised with its parameters gathered (rank 0 writes, the others receive).
+    """
+    import deepspeed
+
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return make_model()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = make_model()
+    init_fn = getattr(model, "_init_weights", None)
+    if init_fn is not None:
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if params:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        init_fn(module)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and the temperature are not regularised (as in nanoGPT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to ``min_ratio`` of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any]):
+    """Wrap ``module`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    groups = param_groups(module, o.weight_decay)
+    if cfg.train.cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+    else:
+        fused = not on_cpu() and not cfg.train.offload_optimizer
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full fp32 state dict of a (possibly ZeRO-3 sharded) engine on rank 0; None on other ranks."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()} if engine.global_rank == 0 else None
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if engine.global_rank == 0:
+                out[name] = p.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        if engine.global_rank == 0:
+            out[name] = b.detach().cpu().clone()
+    return out if engine.global_rank == 0 else None
