@@ -2,7 +2,7 @@
 #   docker build -t lum-dist .
 #   docker run --gpus all --ipc=host -v /data:/data lum-dist \
 #       deepspeed launch/pretrain.py --config configs/pretrain/1gpu-1b.yaml
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \

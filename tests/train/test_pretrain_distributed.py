@@ -87,7 +87,7 @@ def test_two_rank_zero3_smoke(reference: Path):
     metrics = read_metrics(reference / "ref" / "metrics.jsonl")
     losses = [metrics[s]["loss"] for s in range(1, STEPS + 1)]
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert "valid/HR@10" in metrics[STEPS] and "valid/pop_HR@10" in metrics[STEPS]
+    assert "valid/hr@10" in metrics[STEPS] and "valid/pop_hr@10" in metrics[STEPS]
     assert (reference / "ref" / "result.json").is_file()
     kept = sorted(p.name for p in (reference / "ref" / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == [f"step_{s:08d}" for s in (4, 6, 8)]  # keep_last=3
