@@ -1,0 +1,195 @@
+"""Evaluation metrics: full-ranking metrics for next-item prediction and retrieval, CTR metrics for ranking.
+
+Ranking over the item table (pretraining eval, two-tower retrieval) works on 0-based *ranks*: the number of
+candidate items placed before the single target (``rank_of_targets``). HR@K / Recall@K, NDCG@K and MRR are
+means over per-query gains of those ranks; ``RankingAccumulator`` keeps their sums so that shards and ranks
+can be merged exactly (sums, not means, are all-reduced).
+
+CTR ranking models (downstream DIN) are scored with AUC (ties count 1/2), GAUC (per-user AUC weighted by the
+user's impressions, users with a single class skipped) and log loss; all pure numpy functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lum_dist.data.schema import NUM_SPECIAL_IDS
+
+# ---------------------------------------------------------------------------------------------
+# full ranking over the item table
+
+
+@torch.no_grad()
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-based rank [B] of ``targets[b]`` among the candidate items of row b of ``scores`` [B, N].
+
+    Candidates are the real items (ids >= NUM_SPECIAL_IDS) not listed in ``exclude[b]`` (e.g. the user's
+    history); the target itself is always a candidate. Ties are broken by item id (lower id first), as a
+    stable sort would, so a constant scorer gets no credit. Targets that cannot be ranked (a reserved id,
+    out of range, or a NaN score) are misses: rank = N, which is outside every cutoff.
+    """
+    if scores.dim() != 2 or targets.shape != (scores.shape[0],) or len(exclude) != scores.shape[0]:
+        raise ValueError(f"rank_of_targets: scores {tuple(scores.shape)}, targets {tuple(targets.shape)} and "
+                         f"{len(exclude)} exclude lists do not agree on the batch size")
+    b, n = scores.shape
+    targets = targets.to(scores.device).long()
+    valid = (targets >= NUM_SPECIAL_IDS) & (targets < n)
+    safe = torch.where(valid, targets, torch.full_like(targets, NUM_SPECIAL_IDS if n > NUM_SPECIAL_IDS else 0))
+    target_score = scores.gather(1, safe[:, None])
+    item_ids = torch.arange(n, device=scores.device)
+    ahead = (scores > target_score) | ((scores == target_score) & (item_ids[None, :] < safe[:, None]))
+
+    candidate = torch.ones(b, n, dtype=torch.bool, device=scores.device)
+    candidate[:, :NUM_SPECIAL_IDS] = False
+    lengths = [len(e) for e in exclude]
+    if sum(lengths):
+        ids = torch.cat([e.reshape(-1) for e in exclude]).to(scores.device).long()
+        if ids.min() < 0 or ids.max() >= n:
+            row = int(torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))[(ids < 0) | (ids >= n)][0])
+            raise ValueError(f"rank_of_targets: exclude[{row}] holds an item id outside [0, {n})")
+        rows = torch.repeat_interleave(torch.arange(b, device=scores.device), torch.tensor(lengths, device=scores.device))
+        candidate[rows, ids] = False
+
+    ranks = (ahead & candidate).sum(1)
+    miss = ~valid | torch.isnan(target_score[:, 0])
+    return torch.where(miss, torch.full_like(ranks, n), ranks)
+
+
+def hit_gain(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-query HR@K = Recall@K with one relevant item: 1 if the target is in the top K."""
+    return (ranks < k).double()
+
+
+def ndcg_gain(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-query NDCG@K with one relevant item (ideal DCG = 1): 1 / log2(rank + 2) inside the top K."""
+    return torch.where(ranks < k, 1.0 / torch.log2(ranks.double() + 2.0), torch.zeros((), dtype=torch.float64,
+                                                                                      device=ranks.device))
+
+
+def recall_at_k(ranks: torch.Tensor, k: int) -> float:
+    """Mean Recall@K over queries with a single relevant item each (``ranks`` from rank_of_targets)."""
+    return hit_gain(ranks, k).mean().item()
+
+
+def ndcg_at_k(ranks: torch.Tensor, k: int) -> float:
+    """Mean NDCG@K over queries with a single relevant item each (``ranks`` from rank_of_targets)."""
+    return ndcg_gain(ranks, k).mean().item()
+
+
+class RankingAccumulator:
+    """Sums of HR@K, NDCG@K and reciprocal rank over batches (and ranks, via ``all_reduce``).
+
+    ``compute()`` returns {"hr@K", "ndcg@K" for each K, "mrr", "count"}; rates are NaN while count is 0.
+    MRR is uncut: a miss (rank N) adds 1/(N+1), which is negligible for any real item table.
+    """
+
+    def __init__(self, ks: Sequence[int] = (10,)):
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError(f"RankingAccumulator: cutoffs must be positive integers, got {list(ks)}")
+        self.ks = sorted(set(int(k) for k in ks))
+        self.names = [f"hr@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ks] + ["mrr", "count"]
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+
+    def update(self, ranks: torch.Tensor) -> RankingAccumulator:
+        ranks = ranks.reshape(-1)
+        parts = [hit_gain(ranks, k).sum() for k in self.ks] + [ndcg_gain(ranks, k).sum() for k in self.ks]
+        parts += [(1.0 / (ranks.double() + 1.0)).sum(), torch.tensor(float(ranks.numel()), dtype=torch.float64,
+                                                                      device=ranks.device)]
+        self.sums = self.sums.to(ranks.device) + torch.stack(parts)
+        return self
+
+    def all_reduce(self) -> RankingAccumulator:
+        """Sum the accumulated sums over the default process group (a no-op without one)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            # NCCL only reduces CUDA tensors; a rank that saw no batch still holds a CPU tensor
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            sums = self.sums.to(device)
+            dist.all_reduce(sums)
+            self.sums = sums
+        return self
+
+    def compute(self) -> dict[str, float]:
+        sums = self.sums.cpu().tolist()
+        count = sums[-1]
+        out = {name: (s / count if count else math.nan) for name, s in zip(self.names[:-1], sums[:-1])}
+        out["count"] = int(count)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CTR metrics (numpy)
+
+
+def _grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUC, impressions) per group via the Mann-Whitney U statistic with average ranks for ties.
+
+    Groups with a single class get AUC NaN."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    _, g = np.unique(groups, return_inverse=True)
+    order = np.lexsort((scores, g))
+    g_s, s_s, y_s = g[order], scores[order], labels[order]
+    num_groups = int(g.max()) + 1 if len(g) else 0
+    size = np.bincount(g_s, minlength=num_groups)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    # tie blocks: runs of equal (group, score); each gets the mean of its 1-based within-group positions
+    new_block = np.ones(len(s_s), dtype=bool)
+    new_block[1:] = (g_s[1:] != g_s[:-1]) | (s_s[1:] != s_s[:-1])
+    block = np.cumsum(new_block) - 1
+    pos = np.arange(len(s_s)) - start[g_s] + 1.0
+    avg_rank = (np.bincount(block, weights=pos) / np.bincount(block))[block]
+    pos_count = np.bincount(g_s, weights=y_s, minlength=num_groups)
+    neg_count = size - pos_count
+    rank_sum = np.bincount(g_s, weights=avg_rank * y_s, minlength=num_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc_g = (rank_sum - pos_count * (pos_count + 1) / 2) / (pos_count * neg_count)
+    auc_g[(pos_count == 0) | (neg_count == 0)] = np.nan
+    return auc_g, size
+
+
+def _check_binary(labels: np.ndarray, scores: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"{name}: labels {labels.shape} and scores {scores.shape} must be equal 1-D shapes")
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise ValueError(f"{name}: labels must be 0/1; sample {int(np.argmax(bad))} has label {labels[bad][0].item()!r}")
+    if np.isnan(scores).any():
+        raise ValueError(f"{name}: sample {int(np.argmax(np.isnan(scores)))} has a NaN score")
+    return labels, scores
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC = P(score of a random positive > score of a random negative), ties counting 1/2."""
+    labels, scores = _check_binary(labels, scores, "auc")
+    value = _grouped_auc(np.zeros(len(labels), np.int64), labels, scores)[0]
+    if len(value) == 0 or np.isnan(value[0]):
+        raise ValueError("auc: needs at least one positive and one negative sample")
+    return float(value[0])
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Group AUC: per-user AUC averaged with weights = the user's impressions; single-class users skipped."""
+    labels, scores = _check_binary(labels, scores, "gauc")
+    users = np.asarray(users)
+    if users.shape != labels.shape:
+        raise ValueError(f"gauc: users {users.shape} and labels {labels.shape} differ in shape")
+    per_user, size = _grouped_auc(users, labels, scores)
+    keep = ~np.isnan(per_user)
+    if not keep.any():
+        raise ValueError("gauc: no user has both a positive and a negative sample")
+    return float(np.sum(per_user[keep] * size[keep]) / np.sum(size[keep]))
+
+
+def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities ``probs`` (clipped to [eps, 1 - eps])."""
+    labels, probs = _check_binary(labels, probs, "log_loss")
+    if len(labels) == 0:
+        raise ValueError("log_loss: no samples")
+    p = np.clip(probs, eps, 1.0 - eps)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
