@@ -1,0 +1,148 @@
+"""User row -> token sequence, in the layout of :mod:`lum_dist.data.batch`.
+
+Behaviour ``i`` becomes two tokens: a condition token (the behaviour's condition fields, item PAD,
+type 0, target ``item[i]``) then an item token (the item id, conditions PAD, type 1, target 0).
+Positions restart at 0 per sequence. ``time_gaps`` bucket the seconds since the previous behaviour
+as ``floor(log2(gap + 1)) + 1`` (0 = unknown or first behaviour), capped at ``NUM_TIME_BUCKETS - 1``;
+gaps come from the user's full history, so a truncated sequence still knows how long ago its first
+behaviour followed the one before it. ``max_seq_len`` counts tokens and only whole behaviours are kept.
+
+Query tokens (evaluation, group query) carry time gap 0 and numeric features 0: they must not reveal
+anything about the behaviour they predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN
+from lum_dist.data.schema import COND_PREFIX, ITEM_FIELD, MASK_ID, NUM_PREFIX, DatasetMeta
+
+NUM_TIME_BUCKETS = 32  # bucket ids 0..31; 0 = unknown / first behaviour
+
+
+@dataclass
+class TokenSeq:
+    item: np.ndarray  # int64 [n]; PAD_ID on condition tokens
+    cond: np.ndarray  # int64 [n, F]; PAD_ID on item tokens
+    token_type: np.ndarray  # int64 [n]
+    positions: np.ndarray  # int64 [n]
+    time_gaps: np.ndarray  # int64 [n]
+    targets: np.ndarray  # int64 [n]; item to predict, 0 = no loss
+    numeric: np.ndarray | None  # float32 [n, G], or None without numeric fields
+    num_queries: int
+    user_id: str
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+
+def time_gap_buckets(ts: np.ndarray, has_timestamps: bool) -> np.ndarray:
+    """int64 [n]: bucketed log2(seconds since the previous behaviour + 1) + 1; 0 for the first."""
+    out = np.zeros(len(ts), dtype=np.int64)
+    if not has_timestamps or len(ts) < 2:
+        return out
+    gaps = np.maximum(np.diff(np.asarray(ts, dtype=np.int64)), 0).astype(np.float64)
+    out[1:] = np.minimum(np.floor(np.log2(gaps + 1.0)).astype(np.int64) + 1, NUM_TIME_BUCKETS - 1)
+    return out
+
+
+def _behaviours(row: dict[str, Any], meta: DatasetMeta, lo: int, hi: int) -> TokenSeq:
+    """Tokens of behaviours [lo, hi) of ``row``: 2 * (hi - lo) tokens, positions from 0 (zeros are PAD_ID)."""
+    n = hi - lo
+    items = np.asarray(row[ITEM_FIELD], dtype=np.int64)[lo:hi]
+    item = np.zeros(2 * n, dtype=np.int64)
+    item[1::2] = items
+    cond = np.zeros((2 * n, len(meta.cond_fields)), dtype=np.int64)
+    for j, f in enumerate(meta.cond_fields):
+        cond[0::2, j] = np.asarray(row[COND_PREFIX + f], dtype=np.int64)[lo:hi]
+    token_type = np.tile(np.array([COND_TOKEN, ITEM_TOKEN], dtype=np.int64), n)
+    targets = np.zeros(2 * n, dtype=np.int64)
+    targets[0::2] = items
+    gaps = np.repeat(time_gap_buckets(np.asarray(row["ts"])[:hi], meta.has_timestamps)[lo:hi], 2)
+    numeric = None
+    if meta.numeric_fields:
+        cols = [np.asarray(row[NUM_PREFIX + g], dtype=np.float32)[lo:hi] for g in meta.numeric_fields]
+        numeric = np.repeat(np.stack(cols, axis=1), 2, axis=0)
+    return TokenSeq(item, cond, token_type, np.arange(2 * n, dtype=np.int64), gaps, targets, numeric, 0,
+                    str(row["user_id"]))
+
+
+def _append_queries(seq: TokenSeq, queries: np.ndarray, targets: np.ndarray) -> TokenSeq:
+    """``seq`` + one condition token per row of ``queries``, all at position len(seq)."""
+    q = len(queries)
+    zeros = np.zeros(q, dtype=np.int64)
+    numeric = None if seq.numeric is None else np.concatenate([seq.numeric, np.zeros((q, seq.numeric.shape[1]),
+                                                                                         np.float32)])
+    return TokenSeq(
+        item=np.concatenate([seq.item, zeros]),
+        cond=np.concatenate([seq.cond, np.asarray(queries, dtype=np.int64).reshape(q, seq.cond.shape[1])]),
+        token_type=np.concatenate([seq.token_type, np.full(q, COND_TOKEN, np.int64)]),
+        positions=np.concatenate([seq.positions, np.full(q, len(seq), np.int64)]),
+        time_gaps=np.concatenate([seq.time_gaps, zeros]),
+        targets=np.concatenate([seq.targets, np.asarray(targets, dtype=np.int64)]),
+        numeric=numeric,
+        num_queries=q,
+        user_id=seq.user_id,
+    )
+
+
+def _check_len(max_seq_len: int, need: int) -> None:
+    if max_seq_len < need:
+        raise ValueError(f"max_seq_len={max_seq_len} is too short: need at least {need} tokens")
+
+
+def tokenize_train(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int,
+                   long_sequences: str = "truncate") -> list[TokenSeq]:
+    """Training sequences of behaviours [0, train_end): the most recent ones ("truncate") or
+    consecutive windows of whole behaviours, the newest ending at train_end ("window")."""
+    _check_len(max_seq_len, 2)
+    end, per = int(row["train_end"]), max_seq_len // 2
+    if end <= 0:
+        return []
+    if long_sequences == "truncate":
+        return [_behaviours(row, meta, max(0, end - per), end)]
+    if long_sequences == "window":
+        starts = range(end - per, -per, -per)
+        return [_behaviours(row, meta, max(0, s), s + per) for s in reversed(starts)]
+    raise ValueError(f"long_sequences={long_sequences!r}: expected 'truncate' or 'window'")
+
+
+def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int) -> TokenSeq:
+    """History [0, end) (the most recent behaviours fitting in max_seq_len - 1 tokens) + one generic
+    query condition token (every field MASK_ID) whose target is item[end]."""
+    _check_len(max_seq_len, 1)
+    items = row[ITEM_FIELD]
+    if not 0 <= end < len(items):
+        raise ValueError(f"user {row['user_id']}: eval target index {end} outside [0, {len(items)})")
+    hist = _behaviours(row, meta, max(0, end - (max_seq_len - 1) // 2), end)
+    query = np.full((1, len(meta.cond_fields)), MASK_ID, dtype=np.int64)
+    return _append_queries(hist, query, np.array([int(items[end])]))
+
+
+def tokenize_group_query(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int,
+                         queries: np.ndarray) -> TokenSeq:
+    """History [0, end) (<= max_seq_len tokens) + Q query condition tokens at position L (targets 0)."""
+    _check_len(max_seq_len, 0)
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != len(meta.cond_fields):
+        raise ValueError(f"queries: expected shape [Q, {len(meta.cond_fields)}], got {queries.shape}")
+    end = min(int(end), len(row[ITEM_FIELD]))
+    hist = _behaviours(row, meta, max(0, end - max_seq_len // 2), end)
+    return _append_queries(hist, queries, np.zeros(len(queries), np.int64))
+
+
+def apply_cond_dropout(seq: TokenSeq, p: float, rng: np.random.Generator) -> TokenSeq:
+    """Each condition token (query tokens excluded) has all its fields set to MASK_ID with prob. p,
+    so the model also learns the generic "any condition" query used at evaluation."""
+    if p <= 0.0:
+        return seq
+    n_hist = len(seq) - seq.num_queries
+    drop = (rng.random(n_hist) < p) & (seq.token_type[:n_hist] == COND_TOKEN)
+    cond = seq.cond.copy()
+    cond[:n_hist][drop] = MASK_ID
+    return replace(seq, cond=cond)
+
