@@ -42,13 +42,13 @@ def _columns(meta: DatasetMeta) -> list[str]:
             *[NUM_PREFIX + g for g in meta.numeric_fields], "train_end", "valid_end"]
 
 
-def _iter_shards(path: Path, meta: DatasetMeta) -> Iterator[pa.Table]:
-    """The user shards in order, only the columns tokenization needs."""
+def iter_shards(path: Path, meta: DatasetMeta, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The user shards in order, by default only the columns tokenization needs."""
     shards = meta.shards or sorted(p.relative_to(path).as_posix() for p in (path / "users").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"{path}: no user shards (meta.json lists none and users/ is empty)")
     for rel in shards:
-        yield pq.read_table(path / rel, columns=_columns(meta))
+        yield pq.read_table(path / rel, columns=columns or _columns(meta))
 
 
 class UserColumns:
@@ -98,7 +98,7 @@ class PackedLoader:
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.meta = DatasetMeta.load(self.path / "meta.json")
         tables, total = [], 0
-        for table in _iter_shards(self.path, self.meta):
+        for table in iter_shards(self.path, self.meta):
             mine = np.flatnonzero((total + np.arange(table.num_rows)) % world_size == rank)
             tables.append(table.take(mine))
             total += table.num_rows
@@ -214,7 +214,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
         raise ValueError(f"max_seq_len={max_seq_len} > token_budget={token_budget}")
     path = Path(path)
     seen, pending = 0, []
-    for table in _iter_shards(path, meta):
+    for table in iter_shards(path, meta):
         users = UserColumns(table)
         for i in np.flatnonzero(eval_target_index(users, split) >= 0).tolist():
             if max_users and seen >= max_users:

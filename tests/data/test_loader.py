@@ -138,3 +138,17 @@ def test_eval_batches(tiny, split):
     assert len(got) == 60  # loo: every user has a valid and a test target
     capped = [u for b in eval_batches(path, meta, split, 12, 30, max_users=7) for u in b.user_ids]
     assert sorted(capped) == sorted(f"u{u}" for u in range(7))
+
+
+def test_reports(tiny):
+    from lum_dist.data.report import dataset_report, format_report, packing_report
+
+    path, meta = tiny
+    d = dataset_report(path)
+    assert (d["users"], d["behaviours"], d["train_behaviours"]) == (60, meta.num_behaviours, meta.num_train_behaviours)
+    assert 3 <= d["seq_len_p50"] <= d["seq_len_p99"] <= d["seq_len_max"] <= 20
+    p = packing_report(path, cfg(path, token_budget=64, max_seq_len=32), num_batches=10)
+    assert 0 < p["pad"]["utilisation"] < p["pack"]["utilisation"] <= 1 and p["pad"]["seqs_per_row"] == 1
+    assert p["pack"]["tokens"] == round(p["pack"]["utilisation"] * p["pack"]["rows"] * 64)
+    text = format_report({"dataset": d, "packing": p})
+    assert "== dataset" in text and "== packing" in text and text.count("\n  pa") == 2
