@@ -42,20 +42,25 @@ def dataset_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def measure_loader(path: str | Path, data_cfg: DataConfig, num_batches: int) -> dict[str, float]:
-    """Utilisation, sequences per row and throughput of ``num_batches`` batches (set-up timed apart)."""
+def measure_loader(path: str | Path, data_cfg: DataConfig, num_batches: int,
+                   min_sequences: int = 0) -> dict[str, float]:
+    """Utilisation, sequences per row and throughput of at least ``num_batches`` batches and
+    ``min_sequences`` sequences (set-up timed apart)."""
     t0 = time.perf_counter()
     loader = PackedLoader(path, data_cfg)
     setup = time.perf_counter() - t0
     tokens = seqs = rows = 0
     t0 = time.perf_counter()
-    for _ in range(num_batches):
+    batches = 0
+    while batches < num_batches or seqs < min_sequences:
         b = next(loader)
+        batches += 1
         tokens, seqs, rows = tokens + b.num_tokens, seqs + b.num_sequences, rows + b.num_rows
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return {
         "utilisation": tokens / (rows * data_cfg.token_budget), "seqs_per_row": seqs / rows,
         "tokens_per_s": tokens / elapsed, "seqs_per_s": seqs / elapsed, "tokens": tokens, "rows": rows,
+        "sequences": seqs, "batches": batches,
         "setup_s": setup,
     }
 

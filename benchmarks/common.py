@@ -1,0 +1,69 @@
+"""Shared benchmark plumbing: a plain-text table and a JSON result with the run's provenance.
+
+Every benchmark writes ``benchmarks/results/<name>.json`` = ``{"meta": {...}, "rows": [...]}``, where
+meta holds what the caller passes (shapes, FLOP formula, ...) plus device, git commit, torch version
+and a UTC timestamp, so a number can always be traced to the code and machine that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lum_dist.utils import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    """HEAD's hash, suffixed ``-dirty`` when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """Write rows + provenance to benchmarks/results/<name>.json (atomically); return the path."""
+    full = {**meta, "device": device_name(), "git_commit": git_commit(), "torch": torch.__version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = RESULTS / f"{name}.json"
+    atomic_write_text(path, json.dumps({"meta": full, "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def print_table(rows: list[dict[str, Any]]) -> str:
+    """Print rows (dicts sharing keys) as an aligned table; return the text."""
+    if not rows:
+        print("(no rows)")
+        return "(no rows)"
+    cols = list(rows[0])
+    cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
