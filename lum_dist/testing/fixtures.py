@@ -17,7 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lum_dist.data.schema import (
-    COND_PREFIX, ITEM_FIELD, NUM_PREFIX, NUM_SPECIAL_IDS, PAD_ID, UNK_ID, VOCAB_SCHEMA, DatasetMeta, user_schema,
+    COND_PREFIX,
+    ITEM_FIELD,
+    NUM_PREFIX,
+    NUM_SPECIAL_IDS,
+    PAD_ID,
+    UNK_ID,
+    VOCAB_SCHEMA,
+    DatasetMeta,
+    user_schema,
 )
 from lum_dist.utils import atomic_dir
 
@@ -58,7 +66,7 @@ def write_tiny_dataset(path: str | Path, num_users: int = 50, num_items: int = 4
     else:
         raise ValueError(f"split={split!r}: expected 'loo' or 'temporal'")
 
-    train_raw = np.concatenate([it[:te] for it, (te, _) in zip(raw_items, bounds)])
+    train_raw = np.concatenate([it[:te] for it, (te, _) in zip(raw_items, bounds, strict=False)])
     item_map, item_vocab = _vocab(train_raw)
     field_maps = {f: _vocab(item_attr[f][train_raw]) for f in cond_fields}
 

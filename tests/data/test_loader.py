@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from lum_dist.config import DataConfig
 from lum_dist.data.loader import PackedLoader, eval_batches
-from lum_dist.data.schema import MASK_ID, DatasetMeta
+from lum_dist.data.schema import MASK_ID
 from lum_dist.testing.fixtures import write_tiny_dataset
 
 

@@ -8,7 +8,12 @@ import pytest
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN
 from lum_dist.data.schema import MASK_ID, DatasetMeta
 from lum_dist.data.tokenize import (
-    NUM_TIME_BUCKETS, apply_cond_dropout, time_gap_buckets, tokenize_eval, tokenize_group_query, tokenize_train,
+    NUM_TIME_BUCKETS,
+    apply_cond_dropout,
+    time_gap_buckets,
+    tokenize_eval,
+    tokenize_group_query,
+    tokenize_train,
 )
 
 META = DatasetMeta(name="t", source_format="hand", cond_fields=["cat", "ctx"], numeric_fields=["rating"])
