@@ -1,10 +1,12 @@
-"""PackedLoader: budget, rank sharding, exact resume, fingerprint check; eval_batches."""
+"""PackedLoader: budget, leakage, rank sharding, exact resume, fingerprint check; eval_batches; reports; fixture."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -27,6 +29,10 @@ def cfg(path, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
+def read_rows(path, meta) -> dict[str, dict]:
+    return {r["user_id"]: r for s in meta.shards for r in pq.read_table(path / s).to_pylist()}
+
+
 def assert_same(a, b):
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
@@ -38,6 +44,7 @@ def assert_same(a, b):
 
 def test_batches_respect_budget_and_layout(tiny):
     path, meta = tiny
+    users = read_rows(path, meta)
     loader = PackedLoader(path, cfg(path))
     for b in itertools.islice(loader, 30):
         assert b.num_rows == 3 and b.token_budget == 40
@@ -50,6 +57,10 @@ def test_batches_respect_budget_and_layout(tiny):
         assert torch.equal(b.positions, torch.arange(b.num_tokens) - b.cu_seqlens.long()[b.seq_index()])
         assert (b.targets[b.token_type == 0] >= 3).all() and (b.targets[b.token_type == 1] == 0).all()
         assert b.numeric.shape == (b.num_tokens, 1)
+        for s, uid in enumerate(b.user_ids):  # no leakage: only the most recent training behaviours
+            row = users[uid]
+            items = b.item_ids[int(b.cu_seqlens[s]) + 1:int(b.cu_seqlens[s + 1]):2].tolist()
+            assert items == row["item"][:row["train_end"]][-len(items):] and len(items) == min(8, row["train_end"])
 
 
 def test_one_epoch_visits_every_training_sequence_once(tiny):
@@ -116,9 +127,7 @@ def test_bad_config(tiny):
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_eval_batches(tiny, split):
     path, meta = tiny
-    import pyarrow.parquet as pq
-
-    users = {r["user_id"]: r for s in meta.shards for r in pq.read_table(path / s).to_pylist()}
+    users = read_rows(path, meta)
     got = {}
     for rank in range(2):
         for b in eval_batches(path, meta, split, 12, 30, rank=rank, world_size=2):
@@ -151,3 +160,24 @@ def test_reports(tiny):
     assert p["pack"]["tokens"] == round(p["pack"]["utilisation"] * p["pack"]["rows"] * 64)
     text = format_report({"dataset": d, "packing": p})
     assert "== dataset" in text and "== packing" in text and text.count("\n  pa") == 2
+
+
+def test_eval_batches_temporal_split_only_users_with_a_target(tmp_path):
+    meta = write_tiny_dataset(tmp_path / "t", num_users=40, split="temporal", seed=2)
+    rows = read_rows(tmp_path / "t", meta)
+    for split, has in (("valid", lambda r: r["train_end"] < len(r["item"]) and r["valid_end"] > r["train_end"]),
+                       ("test", lambda r: r["valid_end"] < len(r["item"]))):
+        got = [u for b in eval_batches(tmp_path / "t", meta, split, 20, 64) for u in b.user_ids]
+        want = [u for u, r in rows.items() if has(r)]
+        assert sorted(got) == sorted(want) and 0 < len(want) < 40
+
+
+def test_fixture_follows_the_schema(tiny):
+    path, meta = tiny
+    vocab = pq.read_table(path / "vocab" / "item.parquet").to_pydict()
+    assert vocab["id"] == list(range(meta.num_items)) and vocab["raw"][:3] == ["[PAD]", "[UNK]", "[MASK]"]
+    counts = vocab["count"][3:]
+    assert counts == sorted(counts, reverse=True) and min(counts) > 0  # training counts, by frequency
+    train = np.concatenate([r["item"][:r["train_end"]] for r in read_rows(path, meta).values()])
+    np.testing.assert_array_equal(np.bincount(train, minlength=meta.num_items)[3:], counts)
+    assert pq.read_table(path / "items.parquet").num_rows == meta.num_items
