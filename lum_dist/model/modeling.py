@@ -1,0 +1,180 @@
+"""The LUM model (arXiv 2502.08309): token encoder + causal user encoder over packed sequences.
+
+Reads top to bottom: token encoder, rotary positions, attention, MLP, block, model. It knows nothing
+about DeepSpeed or process groups; the trainer shards it from outside.
+
+* Token encoder: every token is ``concat[item emb, one emb per condition field, time-gap bucket emb,
+  numeric features] -> Linear -> hidden`` plus a token-type embedding. Item tokens carry PAD_ID in
+  the condition slots and condition tokens PAD_ID in the item slot; PAD rows are zero (and get no
+  gradient), so a condition token's item part and an item token's condition part are zero.
+* User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
+  a final RMSNorm and ``Linear(hidden -> item_emb_dim)``.
+* The output lives in the item embedding space: InfoNCE compares it with rows of the SAME
+  ``item_emb`` table that item tokens read (see :class:`LUMConfig`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from lum_dist.data.batch import PackedBatch
+from lum_dist.data.schema import PAD_ID
+from lum_dist.model.config import LUMConfig
+from lum_dist.ops.attention import varlen_attention
+
+
+class TokenEncoder(nn.Module):
+    def __init__(self, cfg: LUMConfig):
+        super().__init__()
+        self.num_time_buckets, self.num_numeric = cfg.num_time_buckets, cfg.num_numeric
+        self.item_emb = nn.Embedding(cfg.num_items, cfg.item_emb_dim, padding_idx=PAD_ID)
+        self.cond_embs = nn.ModuleList(
+            nn.Embedding(v, cfg.cond_emb_dim, padding_idx=PAD_ID) for v in cfg.cond_vocab_sizes
+        )
+        self.time_emb = nn.Embedding(cfg.num_time_buckets, cfg.cond_emb_dim)
+        self.type_emb = nn.Embedding(2, cfg.hidden_size)
+        self.proj = nn.Linear(cfg.token_feature_dim, cfg.hidden_size)
+
+    def forward(self, item_ids, cond_ids, token_type, time_gaps, numeric=None) -> torch.Tensor:
+        parts = [self.item_emb(item_ids)]
+        parts += [emb(cond_ids[:, f]) for f, emb in enumerate(self.cond_embs)]
+        parts.append(self.time_emb(time_gaps.clamp(0, self.num_time_buckets - 1)))
+        width = 0 if numeric is None else numeric.shape[-1]
+        if width != self.num_numeric:
+            raise ValueError(f"LUMModel: batch has {width} numeric features, config.num_numeric = {self.num_numeric}")
+        if numeric is not None:
+            parts.append(numeric.to(parts[0].dtype))
+        return self.proj(torch.cat(parts, dim=-1)) + self.type_emb(token_type)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, head_dim / 2] for each token's position (computed per call: no buffers to shard)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (GPT-NeoX / Llama layout); x: [T, H, D]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LUMConfig):
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = cfg.num_heads, cfg.head_dim, cfg.attn_backend
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if num_queries is not None:
+            from lum_dist.ops.group_query import group_query_attention  # H4's op; only group-query batches need it
+
+            y = group_query_attention(q, k, v, cu_seqlens, num_queries, max_seqlen)
+        else:
+            y = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+        return self.out(y.reshape(x.shape))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: LUMConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(GradientCheckpointingLayer):
+    """Pre-norm decoder block; checkpointed as a unit by ``gradient_checkpointing_enable``."""
+
+    def __init__(self, cfg: LUMConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, num_queries)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LUMModel(PreTrainedModel):
+    config_class = LUMConfig
+    base_model_prefix = "lum"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: LUMConfig):
+        super().__init__(config)
+        self.tokens = TokenEncoder(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.item_emb_dim, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """normal(0, initializer_range) matrices and tables, zero biases and PAD rows, unit norms.
+
+        Called per module (also by the trainer under ZeRO-3 with the module's parameters gathered);
+        modules that are not ours (e.g. the loss) are left alone.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of the item table (the InfoNCE targets); ``None`` = all ``num_items`` rows.
+
+        Always calls the module, so under ZeRO-3 the table is gathered (``.weight`` is a placeholder).
+        """
+        if ids is None:
+            ids = torch.arange(self.config.num_items, device=self.head.weight.device)
+        return self.tokens.item_emb(ids)
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        cond_ids: torch.Tensor,
+        token_type: torch.Tensor,
+        positions: torch.Tensor,
+        time_gaps: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        num_queries: torch.Tensor | None = None,
+        numeric: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[T, item_emb_dim]: the user representation after every token."""
+        x = self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric)
+        cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
+        # One query token per sequence is exactly causal; only real groups need the group-query op.
+        if num_queries is not None and not bool((num_queries > 1).any()):
+            num_queries = None
+        for block in self.blocks:
+            x = block(x, cos, sin, cu_seqlens, max_seqlen, num_queries)
+        return self.head(self.norm(x))
+
+    def forward_batch(self, batch: PackedBatch) -> torch.Tensor:
+        return self(
+            batch.item_ids, batch.cond_ids, batch.token_type, batch.positions, batch.time_gaps,
+            batch.cu_seqlens, batch.max_seqlen, batch.num_queries, batch.numeric,
+        )

@@ -1,0 +1,165 @@
+"""Variable-length (packed) attention: one dispatcher, several backends, one plain reference.
+
+Sequences lie end to end on the token axis (``q, k, v: [T, H, D]``, ``cu_seqlens: int32 [S + 1]``
+with a leading 0, see :mod:`lum_dist.data.batch`); a token attends only within its own sequence,
+and with ``causal=True`` only to itself and earlier tokens.
+
+Backends (``available_backends(device)`` lists those usable here):
+
+* ``flash``        ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16; if installed)
+* ``torch_varlen`` ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; FlashAttention in torch)
+* ``flex``         FlexAttention with a document-causal BlockMask built for this call (CUDA)
+* ``sdpa``         SDPA with a dense block-diagonal boolean mask, O(T^2) memory; any device, the CPU path
+* ``reference``    a plain per-sequence loop in float32, the ground truth for tests
+
+``auto`` picks flash > torch_varlen > flex on CUDA (half precision), sdpa elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash", "torch_varlen", "flex", "sdpa", "reference")
+
+
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _has_torch_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that run (forward and backward) on ``device``, in ``auto``'s order of preference."""
+    device = torch.device(device)
+    out = []
+    if device.type == "cuda":
+        if _has_flash_attn():
+            out.append("flash")
+        if _has_torch_varlen():
+            out.append("torch_varlen")
+        out.append("flex")
+    return out + ["sdpa", "reference"]
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return available_backends(q.device)[0]
+    if q.is_cuda:
+        return "flex"  # the flash kernels take half precision only
+    return "sdpa"
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    backend: str = "auto",
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention within each packed sequence. q, k, v: [T, H, D] -> [T, H, D]."""
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"varlen_attention: q, k, v must share one [T, H, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"varlen_attention: cu_seqlens must be [S + 1] with S >= 1, got {tuple(cu_seqlens.shape)}")
+    backend = _auto_backend(q) if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"varlen_attention: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _IMPLS[backend](q, k, v, cu, int(max_seqlen), causal, scale)
+
+
+def _reference(q, k, v, cu, max_seqlen, causal, scale):
+    """Each sequence alone: dense scores, explicit causal mask, softmax in float32."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[start:end].float().transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        scores = qs @ ks.transpose(1, 2) * scale
+        if causal:
+            n = end - start
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        out[start:end] = (scores.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def document_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [T]: the sequence index of every token."""
+    lens = (cu[1:] - cu[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=total)
+
+
+def block_causal_mask(cu: torch.Tensor, total: int, causal: bool = True) -> torch.Tensor:
+    """bool [T, T]: True where query i may attend key j (same sequence, and j <= i if causal)."""
+    doc = document_ids(cu, total)
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        idx = torch.arange(total, device=cu.device)
+        mask &= idx[None, :] <= idx[:, None]
+    return mask
+
+
+def _sdpa(q, k, v, cu, max_seqlen, causal, scale):
+    mask = block_causal_mask(cu, q.shape[0], causal)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, T, D]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _flash(q, k, v, cu, max_seqlen, causal, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
+
+
+def _torch_varlen(q, k, v, cu, max_seqlen, causal, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.10
+        kwargs = {"window_size": (-1, 0) if causal else (-1, -1), "scale": scale}
+    else:  # torch 2.9: is_causal, default scale only
+        if not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
+            raise ValueError("torch_varlen on this torch version supports only the default softmax_scale")
+        kwargs = {"is_causal": causal}
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(q, k, v, cu, max_seqlen, causal, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = q.shape[0]
+    doc = document_ids(cu, total)
+
+    def mask_mod(b, h, qi, ki):
+        same = doc[qi] == doc[ki]
+        return same & (ki <= qi) if causal else same
+
+    # The mask depends on this call's cu_seqlens, so it is built per call and never cached.
+    block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    attn = _compiled_flex() if q.is_cuda else flex_attention
+    out = attn(qh, kh, vh, block_mask=block_mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+_IMPLS = {"flash": _flash, "torch_varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa, "reference": _reference}
