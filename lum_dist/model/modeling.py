@@ -75,7 +75,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if num_queries is not None:
-            from lum_dist.ops.group_query import group_query_attention  # H4's op; only group-query batches need it
+            # Imported here: only group-query batches (inference) need the op.
+            from lum_dist.ops.group_query import group_query_attention
 
             y = group_query_attention(q, k, v, cu_seqlens, num_queries, max_seqlen)
         else:
@@ -141,6 +142,9 @@ class LUMModel(PreTrainedModel):
                 module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tokens.item_emb
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of the item table (the InfoNCE targets); ``None`` = all ``num_items`` rows.

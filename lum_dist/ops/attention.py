@@ -84,7 +84,7 @@ def _reference(q, k, v, cu, max_seqlen, causal, scale):
     """Each sequence alone: dense scores, explicit causal mask, softmax in float32."""
     out = torch.empty_like(q)
     bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (x[start:end].float().transpose(0, 1) for x in (q, k, v))  # [H, L, D]
         scores = qs @ ks.transpose(1, 2) * scale
         if causal:

@@ -24,13 +24,13 @@ def random_packed_batch(
     condition tokens sharing position L (the history length) with target 0.
     """
     num_queries = list(num_queries) if num_queries is not None else [0] * len(seq_lens)
-    if len(num_queries) != len(seq_lens) or any(q > n or q < 0 for q, n in zip(num_queries, seq_lens)):
+    if len(num_queries) != len(seq_lens) or any(q > n or q < 0 for q, n in zip(num_queries, seq_lens, strict=True)):
         raise ValueError(f"random_packed_batch: bad num_queries {num_queries} for seq_lens {seq_lens}")
     if any(n < 1 for n in seq_lens):
         raise ValueError(f"random_packed_batch: every sequence needs a token, got {seq_lens}")
     g = torch.Generator().manual_seed(seed)
     token_type, positions = [], []
-    for n, q in zip(seq_lens, num_queries):
+    for n, q in zip(seq_lens, num_queries, strict=True):
         hist = n - q
         token_type += [i % 2 for i in range(hist)] + [COND_TOKEN] * q
         positions += list(range(hist)) + [hist] * q

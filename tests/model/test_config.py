@@ -74,5 +74,5 @@ def test_config_round_trips_through_save_pretrained(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
     again = LUMModel.from_pretrained(tmp_path)
     assert again.config.cond_vocab_sizes == [6, 9] and again.config.num_numeric == 3
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

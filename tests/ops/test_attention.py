@@ -37,8 +37,8 @@ def assert_matches_reference(backend, seq_lens, causal, tol, dtype=torch.float32
     got, got_grads = run(backend, q, k, v, cu, max(seq_lens), causal, scale)
     want, want_grads = run("reference", q, k, v, cu, max(seq_lens), causal, scale)
     torch.testing.assert_close(got.float(), want.float(), **tol)
-    for name, a, b in zip("qkv", got_grads, want_grads):
-        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"d{name}: {m}")
+    for name, a, b in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]

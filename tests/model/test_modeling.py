@@ -1,0 +1,134 @@
+"""LUMModel: packing exactness, group-query dispatch, tied item table, init, checkpointing, errors."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from lum_dist.data.batch import PackedBatch
+from lum_dist.model import LUMModel, load_preset
+from lum_dist.ops.attention import varlen_attention
+from lum_dist.testing.batches import random_packed_batch
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32, summation order only
+VOCABS = [7, 5]
+
+
+def tiny(**overrides) -> LUMModel:
+    torch.manual_seed(0)
+    return LUMModel(load_preset("lum-tiny", 60, VOCABS, num_layers=2, **overrides)).eval()
+
+
+def sequence(batch: PackedBatch, s: int) -> PackedBatch:
+    """Sequence s of a packed batch as a batch of its own."""
+    a, b = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+    cut = lambda x: None if x is None else x[a:b]  # noqa: E731
+    return PackedBatch(
+        item_ids=cut(batch.item_ids), cond_ids=cut(batch.cond_ids), token_type=cut(batch.token_type),
+        positions=cut(batch.positions), time_gaps=cut(batch.time_gaps), targets=cut(batch.targets),
+        cu_seqlens=torch.tensor([0, b - a], dtype=torch.int32), max_seqlen=b - a,
+        num_queries=batch.num_queries[s : s + 1], row_splits=torch.tensor([0, 1], dtype=torch.int32),
+        token_budget=b - a, user_ids=[batch.user_ids[s]], numeric=cut(batch.numeric),
+    )
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_packed_batch_equals_each_user_alone(backend):
+    model = tiny(attn_backend=backend, num_numeric=0)
+    batch = random_packed_batch([9, 1, 14, 4], 60, VOCABS, num_queries=[1, 0, 1, 0], seed=3)
+    with torch.no_grad():
+        packed = model.forward_batch(batch)
+        for s in range(batch.num_sequences):
+            a, b = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+            torch.testing.assert_close(packed[a:b], model.forward_batch(sequence(batch, s)), **TOL)
+
+
+def test_numeric_features_are_used_and_checked():
+    model = tiny(num_numeric=3)
+    batch = random_packed_batch([6, 4], 60, VOCABS, num_numeric=3, seed=1)
+    with torch.no_grad():
+        out = model.forward_batch(batch)
+        batch.numeric = batch.numeric + 1.0
+        assert not torch.allclose(out, model.forward_batch(batch))
+    batch.numeric = None
+    with pytest.raises(ValueError, match="num_numeric = 3"):
+        model.forward_batch(batch)
+
+
+def _group_query_by_definition(q, k, v, cu_seqlens, num_queries, max_seqlen, softmax_scale=None, backend="auto"):
+    """Each query token attends to its sequence's history and itself: one causal pass per query."""
+    out = torch.empty_like(q)
+    for s, nq in enumerate(num_queries.tolist()):
+        a, b = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
+        hist = b - a - nq
+        for j in [None] + list(range(nq)):  # None: the history itself
+            idx = torch.arange(a, a + hist) if j is None else torch.cat([torch.arange(a, a + hist), torch.tensor([a + hist + j])])
+            cu = torch.tensor([0, idx.numel()], dtype=torch.int32)
+            y = varlen_attention(q[idx], k[idx], v[idx], cu, idx.numel(), backend="reference")
+            if j is None:
+                out[a : a + hist] = y
+            else:
+                out[a + hist + j] = y[-1]
+    return out
+
+
+def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch):
+    """num_queries > 1 goes to lum_dist.ops.group_query (stubbed here by its definition); query j's output
+    equals the history + query j alone, at position L."""
+    stub = types.ModuleType("lum_dist.ops.group_query")
+    stub.group_query_attention = _group_query_by_definition
+    monkeypatch.setitem(sys.modules, "lum_dist.ops.group_query", stub)
+    model = tiny()
+    batch = random_packed_batch([8, 3], 60, VOCABS, num_queries=[3, 2], seed=5)
+    with torch.no_grad():
+        out = model.forward_batch(batch)
+        for s, (hist, nq) in enumerate([(5, 3), (1, 2)]):
+            one = sequence(batch, s)
+            base = int(batch.cu_seqlens[s])
+            for j in range(nq):
+                keep = torch.cat([torch.arange(hist), torch.tensor([hist + j])])
+                alone = random_packed_batch([hist + 1], 60, VOCABS, num_queries=[1])
+                for name in ("item_ids", "cond_ids", "token_type", "positions", "time_gaps", "targets"):
+                    setattr(alone, name, getattr(one, name)[keep])
+                torch.testing.assert_close(out[base + hist + j], model.forward_batch(alone)[-1], **TOL)
+            torch.testing.assert_close(out[base : base + hist], model.forward_batch(sequence(batch, s))[:hist], **TOL)
+
+
+def test_item_embeddings_is_the_input_table_and_pad_rows_are_zero():
+    model = tiny()
+    ids = torch.tensor([0, 4, 59])
+    torch.testing.assert_close(model.item_embeddings(ids), model.tokens.item_emb.weight[ids])
+    assert model.item_embeddings(None).shape == (60, model.config.item_emb_dim)
+    assert model.item_embeddings(torch.tensor([0])).abs().sum() == 0
+    for emb in model.tokens.cond_embs:
+        assert emb.weight[0].abs().sum() == 0
+
+
+def test_init_weights_reinitialises_every_module():
+    model = tiny()
+    for p in model.parameters():
+        torch.nn.init.constant_(p, 0.5)
+    for module in model.modules():
+        model._init_weights(module)
+    std = model.config.initializer_range
+    assert abs(model.blocks[0].mlp.down.weight.std().item() - std) < 0.3 * std
+    assert torch.all(model.tokens.proj.bias == 0) and torch.all(model.norm.weight == 1)
+    assert model.tokens.item_emb.weight[0].abs().sum() == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = random_packed_batch([7, 5], 60, VOCABS, seed=2)
+    grads = []
+    for checkpoint in (False, True):
+        model = tiny().train()
+        if checkpoint:
+            model.gradient_checkpointing_enable()  # as the trainer calls it
+            assert all(block.gradient_checkpointing for block in model.blocks)
+        model.forward_batch(batch).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(tiny().parameters()))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
