@@ -1,0 +1,272 @@
+"""Sweep results -> run table (runs.csv / runs.json), figures and a markdown report with the fits.
+
+Rows come from each run's ``result.json`` and ``metrics.jsonl`` (written by lum_dist.train.trainer).
+Figures (matplotlib, Agg): ranking metrics vs dense parameters (log x, one series per sequence length),
+vs sequence length (one series per model), final training loss vs training compute (log-log) and the
+learning curves. Metrics are averaged over seeds before the a*ln(x)+b fits; the compute fit uses every
+run. Every file is written atomically, so a report is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lum_dist.scaling.fit import LogFit, PowerLawFit, fit_log, fit_power_law  # noqa: E402
+from lum_dist.scaling.grid import Run, SweepConfig, resolve_path  # noqa: E402
+from lum_dist.scaling.memory import H100_80GB, ModelShape, TrainSetup, gpus_table, shape_from_preset  # noqa: E402
+from lum_dist.train.monitor import read_metrics  # noqa: E402
+from lum_dist.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+METRICS = ("hr@10", "ndcg@10")
+FINISHED = ("ok", "skipped")  # run statuses whose result.json exists
+COLUMNS = ("name", "model", "max_seq_len", "seed", "status", "dense_params", "embedding_params",
+           "flops_per_token", "tokens", "compute", "final_loss", "hr@10", "ndcg@10", "mrr", "pop_hr@10",
+           "tokens_per_s", "mfu", "split")
+
+
+def _eval_metric(eval_result: dict[str, float], key: str) -> tuple[float | None, str]:
+    """``<split>/<key>`` from the trainer's eval dict, whatever the split is called."""
+    for k, v in eval_result.items():
+        split, _, name = k.rpartition("/")
+        if name == key:
+            return float(v), split
+    return None, ""
+
+
+def collect_row(run: Run, status: str = "") -> dict[str, Any]:
+    """One table row for ``run``: its result.json (if finished) and the last logged training metrics."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(name=run.name, model=run.model, max_seq_len=run.max_seq_len, seed=run.seed)
+    history = read_metrics(run.output_dir / "metrics.jsonl")
+    logged = [history[s] for s in sorted(history)]
+    losses = [m["loss"] for m in logged if "loss" in m]
+    row["final_loss"] = losses[-1] if losses else None
+    speeds = [m for m in logged if "tokens_per_s" in m]
+    if speeds:
+        row["tokens_per_s"] = speeds[-1]["tokens_per_s"]
+        row["mfu"] = speeds[-1].get("mfu")
+    if not run.finished():
+        row["status"] = status or "missing"
+        return row
+    try:
+        result = json.loads(run.result_path.read_text())
+        params = result["params"]
+        row.update(dense_params=int(params["dense"]), embedding_params=int(params["embedding"]),
+                   flops_per_token=float(result["flops_per_token"]), tokens=int(result["tokens_budgeted"]))
+        row["compute"] = row["flops_per_token"] * row["tokens"]
+        for key in ("hr@10", "ndcg@10", "mrr", "pop_hr@10"):
+            row[key], split = _eval_metric(result["eval"], key)
+            row["split"] = row["split"] or split
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run.result_path}: malformed result.json ({type(e).__name__}: {e})") from e
+    row["status"] = status or "ok"  # a run that wrote result.json but exited non-zero stays "failed"
+    return row
+
+
+def learning_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens seen, training loss) at every logged step of ``run``."""
+    history = read_metrics(run.output_dir / "metrics.jsonl")
+    steps = [s for s in sorted(history) if "loss" in history[s]]
+    return (np.array(steps, dtype=np.float64) * run.tokens_per_step,
+            np.array([history[s]["loss"] for s in steps], dtype=np.float64))
+
+
+def write_run_table(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
+    """runs.csv and runs.json under ``out_dir``."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path, json_path = Path(out_dir) / "runs.csv", Path(out_dir) / "runs.json"
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, json.dumps(rows, indent=2) + "\n")
+    return csv_path, json_path
+
+
+# ---------------------------------------------------------------------------------------------
+# fits over the finished runs
+
+
+def _done(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] in FINISHED]
+
+
+def seed_means(rows: list[dict[str, Any]], group: str, x: str, y: str) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+    """Per value of ``group``: sorted distinct x and the mean of y over seeds (rows with y present)."""
+    acc: dict[Any, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in _done(rows):
+        if r[y] is not None and r[x] is not None:
+            acc[r[group]][float(r[x])].append(float(r[y]))
+    out = {}
+    for g, pts in acc.items():
+        xs = np.array(sorted(pts))
+        out[g] = (xs, np.array([np.mean(pts[v]) for v in xs]))
+    return out
+
+
+def _fit_or_none(fn, x: np.ndarray, y: np.ndarray):
+    return fn(x, y) if len(np.unique(x)) >= 2 else None
+
+
+def series_fits(rows: list[dict[str, Any]], group: str, x: str, y: str) -> dict[Any, tuple[np.ndarray, np.ndarray, LogFit | None]]:
+    """Per series: (x, seed-mean y, a*ln(x)+b fit or None when fewer than two distinct x)."""
+    return {g: (xs, ys, _fit_or_none(fit_log, xs, ys)) for g, (xs, ys) in sorted(seed_means(rows, group, x, y).items())}
+
+
+def compute_fit(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, PowerLawFit | None]:
+    pts = [(r["compute"], r["final_loss"]) for r in _done(rows) if r["compute"] and r["final_loss"]]
+    c = np.array([p[0] for p in pts], dtype=np.float64)
+    loss = np.array([p[1] for p in pts], dtype=np.float64)
+    return c, loss, _fit_or_none(fit_power_law, c, loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _legend(ax, **kwargs: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # no finished run: an empty plot, without a warning
+        ax.legend(**kwargs)
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_metric_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str, path: Path) -> dict[str, dict]:
+    """One panel per metric, one series per ``group`` value with its fitted curve; returns the fits."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 4))
+    fits: dict[str, dict] = {}
+    for ax, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
+        fits[metric] = series_fits(rows, group, x, metric)
+        for g, (xs, ys, fit) in fits[metric].items():
+            (line,) = ax.plot(xs, ys, "o", label=f"{group}={g}")
+            if fit is not None:
+                grid = np.geomspace(xs.min(), xs.max(), 50)
+                ax.plot(grid, fit(grid), "--", color=line.get_color(), label=f"fit R²={fit.r2:.3f}")
+        ax.set_xscale("log", base=2 if x == "max_seq_len" else 10)
+        ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel}")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=7)
+    _save(fig, path)
+    return fits
+
+
+def plot_loss_vs_compute(rows: list[dict[str, Any]], path: Path) -> PowerLawFit | None:
+    c, loss, fit = compute_fit(rows)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.loglog(c, loss, "o", label="runs")
+    if fit is not None:
+        grid = np.geomspace(c.min(), c.max(), 50)
+        ax.loglog(grid, fit(grid), "--", label=f"{fit.equation()}  R²={fit.r2:.3f}")
+    ax.set(xlabel="training compute C (FLOPs)", ylabel="final training loss", title="loss vs compute")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, fontsize=7)
+    _save(fig, path)
+    return fit
+
+
+def plot_learning_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (tokens, loss) in sorted(curves.items()):
+        if len(tokens):
+            ax.plot(tokens, loss, label=name)
+    ax.set(xlabel="tokens", ylabel="training loss (InfoNCE)", title="learning curves")
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
+    cols = list(columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fit_lines(fits: dict[str, dict], group: str, xname: str) -> list[str]:
+    lines = []
+    for metric, series in fits.items():
+        for g, (xs, _, fit) in series.items():
+            what = f"`{fit.equation(metric, xname)}`, R² = {fit.r2:.3f}" if fit else "not fitted (< 2 distinct x)"
+            lines.append(f"- {metric}, {group} = {g} ({len(xs)} points): {what}")
+    return lines
+
+
+def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,
+                 title: str, memory_rows: list[dict[str, Any]] | None = None, memory_note: str = "") -> Path:
+    """Figures + ``report.md`` under ``report_dir``; returns the markdown's path."""
+    report_dir = Path(report_dir)
+    by_params = plot_metric_fits(rows, "max_seq_len", "dense_params", "dense parameters",
+                                 report_dir / "metric_vs_params.png")
+    by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
+                              report_dir / "metric_vs_seq_len.png")
+    loss_fit = plot_loss_vs_compute(rows, report_dir / "loss_vs_compute.png")
+    plot_learning_curves(curves, report_dir / "learning_curves.png")
+
+    done, failed = _done(rows), [r for r in rows if r["status"] not in FINISHED]
+    md = [f"# {title}", "", f"{len(done)} of {len(rows)} runs finished"
+          + (f"; not finished: {', '.join(r['name'] + ' (' + r['status'] + ')' for r in failed)}." if failed else "."),
+          "", "## Metric vs dense parameters", "", "![metric vs params](metric_vs_params.png)", "",
+          *_fit_lines(by_params, "max_seq_len", "N"), "",
+          "## Metric vs sequence length", "", "![metric vs seq len](metric_vs_seq_len.png)", "",
+          *_fit_lines(by_len, "model", "L"), "",
+          "## Loss vs training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
+          (f"- `{loss_fit.equation()}` (C in FLOPs = flops_per_token x tokens), R² (log-log) = {loss_fit.r2:.3f}, "
+           f"{loss_fit.n} runs" if loss_fit else "- not fitted (< 2 distinct compute values)"), "",
+          "## Learning curves", "", "![learning curves](learning_curves.png)", "",
+          "## Runs", "", markdown_table(rows, COLUMNS), ""]
+    if memory_rows:
+        md += ["## GPUs needed per preset (memory model, lum_dist/scaling/memory.py)", "", memory_note, "",
+               markdown_table(memory_rows, memory_rows[0].keys()), ""]
+    path = report_dir / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] | None = None,
+                 memory_shapes: dict[str, ModelShape] | None = None) -> Path:
+    """Collect every run of ``sweep`` into runs.csv/runs.json (in its out_dir) and write the report.
+
+    ``statuses``: run name -> status from run_sweep (else from what is on disk). ``memory_shapes``:
+    the presets of the GPU table (default: sweep.memory_presets built with lum_dist.model)."""
+    statuses = statuses or {}
+    rows = [collect_row(run, statuses.get(run.name, "")) for run in runs]
+    write_run_table(rows, resolve_path(sweep.out_dir))
+    curves = {run.name: learning_curve(run) for run in runs}
+    if memory_shapes is None:
+        memory_shapes = {p: shape_from_preset(p, sweep.memory_num_items) for p in sweep.memory_presets}
+    setup = TrainSetup()
+    note = (f"80 GB H100 (90% usable), bf16 mixed-precision AdamW, activation checkpointing, "
+            f"{setup.micro_batch_tokens} tokens per GPU per micro-step, {sweep.memory_num_items:,} items; "
+            f"GiB per GPU at {setup.num_gpus} GPUs and the fewest GPUs (power of two) per ZeRO stage "
+            f"('-': does not fit on any count).")
+    memory_rows = gpus_table(memory_shapes, H100_80GB, setup) if memory_shapes else None
+    return write_report(rows, curves, resolve_path(sweep.report_dir), f"Scaling sweep {sweep.name}", memory_rows, note)

@@ -1,0 +1,115 @@
+"""Sweep config loading, grid expansion, launcher commands, and the resumable runner (with a fake trainer)."""
+
+import math
+import sys
+
+import pytest
+import yaml
+
+from lum_dist.config import REPO_ROOT, ConfigError, PretrainConfig, load_config
+from lum_dist.scaling.grid import build_command, expand_grid, load_sweep, run_sweep
+
+from .fake_runs import fake_runner, parse_overrides
+
+BASE = "configs/pretrain/debug-cpu.yaml"  # token_budget 256, rows_per_batch 1
+
+
+def write_sweep(tmp_path, **fields):
+    spec = {"name": "t", "base_config": BASE, "out_dir": str(tmp_path / "runs"),
+            "report_dir": str(tmp_path / "report"),
+            "presets": ["lum-tiny", {"name": "h32", "preset": "lum-tiny", "overrides": {"hidden_size": 32}}],
+            "max_seq_lens": [32, 64], "seeds": [0, 1], **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expand_grid_cross_product(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, tokens_per_run=2560, overrides=["optim.lr=0.01"]))
+    runs = expand_grid(sweep)
+    assert [r.name for r in runs] == [f"{m}_L{L}_seed{s}" for m in ("lum-tiny", "h32") for L in (32, 64) for s in (0, 1)]
+    assert len({r.output_dir for r in runs}) == 8 and all(r.output_dir.parent == tmp_path / "runs" for r in runs)
+    run = runs[-1]  # h32, L=64, seed 1
+    cfg = load_config(PretrainConfig, REPO_ROOT / BASE, run.overrides)  # the run's overrides make a valid config
+    assert cfg.model.preset == "lum-tiny" and cfg.model.overrides == {"hidden_size": 32}
+    assert cfg.data.max_seq_len == 64 and cfg.train.seed == 1 and cfg.data.seed == 1 and cfg.optim.lr == 0.01
+    assert cfg.train.output_dir == str(run.output_dir)
+    assert run.tokens_per_step == 256 and run.max_steps == 10 == cfg.train.max_steps  # 2560 / 256
+
+
+def test_step_count_from_budgets(tmp_path):
+    runs = expand_grid(load_sweep(write_sweep(tmp_path, tokens_per_run=1000)))
+    assert {r.max_steps for r in runs} == {math.ceil(1000 / 256)}
+    # No budget: the base config's max_steps.
+    assert {r.max_steps for r in expand_grid(load_sweep(write_sweep(tmp_path)))} == {8}
+    # Compute budget: steps = budget / (flops_per_token * tokens per step), per preset and length.
+    sweep = load_sweep(write_sweep(tmp_path, compute_budget=1e9))
+    fpt = lambda preset, cfg: 1000.0 * (2 if preset.name == "h32" else 1) + cfg.data.max_seq_len  # noqa: E731
+    for run in expand_grid(sweep, flops_fn=fpt):
+        f = 1000.0 * (2 if run.model == "h32" else 1) + run.max_seq_len
+        assert run.max_steps == math.ceil(1e9 / (f * 256))
+    # world size multiplies the tokens per step.
+    sweep = load_sweep(write_sweep(tmp_path, tokens_per_run=2048, launcher={"kind": "torchrun", "nproc": 2}))
+    assert {(r.tokens_per_step, r.max_steps) for r in expand_grid(sweep)} == {(512, 4)}
+
+
+def test_bad_sweeps_fail_early(tmp_path):
+    with pytest.raises(ConfigError, match="token_budget=256 < max_seq_len=512"):
+        expand_grid(load_sweep(write_sweep(tmp_path, max_seq_lens=[512])))
+    with pytest.raises(ConfigError, match="unknown key"):
+        expand_grid(load_sweep(write_sweep(tmp_path, overrides=["train.nonsense=1"])))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_sweep(write_sweep(tmp_path, seed=[0]))
+    with pytest.raises(ConfigError, match="not both"):
+        load_sweep(write_sweep(tmp_path, tokens_per_run=10, compute_budget=1.0))
+    with pytest.raises(ConfigError, match="launcher.kind"):
+        load_sweep(write_sweep(tmp_path, launcher={"kind": "mpirun"}))
+    with pytest.raises(ConfigError, match="duplicate run names"):
+        expand_grid(load_sweep(write_sweep(tmp_path, presets=["lum-tiny", "lum-tiny"])))
+
+
+def test_commands_per_launcher(tmp_path):
+    script = str(REPO_ROOT / "launch" / "pretrain.py")
+    for launcher, prefix in [
+        ({"kind": "python"}, [sys.executable, script]),
+        ({"kind": "torchrun", "nproc": 2}, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                            "--nnodes=1", script]),
+        ({"kind": "deepspeed", "nproc": 8, "num_nodes": 2, "extra_args": ["--hostfile", "hf"]},
+         ["deepspeed", "--num_gpus=8", "--num_nodes=2", "--hostfile", "hf", script]),
+    ]:
+        sweep = load_sweep(write_sweep(tmp_path, launcher=launcher))
+        run = expand_grid(sweep)[0]
+        cmd = build_command(sweep, run)
+        assert cmd[: len(prefix)] == prefix
+        assert cmd[len(prefix):] == ["--config", str(REPO_ROOT / BASE), *run.overrides]
+
+
+def test_run_sweep_skips_finished_and_survives_failures(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, max_seq_lens=[32], seeds=[0], tokens_per_run=512,
+                                   launcher={"kind": "python", "env": {"LUM_TEST_ENV": "1"}}))
+    runs = expand_grid(sweep)
+    calls, lines = [], []
+    statuses = run_sweep(sweep, runs, fake_runner(calls, fail_names=("lum-tiny_L32_seed0",)), lines.append)
+    assert [s.status for s in statuses] == ["failed", "ok"] and statuses[0].returncode == 1
+    assert len(calls) == 2 and parse_overrides(calls[1])["train.output_dir"] == str(runs[1].output_dir)
+    assert any("FAILED" in line and "lum-tiny_L32_seed0" in line for line in lines)
+    # Re-running: the finished run is skipped, the failed one is tried again (and now succeeds).
+    calls.clear()
+    statuses = run_sweep(sweep, runs, fake_runner(calls), lines.append)
+    assert [s.status for s in statuses] == ["ok", "skipped"] and len(calls) == 1
+    assert parse_overrides(calls[0])["train.output_dir"] == str(runs[0].output_dir)
+
+
+def test_exit_zero_without_result_is_a_failure(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, presets=["lum-tiny"], max_seq_lens=[32], seeds=[0]))
+    statuses = run_sweep(sweep, expand_grid(sweep), lambda cmd, env, log: 0, lambda s: None)
+    assert statuses[0].status == "failed" and statuses[0].returncode == 0
+
+
+def test_shipped_sweep_configs_expand():
+    cpu = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/cpu-ml100k.yaml"))
+    assert len(cpu) == 9 and {r.max_seq_len for r in cpu} == {32, 64, 128}
+    ladder_sweep = load_sweep(REPO_ROOT / "configs/sweeps/cluster-ladder.yaml")
+    ladder = expand_grid(ladder_sweep)
+    assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
+    assert {r.tokens_per_step for r in ladder} == {8192 * 8}

@@ -1,0 +1,82 @@
+"""Report generation from fake finished runs: run table, fits that recover the planted laws, figures, markdown."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from lum_dist.scaling.grid import expand_grid, load_sweep, run_sweep
+from lum_dist.scaling.memory import ModelShape
+from lum_dist.scaling.report import collect_row, compute_fit, learning_curve, report_sweep, series_fits
+
+from .fake_runs import HIDDEN_TO_DENSE, expected_hr, fake_runner
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_sweep(tmp_path, seeds=(0, 1)):
+    presets = [{"name": f"h{h}", "preset": "lum-tiny", "overrides": {"hidden_size": h}} for h in HIDDEN_TO_DENSE]
+    spec = {"name": "fake", "base_config": "configs/pretrain/debug-cpu.yaml", "presets": presets,
+            "max_seq_lens": [32, 64, 128], "seeds": list(seeds), "out_dir": str(tmp_path / "runs"),
+            "report_dir": str(tmp_path / "report"), "overrides": ["data.token_budget=2048"]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(tmp_path / "sweep.yaml", ["tokens_per_run=8192"])  # 4 steps of 2048 tokens
+    return sweep, expand_grid(sweep)
+
+
+def test_report_from_fake_runs(tmp_path):
+    sweep, runs = make_sweep(tmp_path)
+    failing = "h64_L128_seed1"
+    statuses = {s.run.name: s.status for s in run_sweep(sweep, runs, fake_runner([], (failing,)), lambda s: None)}
+    shapes = {"tiny": ModelShape(2, 64, 4, 128, 32, 100_000, 50_000)}
+    report = report_sweep(sweep, runs, statuses, memory_shapes=shapes)
+
+    with open(tmp_path / "runs" / "runs.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 18 == len(json.loads((tmp_path / "runs" / "runs.json").read_text()))
+    by_name = {r["name"]: r for r in table}
+    assert by_name[failing]["status"] == "failed" and by_name[failing]["hr@10"] == ""
+    row = by_name["h32_L64_seed0"]
+    assert row["status"] == "ok" and row["split"] == "test" and int(row["dense_params"]) == 10_000
+    assert float(row["hr@10"]) == pytest.approx(expected_hr(10_000, 64))
+    assert float(row["compute"]) == pytest.approx((6 * 10_000 + 6 * 64) * 8192)
+
+    for png in ("metric_vs_params", "metric_vs_seq_len", "loss_vs_compute", "learning_curves"):
+        assert (tmp_path / "report" / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
+        assert f"({png}.png)" in report.read_text()
+    text = report.read_text()
+    assert "17 of 18 runs finished" in text and failing in text
+    # The planted laws: hr@10 slope 0.02 per ln(params) at every length, 0.01 per ln(L) for every model.
+    assert text.count("hr@10 = 0.02 * ln(N)") == 3 and text.count("hr@10 = 0.01 * ln(L)") == 3
+    assert "R² = 1.000" in text and "C^(-0.1)" in text
+    assert "GPUs needed per preset" in text and "| tiny |" in text
+    assert not list((tmp_path / "report").glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_fits_average_seeds_and_skip_failed(tmp_path):
+    sweep, runs = make_sweep(tmp_path)
+    statuses = {s.run.name: s.status for s in run_sweep(sweep, runs, fake_runner([], ("h32_L32_seed0",)),
+                                                        lambda s: None)}
+    rows = [collect_row(r, statuses[r.name]) for r in runs]
+    fits = series_fits(rows, "max_seq_len", "dense_params", "hr@10")
+    assert sorted(fits) == [32, 64, 128]
+    for seq_len, (xs, _, fit) in fits.items():
+        np.testing.assert_allclose(xs, sorted(HIDDEN_TO_DENSE.values()))  # seeds averaged: one point per size
+        assert fit.a == pytest.approx(0.02) and fit.b == pytest.approx(-0.1 + 0.01 * math.log(seq_len))
+    c, loss, power = compute_fit(rows)
+    assert len(c) == 17 and power.alpha == pytest.approx(0.1) and power.coef == pytest.approx(50.0)
+
+
+def test_learning_curve_and_malformed_result(tmp_path):
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    run_sweep(sweep, runs[:1], fake_runner([]), lambda s: None)
+    tokens, loss = learning_curve(runs[0])
+    np.testing.assert_allclose(tokens, [2048, 4096, 6144, 8192])
+    assert loss[-1] < loss[0]  # the re-logged final step (last record wins) is the plain final loss
+    (runs[0].output_dir / "result.json").write_text('{"eval": {}}')
+    with pytest.raises(ValueError, match=r"result\.json: malformed"):
+        collect_row(runs[0])
+    assert collect_row(runs[1])["status"] == "missing"
