@@ -116,7 +116,7 @@ class RankingAccumulator:
     def compute(self) -> dict[str, float]:
         sums = self.sums.cpu().tolist()
         count = sums[-1]
-        out = {name: (s / count if count else math.nan) for name, s in zip(self.names[:-1], sums[:-1])}
+        out = {name: (s / count if count else math.nan) for name, s in zip(self.names[:-1], sums[:-1], strict=True)}
         out["count"] = int(count)
         return out
 

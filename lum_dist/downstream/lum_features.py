@@ -1,0 +1,107 @@
+"""Features from the step-2 outputs (lum_dist/query/job.py) for the downstream models.
+
+A query directory holds, per user and condition ("*" generic or "<field>=<raw value>"), the LUM output
+embedding, plus the LUM item embeddings. The manifest says which history it was computed from; opening it
+checks that against the use (train samples need ``split=valid``, evaluation samples ``split=test``), so
+the two can never be swapped into a leak.
+
+Shards are read one at a time and only the rows asked for are kept: a directory with every attribute value
+as a condition is (users x values x dim) floats and need not fit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lum_dist.data.schema import NUM_SPECIAL_IDS
+
+GENERIC = "*"
+SEP = "\x1f"  # joins user id and condition into one lookup key; never in either
+
+
+def open_query_dir(path: str | Path, split: str, dataset_name: str) -> dict:
+    """The directory's manifest, after checking it is complete and computed for ``split`` on the dataset."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: missing; run launch/query.py --split {split} first")
+    manifest = json.loads(manifest_path.read_text())
+    problems = []
+    if not manifest.get("complete"):
+        problems.append("complete is not true (some shards are missing: re-run the query job)")
+    if manifest.get("split") != split:
+        problems.append(f"split is {manifest.get('split')!r}, this use needs {split!r} "
+                        f"(history up to {'train_end' if split == 'valid' else 'valid_end'})")
+    if manifest.get("dataset") != dataset_name:
+        problems.append(f"dataset is {manifest.get('dataset')!r}, the prepared data is {dataset_name!r}")
+    if problems:
+        raise ValueError(f"{manifest_path}: " + "; ".join(problems))
+    return manifest
+
+
+def lookup(path: str | Path, manifest: dict, users: list[str], conditions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [n, E] of the (user, condition) pairs and whether each was found (zeros where not)."""
+    keys = pa.array([u + SEP + c for u, c in zip(users, conditions, strict=True)], pa.string())
+    out = np.zeros((len(keys), int(manifest["embedding_dim"])), np.float32)
+    found = np.zeros(len(keys), bool)
+    for shard in manifest["shards"]:
+        table = pq.read_table(Path(path) / shard, columns=["user_id", "condition"])
+        shard_keys = pc.binary_join_element_wise(table.column("user_id"), table.column("condition"), SEP)
+        at = pc.index_in(keys, value_set=shard_keys)
+        hit = at.is_valid().to_numpy(zero_copy_only=False)
+        if not hit.any():
+            continue
+        rows = at.filter(at.is_valid()).to_numpy()
+        emb = pq.read_table(Path(path) / shard, columns=["embedding"]).column("embedding").take(pa.array(rows))
+        out[hit] = _matrix(emb)
+        found |= hit
+    return out, found
+
+
+def item_embeddings(path: str | Path, item_raw: list[str]) -> np.ndarray:
+    """LUM item embeddings [num_items, E] in the dataset's dense id order (zeros for reserved/unknown ids)."""
+    table = pq.read_table(Path(path) / "items.parquet")
+    index = {raw: i for i, raw in enumerate(table.column("item_id").to_pylist())}
+    emb = _matrix(table.column("embedding"))
+    out = np.zeros((len(item_raw), emb.shape[1]), np.float32)
+    for dense, raw in enumerate(item_raw):
+        if dense >= NUM_SPECIAL_IDS and raw in index:
+            out[dense] = emb[index[raw]]
+    return out
+
+
+@dataclass
+class UserOutputs:
+    generic: np.ndarray  # [R, E] the "*" output of each request's user
+    item: np.ndarray  # [num_items, E] LUM item embeddings
+
+
+def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], item_raw: list[str]) -> UserOutputs:
+    generic, found = lookup(path, manifest, user_ids, [GENERIC] * len(user_ids))
+    if not found.all():
+        missing = [u for u, f in zip(user_ids, found, strict=True) if not f]
+        raise ValueError(f"{path}: no '*' output for {len(missing)} user(s), e.g. {missing[:3]}; re-run the "
+                         f"query job over every user or set the downstream max_users to match its max_users")
+    return UserOutputs(generic=generic, item=item_embeddings(path, item_raw))
+
+
+def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], attr_field: str,
+                        attr_raw: list[str], cand_attr: np.ndarray, generic: np.ndarray) -> np.ndarray:
+    """Per sample, the output for "<attr_field>=<candidate's value>", falling back to the user's "*" output."""
+    conds = [f"{attr_field}={attr_raw[a]}" if a >= NUM_SPECIAL_IDS else GENERIC for a in cand_attr]
+    emb, found = lookup(path, manifest, user_ids, conds)
+    return np.where(found[:, None], emb, generic)
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(column), -1)

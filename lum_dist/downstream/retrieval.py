@@ -1,0 +1,98 @@
+"""Two-tower retrieval with in-batch softmax, with and without the LUM generic ("*") user output.
+
+User tower: user id embedding + masked mean of the recent behaviours (item + attribute embeddings)
+[+ the L2-normalised LUM output, projected]; item tower: item id + attribute embeddings. Both end in an MLP
+and are L2-normalised; training is softmax over the in-batch items at a fixed temperature (a negative equal
+to the positive item is masked). Evaluation ranks every real item for each test request, the user's history
+excluded (``lum_dist.eval.metrics.rank_of_targets``), and reports Recall@K and NDCG@K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lum_dist.data.schema import PAD_ID
+from lum_dist.downstream.config import RetrievalConfig
+from lum_dist.downstream.samples import Requests
+from lum_dist.downstream.train import Batch, batches, fit, make_accelerator
+from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+
+
+def tower(in_dim: int, cfg: RetrievalConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.out_dim))
+
+
+class TwoTower(nn.Module):
+    def __init__(self, num_users: int, num_items: int, num_attrs: int, lum_dim: int, cfg: RetrievalConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.user = nn.Embedding(num_users, d)
+        self.hist_item = nn.Embedding(num_items, d, padding_idx=PAD_ID)
+        self.hist_attr = nn.Embedding(num_attrs, d, padding_idx=PAD_ID)
+        self.item = nn.Embedding(num_items, d)
+        self.attr = nn.Embedding(num_attrs, d)
+        self.lum_proj = nn.Linear(lum_dim, d) if lum_dim else None
+        self.user_tower = tower(3 * d if lum_dim else 2 * d, cfg)
+        self.item_tower = tower(2 * d, cfg)
+
+    def encode_users(self, b: Batch) -> torch.Tensor:
+        mask = (b["hist_items"] != PAD_ID).unsqueeze(-1).float()
+        hist = self.hist_item(b["hist_items"]) + self.hist_attr(b["hist_attrs"])
+        pooled = (hist * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        parts = [self.user(b["user_idx"]), pooled]
+        if self.lum_proj is not None:
+            parts.append(self.lum_proj(b["lum"]))
+        return F.normalize(self.user_tower(torch.cat(parts, -1)), dim=-1)
+
+    def encode_items(self, items: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.item_tower(torch.cat([self.item(items), self.attr(attrs)], -1)), dim=-1)
+
+
+def request_tensors(req: Requests, item_attr: np.ndarray, lum_generic: np.ndarray | None) -> Batch:
+    t = {"user_idx": torch.from_numpy(req.user_idx), "hist_items": torch.from_numpy(req.hist_items),
+         "hist_attrs": torch.from_numpy(req.hist_attrs), "target": torch.from_numpy(req.target),
+         "target_attr": torch.from_numpy(item_attr[req.target])}
+    if lum_generic is not None:
+        t["lum"] = F.normalize(torch.from_numpy(lum_generic), dim=-1)
+    return t
+
+
+def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float) -> torch.Tensor:
+    users = model.encode_users(b)
+    items = model.encode_items(b["target"], b["target_attr"])
+    logits = users @ items.T / temperature
+    same = b["target"][:, None] == b["target"][None, :]
+    logits = logits.masked_fill(same & ~torch.eye(len(users), dtype=torch.bool, device=users.device), -torch.inf)
+    return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
+
+
+def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_attr: np.ndarray, num_attrs: int,
+                       train: Batch, evaluation: Batch, eval_history: list[np.ndarray]) -> dict[str, float]:
+    """Fit one two-tower variant (LUM or not: whether ``train`` has "lum") and rank all items for ``evaluation``."""
+    accelerator = make_accelerator()
+    torch.manual_seed(seed)
+    num_items = len(item_attr)
+    model = TwoTower(num_users, num_items, num_attrs, train["lum"].shape[1] if "lum" in train else 0, cfg)
+    losses = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature), epochs=cfg.epochs,
+                 batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+                 accelerator=accelerator)
+    model = accelerator.unwrap_model(model)
+    device = accelerator.device
+    acc = RankingAccumulator(cfg.ks)
+    with torch.no_grad():
+        all_items = torch.arange(num_items, device=device)
+        items = model.encode_items(all_items, torch.from_numpy(item_attr).to(device))
+        start = 0
+        for b in batches(evaluation, 1024, device):
+            scores = model.encode_users(b) @ items.T
+            history = [torch.from_numpy(h) for h in eval_history[start:start + len(scores)]]
+            acc.update(rank_of_targets(scores, b["target"], history))
+            start += len(scores)
+    out = acc.compute()
+    result = {f"recall@{k}": out[f"hr@{k}"] for k in cfg.ks}
+    result.update({f"ndcg@{k}": out[f"ndcg@{k}"] for k in cfg.ks})
+    result["train_loss"] = losses[-1]
+    return result

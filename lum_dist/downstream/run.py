@@ -1,0 +1,152 @@
+"""Step 3 end to end: samples, LUM features, every ranking and retrieval variant x seed, the report.
+
+``run_downstream(cfg)`` returns (and writes atomically to ``<output_dir>/<name>.json`` and ``.md``)::
+
+    {"meta": {config, dataset counts, device, git commit, ...},
+     "ranking":   {variant: {"runs": [per-seed metrics], "mean": {...}, "std": {...}, "delta": {...}}},
+     "retrieval": {variant: {...same...}}}
+
+``delta`` is the variant's mean minus the base variant's mean. Negatives are drawn once (``sample_seed``), so
+every variant and seed is scored on the same samples; ``seeds`` vary model initialisation and shuffling.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lum_dist.config import REPO_ROOT, to_dict
+from lum_dist.downstream import ranking, retrieval
+from lum_dist.downstream.config import DownstreamConfig
+from lum_dist.downstream.lum_features import conditional_outputs, open_query_dir, user_outputs
+from lum_dist.downstream.samples import (
+    CTRSamples,
+    Dataset,
+    Requests,
+    build_requests,
+    ctr_samples,
+    load_dataset,
+)
+from lum_dist.utils import atomic_write_text
+
+RANKING_METRICS = ("auc", "gauc", "logloss")
+
+
+def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, split: str) -> ranking.LumCTR:
+    manifest = open_query_dir(query_dir, split, data.meta.name)
+    outputs = user_outputs(query_dir, manifest, req.user_id, data.item_raw)
+    generic = outputs.generic[s.request]
+    conditional = conditional_outputs(query_dir, manifest, [req.user_id[i] for i in s.request], data.attr_field,
+                                      data.attr_raw, data.item_attr[s.cand], generic)
+    return ranking.LumCTR(conditional=conditional, generic=generic, cand_item=outputs.item[s.cand])
+
+
+def summarise(runs: list[dict[str, float]], base: dict[str, float] | None) -> dict[str, Any]:
+    keys = list(runs[0])
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    std = {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys}
+    delta = {k: mean[k] - base[k] for k in keys} if base is not None else {k: 0.0 for k in keys}
+    return {"runs": runs, "mean": mean, "std": std, "delta": delta}
+
+
+def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_req: Requests) -> tuple[dict, dict]:
+    train_s = ctr_samples(train_req, data.num_items, cfg.neg_ratio, cfg.sample_seed)
+    eval_s = ctr_samples(eval_req, data.num_items, cfg.neg_ratio, cfg.sample_seed + 1)
+    lum_train = lum_eval = stats = None
+    if any(v != "base" for v in cfg.ranking.variants):
+        lum_train = lum_for_ctr(data, train_req, train_s, cfg.query_valid, "valid")
+        lum_eval = lum_for_ctr(data, eval_req, eval_s, cfg.query_test, "test")
+        m = ranking.match_features(lum_train)
+        stats = (m.mean(0), np.maximum(m.std(0), 1e-6))
+    eval_users = np.array(eval_req.user_id)[eval_s.request]
+    results: dict[str, Any] = {}
+    for variant in cfg.ranking.variants:
+        train = ranking.ctr_tensors(train_req, train_s, data.item_attr, variant, lum_train, stats)
+        evaluation = ranking.ctr_tensors(eval_req, eval_s, data.item_attr, variant, lum_eval, stats)
+        runs = [ranking.train_and_evaluate(variant, cfg.ranking, seed, data.num_items, data.num_attrs, train,
+                                           evaluation, eval_users) for seed in cfg.seeds]
+        results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
+    counts = {"train_samples": len(train_s.label), "eval_samples": len(eval_s.label)}
+    return results, counts
+
+
+def run_retrieval(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_req: Requests) -> dict:
+    lum_train = lum_eval = None
+    if "lum" in cfg.retrieval.variants:
+        lum_train = user_outputs(cfg.query_valid, open_query_dir(cfg.query_valid, "valid", data.meta.name),
+                                 train_req.user_id, data.item_raw).generic
+        lum_eval = user_outputs(cfg.query_test, open_query_dir(cfg.query_test, "test", data.meta.name),
+                                eval_req.user_id, data.item_raw).generic
+    results: dict[str, Any] = {}
+    for variant in cfg.retrieval.variants:
+        use = variant == "lum"
+        train = retrieval.request_tensors(train_req, data.item_attr, lum_train if use else None)
+        evaluation = retrieval.request_tensors(eval_req, data.item_attr, lum_eval if use else None)
+        runs = [retrieval.train_and_evaluate(cfg.retrieval, seed, data.users.num_rows, data.item_attr,
+                                             data.num_attrs, train, evaluation, eval_req.history)
+                for seed in cfg.seeds]
+        results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
+    return results
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [f"# Downstream results: {meta['name']}", "",
+             f"dataset `{meta['dataset']}`, {meta['counts']['train_requests']} train / "
+             f"{meta['counts']['eval_requests']} eval requests, seeds {meta['config']['seeds']}, "
+             f"{meta['device']}, commit `{meta['git_commit']}`. Mean ± std over seeds; Δ = mean − base mean.", ""]
+    for section in ("ranking", "retrieval"):
+        variants = result[section]
+        metrics = [k for k in next(iter(variants.values()))["mean"] if k != "train_loss"]
+        lines += [f"## {section}", "", "| variant | " + " | ".join(metrics) + " | " + " | ".join(f"Δ {m}" for m in metrics)
+                  + " |", "|---" * (1 + 2 * len(metrics)) + "|"]
+        for name, v in variants.items():
+            cells = [f"{v['mean'][m]:.4f} ± {v['std'][m]:.4f}" for m in metrics]
+            cells += [f"{v['delta'][m]:+.4f}" for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
+    """Train and evaluate every configured variant x seed; write <output_dir>/<name>.{json,md}; return the dict."""
+    t0 = time.time()
+    data = load_dataset(cfg.data_path, cfg.attr_field, cfg.max_users)
+    train_req = build_requests(data, "train", cfg.max_history)
+    eval_req = build_requests(data, "eval", cfg.max_history)
+    rank_results, counts = run_ranking(cfg, data, train_req, eval_req)
+    retr_results = run_retrieval(cfg, data, train_req, eval_req)
+    meta = {"name": cfg.name, "dataset": data.meta.name, "attr_field": data.attr_field, "config": to_dict(cfg),
+            "counts": {"users": data.users.num_rows, "items": data.num_items, "train_requests": len(train_req.target),
+                       "eval_requests": len(eval_req.target), "dropped_unk_targets":
+                       train_req.dropped_unk + eval_req.dropped_unk, **counts},
+            "device": _device(), "git_commit": _git_commit(), "torch": torch.__version__,
+            "seconds": round(time.time() - t0, 1),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    result = {"meta": meta, "ranking": rank_results, "retrieval": retr_results}
+    out = Path(cfg.output_dir)
+    atomic_write_text(out / f"{cfg.name}.json", json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    atomic_write_text(out / f"{cfg.name}.md", text)
+    print(text)
+    return result
+
+
+def _device() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()

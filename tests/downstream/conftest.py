@@ -1,0 +1,48 @@
+"""Fixtures: a tiny prepared dataset and fake step-2 outputs in the query job's format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.testing.fixtures import write_tiny_dataset
+
+
+def write_fake_query_dir(out: Path, data_root: Path, split: str, dim: int = 8, seed: int = 0,
+                         fill: float | None = None) -> Path:
+    """Every user x ("*" + every attribute value) with random (or constant ``fill``) embeddings."""
+    meta = DatasetMeta.load(data_root / "meta.json")
+    rng = np.random.default_rng(seed)
+    field = meta.item_cond_fields[0]
+    values = pq.read_table(data_root / "vocab" / f"{field}.parquet").column("raw").to_pylist()[NUM_SPECIAL_IDS:]
+    conditions = ["*"] + [f"{field}={v}" for v in values]
+    users = pq.read_table(data_root / meta.shards[0], columns=["user_id"]).column("user_id").to_pylist()
+
+    def emb(n: int) -> pa.Array:
+        x = np.full((n, dim), fill, np.float32) if fill is not None else rng.normal(size=(n, dim)).astype(np.float32)
+        return pa.array(list(x), pa.list_(pa.float32()))
+
+    out.mkdir(parents=True)
+    n = len(users) * len(conditions)
+    pq.write_table(pa.table({"user_id": np.repeat(users, len(conditions)).tolist(),
+                             "condition": conditions * len(users), "embedding": emb(n),
+                             "model_version": ["fake"] * n}), out / "part-00000.parquet")
+    items = pq.read_table(data_root / "vocab" / "item.parquet").column("raw").to_pylist()[NUM_SPECIAL_IDS:]
+    pq.write_table(pa.table({"item_id": items, "embedding": emb(len(items))}), out / "items.parquet")
+    manifest = {"model_version": "fake", "dataset": meta.name, "split": split, "conditions": conditions,
+                "embedding_dim": dim, "shards": ["part-00000.parquet"], "num_rows": n, "complete": True}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_tiny_dataset(root, num_users=60, num_items=60, seed=3, min_len=4, max_len=20)
+    return root
