@@ -1,0 +1,120 @@
+"""InfoNCE: a plain per-row reference, and 2 gloo ranks equal one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lum_dist.config import LossConfig
+from lum_dist.data.schema import NUM_SPECIAL_IDS
+from lum_dist.losses import InfoNCE
+from lum_dist.testing.distributed import run_distributed
+
+NUM_ITEMS, DIM = 12, 8
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32
+
+
+def inputs(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randn(n, DIM, generator=g)
+    ids = torch.randint(NUM_SPECIAL_IDS, NUM_ITEMS, (n,), generator=g)  # small vocab: repeats are false negatives
+    table = torch.randn(NUM_ITEMS, DIM, generator=g)
+    log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=g), 0)
+    return user, ids, table, log_q
+
+
+def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=()):
+    """Mean over rows of -log softmax, one row at a time, candidates = all positives + extra ids."""
+    cand_ids = torch.cat([ids, torch.as_tensor(extra_ids, dtype=torch.long)])
+    total = 0.0
+    for i in range(len(ids)):
+        u, c = user[i], table[cand_ids]
+        if cfg.similarity == "cosine":
+            u, c = u / u.norm(), c / c.norm(dim=1, keepdim=True)
+        logits = c @ u / cfg.temperature
+        if cfg.logq_correction:
+            logits = logits - log_q[cand_ids]
+        keep = [j for j in range(len(cand_ids)) if j == i or cand_ids[j] != ids[i] or not cfg.mask_false_negatives]
+        pos = keep.index(i)
+        total = total - torch.log_softmax(logits[keep], 0)[pos]
+    return total / len(ids)
+
+
+CONFIGS = {
+    "cosine": LossConfig(),
+    "dot-logq": LossConfig(similarity="dot", temperature=0.7, logq_correction=True),
+    "no-mask": LossConfig(mask_false_negatives=False, temperature=0.2),
+    "random-negatives": LossConfig(num_random_negatives=5, logq_correction=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_single_process_equals_reference(name):
+    cfg = CONFIGS[name]
+    user, ids, table, log_q = inputs(9)
+    loss_fn = InfoNCE(cfg, NUM_ITEMS, log_q)
+    extra = loss_fn.random_negative_ids(torch.device("cpu")).tolist() if cfg.num_random_negatives else []
+    loss, stats = loss_fn(user, ids, lambda i: table[i])
+    torch.testing.assert_close(loss, reference_loss(cfg, user, ids, table, log_q, extra), **TOL)
+    assert stats["count"] == 9 and 0 <= stats["accuracy"] <= 1
+    assert stats["temperature"] == pytest.approx(cfg.temperature)
+    if extra:
+        assert min(extra) >= NUM_SPECIAL_IDS
+
+
+def test_learnable_temperature_is_clamped_and_trained():
+    cfg = LossConfig(learnable_temperature=True, temperature=0.05, min_temperature=0.01, max_temperature=1.0)
+    loss_fn = InfoNCE(cfg, NUM_ITEMS)
+    user, ids, table, _ = inputs(6)
+    loss, _ = loss_fn(user, ids, lambda i: table[i])
+    loss.backward()
+    assert loss_fn.log_temperature.grad is not None and loss_fn.log_temperature.grad != 0
+    with torch.no_grad():
+        loss_fn.log_temperature.fill_(5.0)
+    assert loss_fn(user, ids, lambda i: table[i])[1]["temperature"] == pytest.approx(1.0)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="item_log_prob"):
+        InfoNCE(LossConfig(logq_correction=True), NUM_ITEMS)
+    with pytest.raises(ValueError, match="similarity"):
+        InfoNCE(LossConfig(similarity="l2"), NUM_ITEMS)
+
+
+SPLIT = [5, 3]  # uneven: ranks hold different numbers of targets
+DIST_CFG = LossConfig(learnable_temperature=True, logq_correction=True, num_random_negatives=4)
+
+
+def one_step(cfg: LossConfig, user, ids, table, log_q):
+    """Loss, stats and gradients of user outputs, item table and temperature (what the trainer backprops)."""
+    user = user.clone().requires_grad_()
+    emb = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False)
+    loss_fn = InfoNCE(cfg, NUM_ITEMS, log_q)
+    loss, stats = loss_fn(user, ids, emb)
+    loss.backward()
+    temp_grad = loss_fn.log_temperature.grad if loss_fn.log_temperature is not None else torch.zeros(())
+    return loss.detach(), stats, user.grad, emb.weight.grad, temp_grad
+
+
+def _rank_step(cfg: LossConfig):
+    rank = dist.get_rank()
+    user, ids, table, log_q = inputs(sum(SPLIT))
+    a = sum(SPLIT[:rank])
+    return one_step(cfg, user[a : a + SPLIT[rank]], ids[a : a + SPLIT[rank]], table, log_q)
+
+
+@pytest.mark.parametrize("cfg", [DIST_CFG, LossConfig()], ids=["full", "default"])
+def test_two_ranks_equal_one_process(cfg):
+    world = len(SPLIT)
+    ranks = run_distributed(_rank_step, world, cfg)
+    loss, stats, user_grad, table_grad, temp_grad = one_step(cfg, *inputs(sum(SPLIT)))
+    # DeepSpeed averages parameter gradients over ranks: the mean of the ranks' losses and grads is the global one.
+    torch.testing.assert_close(sum(r[0] for r in ranks) / world, loss, **TOL)
+    torch.testing.assert_close(sum(r[3] for r in ranks) / world, table_grad, **TOL)
+    torch.testing.assert_close(sum(r[4] for r in ranks) / world, temp_grad, **TOL)
+    # A user output lives on one rank only: its gradient there is world x its share of the global mean.
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, user_grad, **TOL)
+    for r in ranks:
+        assert r[1]["count"] == sum(SPLIT)
+        torch.testing.assert_close(r[1]["accuracy"], stats["accuracy"])
