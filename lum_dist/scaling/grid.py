@@ -184,18 +184,23 @@ def expand_grid(
     return runs
 
 
-def build_command(sweep: SweepConfig, run: Run) -> list[str]:
-    """The command line of one run under the sweep's launcher."""
-    script = [str(REPO_ROOT / "launch" / "pretrain.py"), "--config", str(resolve_path(sweep.base_config))]
-    lc = sweep.launcher
-    if lc.kind == "python":
+def launch_command(launcher: LauncherConfig, base_config: str | Path, overrides: list[str]) -> list[str]:
+    """``launch/pretrain.py --config <base_config> <overrides>`` under ``launcher``."""
+    script = [str(REPO_ROOT / "launch" / "pretrain.py"), "--config", str(resolve_path(str(base_config)))]
+    if launcher.kind == "python":
         prefix = [sys.executable]
-    elif lc.kind == "torchrun":
-        prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={lc.nproc}",
-                  f"--nnodes={lc.num_nodes}", *lc.extra_args]
+    elif launcher.kind == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launcher.nproc}",
+                  f"--nnodes={launcher.num_nodes}", *launcher.extra_args]
     else:
-        prefix = ["deepspeed", f"--num_gpus={lc.nproc}", f"--num_nodes={lc.num_nodes}", *lc.extra_args]
-    return [*prefix, *script, *run.overrides]
+        prefix = ["deepspeed", f"--num_gpus={launcher.nproc}", f"--num_nodes={launcher.num_nodes}",
+                  *launcher.extra_args]
+    return [*prefix, *script, *overrides]
+
+
+def build_command(sweep: SweepConfig, run: Run) -> list[str]:
+    """The command line of one run of ``sweep``."""
+    return launch_command(sweep.launcher, sweep.base_config, run.overrides)
 
 
 def subprocess_runner(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
