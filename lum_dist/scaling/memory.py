@@ -28,7 +28,7 @@ matrices of that size live at once (logits, softmax saved for backward, its grad
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 GiB = 2**30
@@ -134,8 +134,7 @@ def gpus_needed(shape: ModelShape, gpu_bytes: float, setup: TrainSetup, max_gpus
     gathered-negatives logits grow with N)."""
     n = 1
     while n <= max_gpus:
-        trial = TrainSetup(**{**setup.__dict__, "num_gpus": n})
-        if per_gpu_bytes(shape, trial)["total"] <= usable_fraction * gpu_bytes:
+        if per_gpu_bytes(shape, replace(setup, num_gpus=n))["total"] <= usable_fraction * gpu_bytes:
             return n
         n *= 2
     return None
@@ -160,8 +159,7 @@ def gpus_table(shapes: dict[str, ModelShape], gpu_bytes: float = H100_80GB,
         row: dict[str, Any] = {"preset": name, "dense_params": shape.dense_params,
                                "embedding_params": shape.embedding_params}
         for stage in ZERO_STAGES:
-            s = TrainSetup(**{**setup.__dict__, "zero_stage": stage,
-                              "offload_params": setup.offload_params and stage == 3})
+            s = replace(setup, zero_stage=stage, offload_params=setup.offload_params and stage == 3)
             row[f"zero{stage}_gib_at_{setup.num_gpus}"] = per_gpu_bytes(shape, s)["total"] / GiB
             row[f"zero{stage}_min_gpus"] = gpus_needed(shape, gpu_bytes, s)
         rows.append(row)

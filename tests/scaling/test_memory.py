@@ -1,5 +1,7 @@
 """The memory model against hand-computed cases (the ZeRO paper's 7.5B example) and its activation formula."""
 
+from dataclasses import replace
+
 import pytest
 
 from lum_dist.scaling.memory import (
@@ -68,12 +70,12 @@ def test_gpus_needed():
     big = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, intermediate_size=12288, item_emb_dim=512,
                      dense_params=7_000_000_000, embedding_params=600_000_000)
     setup = TrainSetup(micro_batch_tokens=8192, activation_checkpointing=True)
-    n3 = gpus_needed(big, 80 * GiB, TrainSetup(**{**setup.__dict__, "zero_stage": 3}))
-    n2 = gpus_needed(big, 80 * GiB, TrainSetup(**{**setup.__dict__, "zero_stage": 2}))
-    assert gpus_needed(big, 80 * GiB, TrainSetup(**{**setup.__dict__, "zero_stage": 0})) is None  # 16 B/param
+    n3 = gpus_needed(big, 80 * GiB, replace(setup, zero_stage=3))
+    n2 = gpus_needed(big, 80 * GiB, replace(setup, zero_stage=2))
+    assert gpus_needed(big, 80 * GiB, replace(setup, zero_stage=0)) is None  # 16 B/param
     # The answer is the smallest power of two that fits: half of it must not fit.
     def fits(stage: int, k: int) -> bool:
-        trial = TrainSetup(**{**setup.__dict__, "zero_stage": stage, "num_gpus": k})
+        trial = replace(setup, zero_stage=stage, num_gpus=k)
         return per_gpu_bytes(big, trial)["total"] <= 0.9 * 80 * GiB
 
     for stage, n in ((3, n3), (2, n2)):
@@ -84,3 +86,14 @@ def test_gpus_needed():
     rows = gpus_table({"big": big, "small": small})
     assert [r["preset"] for r in rows] == ["big", "small"]
     assert rows[0]["zero3_min_gpus"] == n3 and rows[0]["zero0_min_gpus"] is None
+
+
+def test_shape_from_preset_matches_param_counts():
+    from lum_dist.model import load_preset, param_counts
+    from lum_dist.scaling.memory import shape_from_preset
+
+    shape = shape_from_preset("lum-1b", num_items=100_000)
+    counts = param_counts(load_preset("lum-1b", num_items=100_000, cond_vocab_sizes=[1000]))
+    assert (shape.dense_params, shape.embedding_params) == (counts["dense"], counts["embedding"])
+    # The decoder blocks are almost all of the dense parameters (the rest: input/output projections, norms).
+    assert 0.9 * shape.dense_params < shape.layer_params * shape.num_layers <= shape.dense_params
