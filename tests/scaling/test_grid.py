@@ -113,3 +113,12 @@ def test_shipped_sweep_configs_expand():
     ladder = expand_grid(ladder_sweep)
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
     assert {r.tokens_per_step for r in ladder} == {8192 * 8}
+
+
+def test_subprocess_runner_logs_and_returns_status(tmp_path):
+    from lum_dist.scaling.grid import subprocess_runner
+
+    log = tmp_path / "run" / "train.log"
+    code = "import os, sys; print('hello', os.environ['LUM_X']); sys.exit(3)"
+    assert subprocess_runner([sys.executable, "-c", code], {"LUM_X": "42", "PATH": ""}, log) == 3
+    assert log.read_text().strip() == "hello 42"

@@ -80,3 +80,22 @@ def test_learning_curve_and_malformed_result(tmp_path):
     with pytest.raises(ValueError, match=r"result\.json: malformed"):
         collect_row(runs[0])
     assert collect_row(runs[1])["status"] == "missing"
+
+
+def test_sweep_cli_dry_run_and_report_only(tmp_path, capsys):
+    import importlib.util
+
+    from lum_dist.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("sweep_cli", REPO_ROOT / "launch" / "sweep.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    run_sweep(sweep, runs[:2], fake_runner([]), lambda s: None)
+    args = ["--config", str(tmp_path / "sweep.yaml"), "tokens_per_run=8192"]
+    assert cli.main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("launch/pretrain.py") == 9 and out.count("(finished)") == 2
+    assert not (tmp_path / "report").exists()  # a dry run writes nothing
+    assert cli.main([*args, "--report-only"]) == 0
+    assert "2 of 9 runs finished" in (tmp_path / "report" / "report.md").read_text()
