@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -122,7 +123,7 @@ def _fit_or_none(fn, x: np.ndarray, y: np.ndarray):
 
 def series_fits(rows: list[dict[str, Any]], group: str, x: str, y: str) -> dict[Any, tuple[np.ndarray, np.ndarray, LogFit | None]]:
     """Per series: (x, seed-mean y, a*ln(x)+b fit or None when fewer than two distinct x)."""
-    return {g: (xs, ys, _fit_or_none(fit_log, xs, ys)) for g, (xs, ys) in sorted(seed_means(rows, group, x, y).items())}
+    return {g: (xs, ys, _fit_or_none(fit_log, xs, ys)) for g, (xs, ys) in seed_means(rows, group, x, y).items()}
 
 
 def compute_fit(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, PowerLawFit | None]:
@@ -174,6 +175,10 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], path: Path) -> PowerLawFit 
     if fit is not None:
         grid = np.geomspace(c.min(), c.max(), 50)
         ax.loglog(grid, fit(grid), "--", label=f"{fit.equation()}  R²={fit.r2:.3f}")
+    # A loss range inside one decade has only minor ticks: label them plainly, not as 6x10^0.
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(xlabel="training compute C (FLOPs)", ylabel="final training loss", title="loss vs compute")
     ax.grid(alpha=0.3, which="both")
     _legend(ax, fontsize=7)
@@ -181,14 +186,25 @@ def plot_loss_vs_compute(rows: list[dict[str, Any]], path: Path) -> PowerLawFit 
     return fit
 
 
-def plot_learning_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (tokens, loss) in sorted(curves.items()):
-        if len(tokens):
-            ax.plot(tokens, loss, label=name)
-    ax.set(xlabel="tokens", ylabel="training loss (InfoNCE)", title="learning curves")
-    ax.grid(alpha=0.3)
-    _legend(ax, fontsize=6, ncol=2)
+def plot_learning_curves(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                         path: Path) -> None:
+    """One panel per model; a line per run (colour: sequence length, style: seed)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lengths = sorted({r["max_seq_len"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.5 * max(1, len(models)), 3.8), sharey=True,
+                             squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        for r in rows:
+            tokens, loss = curves.get(r["name"], ((), ()))
+            if r["model"] == model and len(tokens):
+                ax.plot(tokens, loss, color=f"C{lengths.index(r['max_seq_len']) % 10}",
+                        linestyle=("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4],
+                        label=f"L={r['max_seq_len']} seed {r['seed']}")
+        ax.set(xlabel="tokens", title=f"{model}")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=6)
+    axes[0][0].set_ylabel("training loss (InfoNCE)")
     _save(fig, path)
 
 
@@ -229,7 +245,7 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
     by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
                               report_dir / "metric_vs_seq_len.png")
     loss_fit = plot_loss_vs_compute(rows, report_dir / "loss_vs_compute.png")
-    plot_learning_curves(curves, report_dir / "learning_curves.png")
+    plot_learning_curves(rows, curves, report_dir / "learning_curves.png")
 
     done, failed = _done(rows), [r for r in rows if r["status"] not in FINISHED]
     md = [f"# {title}", "", f"{len(done)} of {len(rows)} runs finished"
