@@ -1,7 +1,9 @@
 """Two-tower retrieval with in-batch softmax, with and without the LUM generic ("*") user output.
 
 User tower: user id embedding + masked mean of the recent behaviours (item + attribute embeddings)
-[+ the L2-normalised LUM output, projected]; item tower: item id + attribute embeddings. Both end in an MLP
+[+ the L2-normalised LUM output, projected]; item tower: item id + attribute embeddings [+ the item's
+L2-normalised LUM item embedding, projected, when ``lum_item_tower``: the LUM output lives in that space, and
+without it the tower cannot relate the output to items never seen as training targets]. Both end in an MLP
 and are L2-normalised; training is softmax over the in-batch items at a fixed temperature (a negative equal
 to the positive item is masked). Evaluation ranks every real item for each test request, the user's history
 excluded (``lum_dist.eval.metrics.rank_of_targets``), and reports Recall@K and NDCG@K.
@@ -26,7 +28,8 @@ def tower(in_dim: int, cfg: RetrievalConfig) -> nn.Sequential:
 
 
 class TwoTower(nn.Module):
-    def __init__(self, num_users: int, num_items: int, num_attrs: int, lum_dim: int, cfg: RetrievalConfig):
+    def __init__(self, num_users: int, num_items: int, num_attrs: int, lum_dim: int, cfg: RetrievalConfig,
+                 lum_items: torch.Tensor | None = None):
         super().__init__()
         d = cfg.embed_dim
         self.user = nn.Embedding(num_users, d)
@@ -36,7 +39,10 @@ class TwoTower(nn.Module):
         self.attr = nn.Embedding(num_attrs, d)
         self.lum_proj = nn.Linear(lum_dim, d) if lum_dim else None
         self.user_tower = tower(3 * d if lum_dim else 2 * d, cfg)
-        self.item_tower = tower(2 * d, cfg)
+        # fixed LUM item embeddings [num_items, E] (a buffer: they move with the model, never train)
+        self.register_buffer("lum_items", lum_items, persistent=False)
+        self.lum_item_proj = nn.Linear(lum_items.shape[1], d) if lum_items is not None else None
+        self.item_tower = tower(3 * d if lum_items is not None else 2 * d, cfg)
 
     def encode_users(self, b: Batch) -> torch.Tensor:
         mask = (b["hist_items"] != PAD_ID).unsqueeze(-1).float()
@@ -48,7 +54,10 @@ class TwoTower(nn.Module):
         return F.normalize(self.user_tower(torch.cat(parts, -1)), dim=-1)
 
     def encode_items(self, items: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.item_tower(torch.cat([self.item(items), self.attr(attrs)], -1)), dim=-1)
+        parts = [self.item(items), self.attr(attrs)]
+        if self.lum_item_proj is not None:
+            parts.append(self.lum_item_proj(self.lum_items[items]))
+        return F.normalize(self.item_tower(torch.cat(parts, -1)), dim=-1)
 
 
 def request_tensors(req: Requests, item_attr: np.ndarray, lum_generic: np.ndarray | None) -> Batch:
@@ -70,12 +79,16 @@ def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float) -> torc
 
 
 def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_attr: np.ndarray, num_attrs: int,
-                       train: Batch, evaluation: Batch, eval_history: list[np.ndarray]) -> dict[str, float]:
-    """Fit one two-tower variant (LUM or not: whether ``train`` has "lum") and rank all items for ``evaluation``."""
+                       train: Batch, evaluation: Batch, eval_history: list[np.ndarray],
+                       lum_items: np.ndarray | None = None) -> dict[str, float]:
+    """Fit one two-tower variant (LUM or not: whether ``train`` has "lum") and rank all items for ``evaluation``.
+
+    ``lum_items`` [num_items, E]: LUM item embeddings for the item tower (None: not used)."""
     accelerator = make_accelerator()
     torch.manual_seed(seed)
     num_items = len(item_attr)
-    model = TwoTower(num_users, num_items, num_attrs, train["lum"].shape[1] if "lum" in train else 0, cfg)
+    lum_table = F.normalize(torch.from_numpy(lum_items), dim=-1) if lum_items is not None else None
+    model = TwoTower(num_users, num_items, num_attrs, train["lum"].shape[1] if "lum" in train else 0, cfg, lum_table)
     losses = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature), epochs=cfg.epochs,
                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
                  accelerator=accelerator)

@@ -82,16 +82,17 @@ def run_retrieval(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eva
     lum_train = lum_eval = None
     if "lum" in cfg.retrieval.variants:
         lum_train = user_outputs(cfg.query_valid, open_query_dir(cfg.query_valid, "valid", data.meta.name),
-                                 train_req.user_id, data.item_raw).generic
+                                 train_req.user_id, data.item_raw)
         lum_eval = user_outputs(cfg.query_test, open_query_dir(cfg.query_test, "test", data.meta.name),
-                                eval_req.user_id, data.item_raw).generic
+                                eval_req.user_id, data.item_raw)
     results: dict[str, Any] = {}
     for variant in cfg.retrieval.variants:
         use = variant == "lum"
-        train = retrieval.request_tensors(train_req, data.item_attr, lum_train if use else None)
-        evaluation = retrieval.request_tensors(eval_req, data.item_attr, lum_eval if use else None)
+        train = retrieval.request_tensors(train_req, data.item_attr, lum_train.generic if use else None)
+        evaluation = retrieval.request_tensors(eval_req, data.item_attr, lum_eval.generic if use else None)
+        lum_items = lum_train.item if use and cfg.retrieval.lum_item_tower else None
         runs = [retrieval.train_and_evaluate(cfg.retrieval, seed, data.users.num_rows, data.item_attr,
-                                             data.num_attrs, train, evaluation, eval_req.history)
+                                             data.num_attrs, train, evaluation, eval_req.history, lum_items)
                 for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
     return results

@@ -49,7 +49,8 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequen
     if sum(lengths):
         ids = torch.cat([e.reshape(-1) for e in exclude]).to(scores.device).long()
         if ids.min() < 0 or ids.max() >= n:
-            row = int(torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))[(ids < 0) | (ids >= n)][0])
+            bad = ((ids < 0) | (ids >= n)).cpu()
+            row = int(torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))[bad][0])
             raise ValueError(f"rank_of_targets: exclude[{row}] holds an item id outside [0, {n})")
         rows = torch.repeat_interleave(torch.arange(b, device=scores.device), torch.tensor(lengths, device=scores.device))
         candidate[rows, ids] = False

@@ -15,8 +15,11 @@ from lum_dist.testing.fixtures import write_tiny_dataset
 
 
 def write_fake_query_dir(out: Path, data_root: Path, split: str, dim: int = 8, seed: int = 0,
-                         fill: float | None = None) -> Path:
-    """Every user x ("*" + every attribute value) with random (or constant ``fill``) embeddings."""
+                         fill: float | None = None, user_emb: dict[str, np.ndarray] | None = None) -> Path:
+    """Every user x ("*" + every attribute value) with random (or constant ``fill``) embeddings.
+
+    ``user_emb`` gives every condition of a user that embedding. The item table depends on ``dim`` only:
+    both directories of one run come from the same model."""
     meta = DatasetMeta.load(data_root / "meta.json")
     rng = np.random.default_rng(seed)
     field = meta.item_cond_fields[0]
@@ -30,15 +33,23 @@ def write_fake_query_dir(out: Path, data_root: Path, split: str, dim: int = 8, s
 
     out.mkdir(parents=True)
     n = len(users) * len(conditions)
+    rows = emb(n) if user_emb is None else pa.array([user_emb[u] for u in users for _ in conditions],
+                                                    pa.list_(pa.float32()))
     pq.write_table(pa.table({"user_id": np.repeat(users, len(conditions)).tolist(),
-                             "condition": conditions * len(users), "embedding": emb(n),
+                             "condition": conditions * len(users), "embedding": rows,
                              "model_version": ["fake"] * n}), out / "part-00000.parquet")
     items = pq.read_table(data_root / "vocab" / "item.parquet").column("raw").to_pylist()[NUM_SPECIAL_IDS:]
-    pq.write_table(pa.table({"item_id": items, "embedding": emb(len(items))}), out / "items.parquet")
+    pq.write_table(pa.table({"item_id": items, "embedding": list(fake_item_table(len(items) + NUM_SPECIAL_IDS, dim)[
+        NUM_SPECIAL_IDS:])}), out / "items.parquet")
     manifest = {"model_version": "fake", "dataset": meta.name, "split": split, "conditions": conditions,
                 "embedding_dim": dim, "shards": ["part-00000.parquet"], "num_rows": n, "complete": True}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def fake_item_table(num_items: int, dim: int) -> np.ndarray:
+    """The fake LUM item embeddings by dense item id (rows of reserved ids are unused)."""
+    return np.random.default_rng(1234).normal(size=(num_items, dim)).astype(np.float32)
 
 
 @pytest.fixture
