@@ -66,7 +66,8 @@ class InfoNCE(nn.Module):
             raise ValueError(f"item_log_prob: expected shape ({num_items},), got {tuple(item_log_prob.shape)}")
         self.cfg, self.num_items = loss_cfg, num_items
         self.log_temperature = (
-            nn.Parameter(torch.tensor(math.log(loss_cfg.temperature))) if loss_cfg.learnable_temperature else None
+            # shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters
+            nn.Parameter(torch.tensor([math.log(loss_cfg.temperature)])) if loss_cfg.learnable_temperature else None
         )
         self.register_buffer("item_log_prob", item_log_prob.float() if item_log_prob is not None else None,
                              persistent=False)
@@ -75,7 +76,7 @@ class InfoNCE(nn.Module):
     def temperature(self) -> torch.Tensor:
         if self.log_temperature is None:
             return torch.tensor(self.cfg.temperature)
-        return self.log_temperature.exp().clamp(self.cfg.min_temperature, self.cfg.max_temperature)
+        return self.log_temperature.exp().clamp(self.cfg.min_temperature, self.cfg.max_temperature).squeeze(0)
 
     def random_negative_ids(self, device: torch.device) -> torch.Tensor:
         """The next call's uniform non-reserved ids, identical on every rank (same seed, same call count)."""

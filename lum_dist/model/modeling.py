@@ -138,7 +138,8 @@ class LUMModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
-            if module.padding_idx is not None:
+            # Under ZeRO-3 a parameter outside a gather is empty: the trainer re-runs this gathered.
+            if module.padding_idx is not None and module.weight.numel() > 0:
                 module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)

@@ -93,7 +93,7 @@ def one_step(cfg: LossConfig, user, ids, table, log_q):
     loss_fn = InfoNCE(cfg, NUM_ITEMS, log_q)
     loss, stats = loss_fn(user, ids, emb)
     loss.backward()
-    temp_grad = loss_fn.log_temperature.grad if loss_fn.log_temperature is not None else torch.zeros(())
+    temp_grad = loss_fn.log_temperature.grad if loss_fn.log_temperature is not None else torch.zeros(1)
     return loss.detach(), stats, user.grad, emb.weight.grad, temp_grad
 
 
