@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lum_dist.ops.attention import available_backends, block_causal_mask, varlen_attention
+from lum_dist.ops import attention
+from lum_dist.ops.attention import available_backends, block_causal_mask, chunk_bounds, varlen_attention
 
 CPU_TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32: only summation order differs
 GPU_TOL = {"rtol": 2e-2, "atol": 2e-2}  # bf16 inputs, fp32 reference
@@ -52,9 +55,18 @@ def test_cpu_backend_equals_reference(backend, causal):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seq_lens=st.lists(st.integers(1, 12), min_size=1, max_size=5), causal=st.booleans())
-def test_sdpa_equals_reference_random_packings(seq_lens, causal):
-    assert_matches_reference("sdpa", seq_lens, causal, CPU_TOL)
+@given(seq_lens=st.lists(st.integers(1, 12), min_size=1, max_size=6), causal=st.booleans(), chunk=st.integers(1, 30))
+def test_sdpa_equals_reference_random_packings(seq_lens, causal, chunk):
+    """Random packings, with sdpa's chunk size small enough that most cases split into several chunks."""
+    with mock.patch.object(attention, "SDPA_CHUNK_TOKENS", chunk):
+        assert_matches_reference("sdpa", seq_lens, causal, CPU_TOL)
+
+
+def test_chunk_bounds_cut_only_between_sequences():
+    cu = [0, 3, 4, 12, 14, 20]
+    assert chunk_bounds(cu, 5) == [0, 4, 12, 14, 20]  # the 8-token sequence is a chunk alone
+    assert chunk_bounds(cu, 100) == [0, 20]
+    assert chunk_bounds([0, 2, 2, 5], 2) == [0, 2, 5]  # an empty sequence makes no empty chunk
 
 
 def test_reference_is_causal_and_never_crosses_sequences():
