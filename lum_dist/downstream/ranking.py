@@ -42,8 +42,15 @@ class Dice(nn.Module):
         return p * x + (1 - p) * self.alpha * x
 
 
+class PReLU(nn.PReLU):
+    """Per-channel PReLU over the last dimension (torch's takes channels from dim 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def activation(kind: str, dim: int) -> nn.Module:
-    return Dice(dim) if kind == "dice" else nn.PReLU(dim)
+    return Dice(dim) if kind == "dice" else PReLU(dim)
 
 
 def mlp(sizes: list[int], kind: str) -> nn.Sequential:

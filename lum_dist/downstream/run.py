@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from lum_dist.config import REPO_ROOT, to_dict
 from lum_dist.downstream import ranking, retrieval
@@ -133,11 +134,12 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
             "seconds": round(time.time() - t0, 1),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     result = {"meta": meta, "ranking": rank_results, "retrieval": retr_results}
-    out = Path(cfg.output_dir)
-    atomic_write_text(out / f"{cfg.name}.json", json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    atomic_write_text(out / f"{cfg.name}.md", text)
-    print(text)
+    if PartialState().is_main_process:  # under `accelerate launch` every process holds the same result
+        out = Path(cfg.output_dir)
+        atomic_write_text(out / f"{cfg.name}.json", json.dumps(result, indent=2) + "\n")
+        text = markdown(result)
+        atomic_write_text(out / f"{cfg.name}.md", text)
+        print(text)
     return result
 
 
