@@ -174,7 +174,8 @@ def _flex(q, k, v, cu, max_seqlen, causal, scale):
         return same & (ki <= qi) if causal else same
 
     # The mask depends on this call's cu_seqlens, so it is built per call and never cached.
-    block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device)
+    # Compiled on CUDA: the eager builder materialises the dense [T, T] mask first.
+    block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device, _compile=q.is_cuda)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     attn = _compiled_flex() if q.is_cuda else flex_attention
     out = attn(qh, kh, vh, block_mask=block_mask, scale=scale)

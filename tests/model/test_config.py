@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel
 
 from lum_dist.config import ConfigError
 from lum_dist.model import LUMConfig, LUMModel, flops_per_token, load_preset, param_counts
@@ -72,7 +73,8 @@ def test_config_round_trips_through_save_pretrained(tmp_path):
     model = LUMModel(cfg)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    again = LUMModel.from_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(again, LUMModel)
     assert again.config.cond_vocab_sizes == [6, 9] and again.config.num_numeric == 3
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
