@@ -140,6 +140,7 @@ def _sdpa(q, k, v, cu, max_seqlen, causal, scale):
 def _flash(q, k, v, cu, max_seqlen, causal, scale):
     from flash_attn import flash_attn_varlen_func
 
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # q, k, v are views of one fused qkv projection
     return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
 
 
@@ -153,6 +154,7 @@ def _torch_varlen(q, k, v, cu, max_seqlen, causal, scale):
         if not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
             raise ValueError("torch_varlen on this torch version supports only the default softmax_scale")
         kwargs = {"is_causal": causal}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 

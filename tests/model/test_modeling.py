@@ -132,3 +132,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(tiny().parameters()))
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_backends_give_the_reference_model_output_bf16():
+    from lum_dist.ops.attention import available_backends
+
+    batch = random_packed_batch([40, 2, 130, 77], 60, VOCABS, seed=4).to("cuda")
+    outs = {}
+    for backend in available_backends("cuda"):
+        model = tiny(attn_backend=backend).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            outs[backend] = model.forward_batch(batch).float()
+    for backend, out in outs.items():
+        torch.testing.assert_close(out, outs["reference"], rtol=3e-2, atol=3e-2, msg=lambda m, b=backend: f"{b}: {m}")
