@@ -82,7 +82,6 @@ def test_bad_config_is_named():
         InfoNCE(LossConfig(similarity="l2"), NUM_ITEMS)
 
 
-SPLIT = [5, 3]  # uneven: ranks hold different numbers of targets
 DIST_CFG = LossConfig(learnable_temperature=True, logq_correction=True, num_random_negatives=4)
 
 
@@ -97,18 +96,22 @@ def one_step(cfg: LossConfig, user, ids, table, log_q):
     return loss.detach(), stats, user.grad, emb.weight.grad, temp_grad
 
 
-def _rank_step(cfg: LossConfig):
+def _rank_step(cfg: LossConfig, split: list[int]):
     rank = dist.get_rank()
-    user, ids, table, log_q = inputs(sum(SPLIT))
-    a = sum(SPLIT[:rank])
-    return one_step(cfg, user[a : a + SPLIT[rank]], ids[a : a + SPLIT[rank]], table, log_q)
+    user, ids, table, log_q = inputs(sum(split))
+    a = sum(split[:rank])
+    return one_step(cfg, user[a : a + split[rank]], ids[a : a + split[rank]], table, log_q)
 
 
-@pytest.mark.parametrize("cfg", [DIST_CFG, LossConfig()], ids=["full", "default"])
-def test_two_ranks_equal_one_process(cfg):
-    world = len(SPLIT)
-    ranks = run_distributed(_rank_step, world, cfg)
-    loss, stats, user_grad, table_grad, temp_grad = one_step(cfg, *inputs(sum(SPLIT)))
+@pytest.mark.parametrize(
+    "cfg,split",
+    [(DIST_CFG, [5, 3]), (LossConfig(), [5, 3]), (DIST_CFG, [4, 0])],  # uneven; a rank with no targets
+    ids=["full", "default", "empty-rank"],
+)
+def test_two_ranks_equal_one_process(cfg, split):
+    world = len(split)
+    ranks = run_distributed(_rank_step, world, cfg, split)
+    loss, stats, user_grad, table_grad, temp_grad = one_step(cfg, *inputs(sum(split)))
     # DeepSpeed averages parameter gradients over ranks: the mean of the ranks' losses and grads is the global one.
     torch.testing.assert_close(sum(r[0] for r in ranks) / world, loss, **TOL)
     torch.testing.assert_close(sum(r[3] for r in ranks) / world, table_grad, **TOL)
@@ -116,5 +119,5 @@ def test_two_ranks_equal_one_process(cfg):
     # A user output lives on one rank only: its gradient there is world x its share of the global mean.
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, user_grad, **TOL)
     for r in ranks:
-        assert r[1]["count"] == sum(SPLIT)
+        assert r[1]["count"] == sum(split)
         torch.testing.assert_close(r[1]["accuracy"], stats["accuracy"])
