@@ -1,0 +1,261 @@
+"""Raw public formats -> a prepared UBS dataset (:mod:`lum_dist.data.schema`), and its readers.
+
+``prepare(source, out)`` runs an ingest adapter (:mod:`lum_dist.data.ingest`), orders each user's
+behaviours by (ts, input order), drops users with fewer than ``min_behaviours``, splits
+(:mod:`lum_dist.data.split`), builds vocabularies from training behaviours only, and writes
+``users/part-XXXXX.parquet`` shards one at a time, then ``meta.json``, all inside a temporary sibling
+directory renamed into place at the end (a failure leaves no ``out``). The normalised source spec
+is stored in ``meta.split_params["source"]``, so a second call with the same spec is a no-op.
+
+Command line: ``lum-prepare --format s3rec --input $LUM_DATA_DIR/s3rec-seq/Beauty.txt --out runs/data/beauty``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from lum_dist.data import split as S
+from lum_dist.data.ingest import RawBehaviours, get_adapter
+from lum_dist.data.schema import (
+    COND_PREFIX,
+    ITEM_FIELD,
+    NUM_PREFIX,
+    NUM_SPECIAL_IDS,
+    PAD_ID,
+    UNK_ID,
+    VOCAB_SCHEMA,
+    DatasetMeta,
+    user_schema,
+)
+from lum_dist.utils import atomic_dir, expand_source
+
+RESERVED_RAW = ["[PAD]", "[UNK]", "[MASK]"]
+DEFAULTS = {"split": "loo", "min_behaviours": 3, "users_per_shard": 50000, "skip_bad": False}
+
+
+def normalize_source(source: dict) -> dict:
+    """Defaults filled in, paths absolute, JSON-plain: the form stored in meta and compared for idempotence."""
+    if "format" not in source:
+        raise ValueError(f"source spec needs a 'format'; got {source!r}")
+    spec = {**DEFAULTS, **expand_source(source)}
+    for key in ("input", "meta"):
+        if spec.get(key):
+            spec[key] = str(Path(spec[key]).resolve())
+    if spec["split"] not in S.SPLITS:
+        raise ValueError(f"split={spec['split']!r}: expected one of {S.SPLITS}")
+    if int(spec["users_per_shard"]) < 1 or int(spec["min_behaviours"]) < 1:
+        raise ValueError("users_per_shard and min_behaviours must be >= 1")
+    return json.loads(json.dumps(spec))
+
+
+def prepare(source: dict, out: str | Path, *, force: bool = False) -> DatasetMeta:
+    """Build the dataset at ``out`` from ``source`` (see module doc); returns its meta."""
+    spec, out = normalize_source(source), Path(out)
+    if (out / "meta.json").is_file() and not force:
+        meta = load_meta(out)
+        if meta.split_params.get("source") == spec:
+            return meta
+        raise ValueError(f"{out} was prepared from another source ({meta.split_params.get('source')}); "
+                         f"pass force=True (--force) to rebuild it from {spec}")
+    raw = get_adapter(spec["format"])(spec)
+    with atomic_dir(out) as tmp:
+        meta = write_dataset(raw, spec, tmp)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+
+
+def _vocab(values: pa.Array, train: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """Dense ids (int32, UNK for values unseen in training) of ``values``, and the vocabulary table."""
+    counts = pc.value_counts(values.filter(pa.array(train)))
+    table = pa.table({"raw": counts.field("values"), "count": counts.field("counts")})
+    table = table.take(pc.sort_indices(table, sort_keys=[("count", "descending"), ("raw", "ascending")]))
+    raw = table.column("raw").combine_chunks()
+    ids = pc.fill_null(pc.add(pc.index_in(values, value_set=raw), NUM_SPECIAL_IDS), UNK_ID)
+    vocab = pa.table({
+        "id": pa.array(np.arange(NUM_SPECIAL_IDS + len(raw)), pa.int32()),
+        "raw": pa.concat_arrays([pa.array(RESERVED_RAW, pa.string()), raw.cast(pa.string())]),
+        "count": pa.concat_arrays([pa.array([0] * NUM_SPECIAL_IDS, pa.int64()),
+                                   table.column("count").combine_chunks().cast(pa.int64())]),
+    }, schema=VOCAB_SCHEMA)
+    return ids.to_numpy(zero_copy_only=False).astype(np.int32), vocab
+
+
+def _items_table(item_vocab: pa.Table, raw: RawBehaviours, field_vocabs: dict[str, pa.Table]) -> pa.Table:
+    """Per item id: raw id and, per item-attribute field, the attribute's dense id (PAD for reserved ids)."""
+    cols = {"id": item_vocab.column("id"), "raw": item_vocab.column("raw")}
+    real = item_vocab.column("raw").combine_chunks()[NUM_SPECIAL_IDS:]
+    for f in raw.item_cond_fields:
+        at = pc.index_in(real, value_set=raw.item_attrs.column("item"))
+        attr_raw = pc.take(raw.item_attrs.column(f).combine_chunks(), at)
+        ids = pc.fill_null(pc.index_in(attr_raw, value_set=field_vocabs[f].column("raw")), UNK_ID)
+        cols[f] = pa.concat_arrays([pa.array([PAD_ID] * NUM_SPECIAL_IDS, pa.int32()), ids.cast(pa.int32()).combine_chunks()
+                                    if isinstance(ids, pa.ChunkedArray) else ids.cast(pa.int32())])
+    return pa.table(cols)
+
+
+def _list(values: np.ndarray, offsets: np.ndarray, type_: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type_))
+
+
+def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
+    """Order, filter, split, encode and write ``raw`` under ``root`` (a fresh directory)."""
+    table = raw.table
+    if table.num_rows == 0:
+        raise ValueError(f"{spec['format']}: the input {spec.get('input')} holds no behaviours")
+    encoded = pc.dictionary_encode(table.column("user").combine_chunks())
+    user, names = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
+    ts = table.column("ts").to_numpy().astype(np.int64)
+    order = S.behaviour_order(user, ts)
+    table, user, ts = table.take(pa.array(order)), user[order], ts[order]
+
+    # Drop short users, split, drop users without a training behaviour.
+    lens = np.bincount(user, minlength=len(names))
+    keep = lens >= int(spec["min_behaviours"])
+    split_params: dict = {"source": spec}
+    if spec["split"] == "temporal":
+        if not raw.has_timestamps:
+            raise ValueError(f"{spec['format']}: split 'temporal' needs timestamps; this format has none (use 'loo')")
+        cutoffs = spec.get("temporal_cutoffs") or S.default_cutoffs(ts[keep[user]])
+        train_end, valid_end = S.temporal_bounds(user, ts, len(names), cutoffs)
+        split_params["temporal_cutoffs"] = [int(c) for c in cutoffs]
+    else:
+        train_end, valid_end = S.loo_bounds(lens)
+    keep &= train_end > 0
+    split_params["dropped_users"] = int((lens > 0).sum() - keep.sum())
+    rows = keep[user]
+    table, ts = table.filter(pa.array(rows)), ts[rows]
+    new_code = np.cumsum(keep) - 1
+    user, names = new_code[user[rows]], pc.take(names, pa.array(np.flatnonzero(keep)))
+    lens, train_end, valid_end = lens[keep], train_end[keep], valid_end[keep]
+    num_users = len(names)
+    if num_users == 0:
+        raise ValueError(f"{spec['format']}: no user has >= {spec['min_behaviours']} behaviours and a training one")
+    offsets = S.user_offsets(user, num_users)
+    train = S.positions(user, offsets) < train_end[user]
+
+    # Vocabularies from training behaviours only.
+    item_ids, item_vocab = _vocab(table.column("item").combine_chunks(), train)
+    cond_ids, field_vocabs = {}, {}
+    for f in raw.cond_fields:
+        cond_ids[f], field_vocabs[f] = _vocab(table.column(COND_PREFIX + f).combine_chunks(), train)
+    (root / "vocab").mkdir(parents=True)
+    (root / "users").mkdir()
+    pq.write_table(item_vocab, root / "vocab" / f"{ITEM_FIELD}.parquet")
+    for f, v in field_vocabs.items():
+        pq.write_table(v, root / "vocab" / f"{f}.parquet")
+    pq.write_table(_items_table(item_vocab, raw, field_vocabs), root / "items.parquet")
+
+    # User shards, one at a time.
+    schema = user_schema(raw.cond_fields, raw.numeric_fields)
+    numeric = {g: table.column(NUM_PREFIX + g).to_numpy().astype(np.float32) for g in raw.numeric_fields}
+    shards, digest, per = [], hashlib.sha1(), int(spec["users_per_shard"])
+    for s, a in enumerate(range(0, num_users, per)):
+        b = min(a + per, num_users)
+        lo, hi = offsets[a], offsets[b]
+        off = offsets[a:b + 1] - lo
+        cols = [pc.take(names, pa.array(np.arange(a, b))).cast(pa.string()),
+                _list(item_ids[lo:hi], off, pa.int32()),
+                *[_list(cond_ids[f][lo:hi], off, pa.int32()) for f in raw.cond_fields],
+                _list(ts[lo:hi], off, pa.int64()),
+                *[_list(numeric[g][lo:hi], off, pa.float32()) for g in raw.numeric_fields],
+                pa.array(train_end[a:b], pa.int32()), pa.array(valid_end[a:b], pa.int32())]
+        rel = f"users/part-{s:05d}.parquet"
+        with pq.ParquetWriter(root / rel, schema) as writer:
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+        digest.update((root / rel).read_bytes())
+        shards.append(rel)
+
+    meta = DatasetMeta(
+        name=raw.name, source_format=spec["format"], cond_fields=list(raw.cond_fields),
+        numeric_fields=list(raw.numeric_fields), item_cond_fields=list(raw.item_cond_fields), split=spec["split"],
+        split_params=split_params, has_timestamps=raw.has_timestamps, num_users=num_users,
+        num_behaviours=int(len(user)), num_train_behaviours=int(train.sum()),
+        vocab_sizes={ITEM_FIELD: item_vocab.num_rows, **{f: v.num_rows for f, v in field_vocabs.items()}},
+        shards=shards, skipped=dict(raw.skipped), fingerprint=digest.hexdigest(),
+        eval_condition=dict(raw.eval_condition),
+    )
+    meta.save(root / "meta.json")  # last: its presence marks a complete dataset
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def load_meta(path: str | Path) -> DatasetMeta:
+    file = Path(path) / "meta.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not a prepared dataset (run lum-prepare first)")
+    return DatasetMeta.load(file)
+
+
+def iter_user_shards(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    for rel in load_meta(path).shards:
+        yield pq.read_table(Path(path) / rel, columns=columns)
+
+
+def read_users(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All user rows, in shard order."""
+    return pa.concat_tables(iter_user_shards(path, columns))
+
+
+def load_vocab(path: str | Path, field: str) -> pa.Table:
+    file = Path(path) / "vocab" / f"{field}.parquet"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no vocabulary for field {field!r}")
+    return pq.read_table(file)
+
+
+def load_items(path: str | Path) -> pa.Table:
+    return pq.read_table(Path(path) / "items.parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> DatasetMeta:
+    p = argparse.ArgumentParser(prog="lum-prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", required=True, help="one of: " + ", ".join(sorted(__import__(
+        "lum_dist.data.ingest", fromlist=["ADAPTERS"]).ADAPTERS)))
+    p.add_argument("--input", help="raw file or folder (${LUM_DATA_DIR} is expanded)")
+    p.add_argument("--meta", help="item metadata file, where the format takes one")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="loo", choices=S.SPLITS)
+    p.add_argument("--min-behaviours", type=int, default=DEFAULTS["min_behaviours"])
+    p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"])
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in meta.skipped)")
+    p.add_argument("--force", action="store_true", help="rebuild even if --out exists")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]")
+    args = p.parse_args(argv)
+    source = {"format": args.format, "split": args.split, "min_behaviours": args.min_behaviours,
+              "users_per_shard": args.users_per_shard, "skip_bad": args.skip_bad}
+    source.update({k: v for k, v in (("input", args.input), ("meta", args.meta)) if v})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        source[key] = yaml.safe_load(value)
+    start = time.perf_counter()
+    meta = prepare(source, args.out, force=args.force)
+    print(f"{args.out}: {meta.num_users} users, {meta.num_behaviours} behaviours "
+          f"({meta.num_train_behaviours} train), vocab {meta.vocab_sizes}, skipped {meta.skipped}, "
+          f"{time.perf_counter() - start:.2f} s")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
