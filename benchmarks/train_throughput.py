@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 
 from lum_dist.scaling.grid import LauncherConfig, launch_command, subprocess_runner  # noqa: E402
-from lum_dist.train.monitor import read_metrics  # noqa: E402
+from lum_dist.scaling.report import read_run_metrics  # noqa: E402
 
 FLOP_FORMULA = ("model FLOPs/token = lum_dist.model.flops_per_token = 6 * matmul params + 6 * layers * hidden * "
                 "seq_len (fwd + bwd, causal attention); MFU = tokens/s * FLOPs/token / (peak bf16 FLOP/s * GPUs)")
@@ -44,11 +44,11 @@ def overrides_for(preset: str, seq_len: int, packing: str, zero: int, steps: int
 def measure(launcher: LauncherConfig, base: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """Run one configuration; its last logged throughput record, or the failure and its log's tail."""
     rc = subprocess_runner(launch_command(launcher, base, overrides), _env(launcher), out / "train.log")
-    history = read_metrics(out / "metrics.jsonl")
+    history = read_run_metrics(out / "metrics.jsonl")
     speeds = [history[s] for s in sorted(history) if "tokens_per_s" in history[s]]
     if rc != 0 or not speeds:
-        tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
-        return {"status": f"failed (exit {rc}): {' | '.join(tail)}"}
+        last = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        return {"status": f"failed (exit {rc}): {last[0].strip()[:120]}"}
     m, result = speeds[-1], json.loads((out / "result.json").read_text())
     return {"status": "ok", "dense_params": result["params"]["dense"], "tokens_per_s": m["tokens_per_s"],
             "tokens_per_s_per_device": m.get("tokens_per_s_per_device"),

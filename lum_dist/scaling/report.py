@@ -27,7 +27,6 @@ import numpy as np  # noqa: E402
 from lum_dist.scaling.fit import LogFit, PowerLawFit, fit_log, fit_power_law  # noqa: E402
 from lum_dist.scaling.grid import Run, SweepConfig, resolve_path  # noqa: E402
 from lum_dist.scaling.memory import H100_80GB, ModelShape, TrainSetup, gpus_table, shape_from_preset  # noqa: E402
-from lum_dist.train.monitor import read_metrics  # noqa: E402
 from lum_dist.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10")
@@ -35,6 +34,22 @@ FINISHED = ("ok", "skipped")  # run statuses whose result.json exists
 COLUMNS = ("name", "model", "max_seq_len", "seed", "status", "dense_params", "embedding_params",
            "flops_per_token", "tokens", "compute", "final_loss", "hr@10", "ndcg@10", "mrr", "pop_hr@10",
            "tokens_per_s", "mfu", "split")
+
+
+def read_run_metrics(path: Path) -> dict[int, dict[str, float]]:
+    """Per-step metrics of a run, the records of one step merged (a later value of a key wins).
+
+    Unlike lum_dist.train.monitor.read_metrics, which keeps only a step's last record: the trainer
+    logs the final evaluation at the last training step, and that record would hide the final loss."""
+    out: dict[int, dict[str, float]] = {}
+    if path.is_file():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                out.setdefault(int(rec["step"]), {}).update(rec)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}, line {i}: not a metrics record with a step ({e})") from e
+    return out
 
 
 def _eval_metric(eval_result: dict[str, float], key: str) -> tuple[float | None, str]:
@@ -50,7 +65,7 @@ def collect_row(run: Run, status: str = "") -> dict[str, Any]:
     """One table row for ``run``: its result.json (if finished) and the last logged training metrics."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(name=run.name, model=run.model, max_seq_len=run.max_seq_len, seed=run.seed)
-    history = read_metrics(run.output_dir / "metrics.jsonl")
+    history = read_run_metrics(run.output_dir / "metrics.jsonl")
     logged = [history[s] for s in sorted(history)]
     losses = [m["loss"] for m in logged if "loss" in m]
     row["final_loss"] = losses[-1] if losses else None
@@ -78,7 +93,7 @@ def collect_row(run: Run, status: str = "") -> dict[str, Any]:
 
 def learning_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """(tokens seen, training loss) at every logged step of ``run``."""
-    history = read_metrics(run.output_dir / "metrics.jsonl")
+    history = read_run_metrics(run.output_dir / "metrics.jsonl")
     steps = [s for s in sorted(history) if "loss" in history[s]]
     return (np.array(steps, dtype=np.float64) * run.tokens_per_step,
             np.array([history[s]["loss"] for s in steps], dtype=np.float64))

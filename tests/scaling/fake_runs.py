@@ -38,6 +38,7 @@ def fake_runner(calls: list[list[str]], fail_names: tuple[str, ...] = ()):
             for step in range(1, steps + 1):
                 f.write(json.dumps({"step": step, "loss": loss * (1 + 1.0 / step), "tokens_per_s": 1000.0}) + "\n")
             f.write(json.dumps({"step": steps, "loss": loss, "tokens_per_s": 1000.0}) + "\n")  # re-logged: last wins
+            f.write(json.dumps({"step": steps, "test/hr@10": 0.1}) + "\n")  # the final eval, at the same step
         hr = expected_hr(dense, seq_len)
         result = {"eval": {"test/hr@10": hr, "test/ndcg@10": hr / 2, "test/mrr": hr / 3, "test/pop_hr@10": 0.05},
                   "params": {"dense": dense, "embedding": 1000, "total": dense + 1000}, "flops_per_token": fpt,

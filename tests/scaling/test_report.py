@@ -99,3 +99,14 @@ def test_sweep_cli_dry_run_and_report_only(tmp_path, capsys):
     assert not (tmp_path / "report").exists()  # a dry run writes nothing
     assert cli.main([*args, "--report-only"]) == 0
     assert "2 of 9 runs finished" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_read_run_metrics_merges_records_of_a_step(tmp_path):
+    from lum_dist.scaling.report import read_run_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 3.0}\n{"step": 2, "loss": 2.5, "lr": 0.1}\n{"step": 2, "valid/hr@10": 0.2}\n')
+    assert read_run_metrics(path) == {2: {"step": 2, "loss": 2.5, "lr": 0.1, "valid/hr@10": 0.2}}
+    path.write_text('{"step": 1, "loss": 3.0}\n{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2"):
+        read_run_metrics(path)
