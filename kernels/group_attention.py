@@ -1,0 +1,154 @@
+"""Group-query attention forward as a Triton block-mask kernel (FlashAttention-2 style online softmax).
+
+Mask (see :mod:`lum_dist.ops.group_query`): per packed sequence, ``L`` history tokens attend causally,
+then each of ``Q`` query tokens attends to the whole history and to itself only.
+
+Work decomposition (like flash-attn varlen / FlexAttention block masks): the host cuts every sequence's
+history and its queries into separate tiles of ``BLOCK_M`` rows and writes a tile table (``int32
+[tiles, 4]``: sequence start, first row, row end, history end). One program handles one (tile, head):
+
+* a history tile loops over key tiles from the sequence start up to its diagonal, never beyond;
+* a query tile loops over the history key tiles only, then folds in each row's own key/value (the
+  diagonal self term) as one more online-softmax step: query-query tiles are never computed.
+
+No dense mask exists anywhere; masks are built in registers from indices. Accumulation is float32;
+inputs may be fp16, bf16 or fp32 (fp32 dots run in IEEE precision, not TF32); head dim a power of two
+in 16..256 (32/64/128 tested).
+
+Loop bounds: Triton 3.6 with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so
+every loop here is bounded by a kernel argument (``max_kv_blocks``, computed on the host per launch);
+a tile skips the key blocks past its own end with a scalar branch, which costs almost nothing.
+
+Forward only, on purpose: training never uses group queries (pretraining has Q = 0, evaluation Q = 1,
+which is plain causal attention). ``lum_dist.ops.group_query`` keeps a differentiable reference.
+Set ``TRITON_INTERPRET=1`` before importing this module to run it on the CPU (float32 only: the
+interpreter computes bf16 dots wrongly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _group_attention_fwd_kernel(
+    Q, K, V, Out, Tiles,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    max_kv_blocks,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_QUERY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_start = tl.load(Tiles + tile * 4 + 0)
+    row_start = tl.load(Tiles + tile * 4 + 1)
+    row_end = tl.load(Tiles + tile * 4 + 2)
+    hist_end = tl.load(Tiles + tile * 4 + 3)
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Keys this tile needs: the history up to the diagonal (history tile) or all of it (query tile).
+    if IS_QUERY:
+        kv_end = hist_end
+    else:
+        kv_end = row_end
+    for b in range(0, max_kv_blocks):
+        kv_start = seq_start + b * BLOCK_N
+        if kv_start < kv_end:
+            cols = kv_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < kv_end
+            k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if IS_QUERY:
+                keep = col_ok[None, :]
+            else:
+                keep = col_ok[None, :] & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            # Every row sees at least the sequence's first key in block 0, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+    if IS_QUERY:
+        # The diagonal: each query row's own key and value, one more online-softmax step.
+        k_self = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=row_ok[:, None], other=0.0)
+        v_self = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=row_ok[:, None], other=0.0)
+        s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), 1) * qk_scale
+        m_new = tl.maximum(m_i, s_self)
+        alpha = tl.exp2(m_i - m_new)
+        p_self = tl.exp2(s_self - m_new)
+        l_i = l_i * alpha + p_self
+        acc = acc * alpha[:, None] + p_self[:, None] * v_self.to(tl.float32)
+    out = acc / l_i[:, None]
+    tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def tile_table(cu: list[int], num_queries: list[int], block_m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side tile -> sequence map: (history tiles, query tiles), each int32 [n, 4] rows of
+    (sequence start, first row, row end, history end), longest key range first for load balance."""
+    hist, qry = [], []
+    for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True):
+        h = b - n
+        hist += [(a, r, min(r + block_m, h), h) for r in range(a, h, block_m)]
+        qry += [(a, r, min(r + block_m, b), h) for r in range(h, b, block_m)]
+    out = []
+    for tiles, key_end in ((hist, 2), (qry, 3)):
+        arr = np.asarray(tiles, dtype=np.int32).reshape(-1, 4)
+        out.append(arr[np.argsort(-(arr[:, key_end] - arr[:, 0]), kind="stable")])
+    return out[0], out[1]
+
+
+def group_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: list[int],
+    num_queries: list[int],
+    scale: float,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+) -> torch.Tensor:
+    """q, k, v [T, H, D] (last dim contiguous) -> [T, H, D]; cu / num_queries as Python lists (validated
+    by the caller, :func:`lum_dist.ops.group_query.group_query_attention`)."""
+    T, H, D = q.shape
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"group_attention_fwd: head dim must be a power of two in 16..256, got {D}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    hist_tiles, query_tiles = tile_table(cu, num_queries, block_m)
+    max_hist = max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
+    for tiles, is_query in ((hist_tiles, False), (query_tiles, True)):
+        if len(tiles) == 0:
+            continue
+        table = torch.from_numpy(tiles).to(q.device)
+        _group_attention_fwd_kernel[(len(tiles), H)](
+            q, k, v, out, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            scale * math.log2(math.e), triton.cdiv(max_hist, block_n),
+            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IS_QUERY=is_query, DOT_PRECISION=precision,
+            num_warps=4 if D <= 64 else 8, num_stages=2,
+        )
+    return out
