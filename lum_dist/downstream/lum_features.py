@@ -60,7 +60,7 @@ def lookup(path: str | Path, manifest: dict, users: list[str], conditions: list[
             continue
         rows = at.filter(at.is_valid()).to_numpy()
         emb = pq.read_table(Path(path) / shard, columns=["embedding"]).column("embedding").take(pa.array(rows))
-        out[hit] = _matrix(emb)
+        out[hit] = _matrix(emb, Path(path) / shard, rows, out.shape[1])
         found |= hit
     return out, found
 
@@ -69,7 +69,7 @@ def item_embeddings(path: str | Path, item_raw: list[str]) -> np.ndarray:
     """LUM item embeddings [num_items, E] in the dataset's dense id order (zeros for reserved/unknown ids)."""
     table = pq.read_table(Path(path) / "items.parquet")
     index = {raw: i for i, raw in enumerate(table.column("item_id").to_pylist())}
-    emb = _matrix(table.column("embedding"))
+    emb = _matrix(table.column("embedding"), Path(path) / "items.parquet", np.arange(table.num_rows))
     out = np.zeros((len(item_raw), emb.shape[1]), np.float32)
     for dense, raw in enumerate(item_raw):
         if dense >= NUM_SPECIAL_IDS and raw in index:
@@ -100,8 +100,18 @@ def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], a
     return np.where(found[:, None], emb, generic)
 
 
-def _matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def _matrix(column: pa.ChunkedArray | pa.Array, file: Path, rows: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """A list<float> column as [n, dim] float32; ``rows`` are the file rows, for the error message."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(len(column), -1)
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    dim = int(lengths[0]) if dim is None and len(lengths) else dim
+    bad = np.flatnonzero(lengths != dim)
+    if len(bad):
+        raise ValueError(f"{file}: row {int(rows[bad[0]])}, field 'embedding': {int(lengths[bad[0]])} values, "
+                         f"expected {dim} (null = -1)")
+    out = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    bad = np.flatnonzero(~np.isfinite(out).all(1))
+    if len(bad):
+        raise ValueError(f"{file}: row {int(rows[bad[0]])}, field 'embedding': not finite")
+    return out

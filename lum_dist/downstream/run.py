@@ -38,8 +38,6 @@ from lum_dist.downstream.samples import (
 )
 from lum_dist.utils import atomic_write_text
 
-RANKING_METRICS = ("auc", "gauc", "logloss")
-
 
 def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, split: str) -> ranking.LumCTR:
     manifest = open_query_dir(query_dir, split, data.meta.name)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from lum_dist.data.prepare import load_items, load_meta, load_vocab, read_users
 from lum_dist.data.schema import COND_PREFIX, ITEM_FIELD, NUM_SPECIAL_IDS, PAD_ID, DatasetMeta
 
 
@@ -66,21 +66,19 @@ class CTRSamples:
 
 def load_dataset(path: str | Path, attr_field: str = "", max_users: int = 0) -> Dataset:
     root = Path(path)
-    if not (root / "meta.json").is_file():
-        raise FileNotFoundError(f"{root}/meta.json: not a prepared dataset (run launch/prepare.py first)")
-    meta = DatasetMeta.load(root / "meta.json")
+    meta = load_meta(root)
     attr_field = attr_field or (meta.item_cond_fields[0] if meta.item_cond_fields else "")
     if attr_field not in meta.item_cond_fields:
         raise ValueError(f"{root}/meta.json: attr_field {attr_field!r} is not an item-attribute field "
                          f"(item_cond_fields: {meta.item_cond_fields})")
-    users = pa.concat_tables([pq.read_table(root / s) for s in meta.shards])
+    users = read_users(root)
     if max_users:
         users = users.slice(0, max_users)
-    items = pq.read_table(root / "items.parquet").sort_by("id")
+    items = load_items(root).sort_by("id")
     if items.num_rows != meta.num_items or attr_field not in items.column_names:
         raise ValueError(f"{root}/items.parquet: expected {meta.num_items} rows with column {attr_field!r}, "
                          f"got {items.num_rows} rows, columns {items.column_names}")
-    attr_vocab = pq.read_table(root / "vocab" / f"{attr_field}.parquet").sort_by("id")
+    attr_vocab = load_vocab(root, attr_field).sort_by("id")
     return Dataset(meta=meta, users=users, attr_field=attr_field,
                    item_attr=items.column(attr_field).to_numpy().astype(np.int64),
                    item_raw=items.column("raw").to_pylist(), attr_raw=attr_vocab.column("raw").to_pylist())

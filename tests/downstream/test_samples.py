@@ -103,3 +103,19 @@ def test_conditional_output_per_candidate_with_generic_fallback(tiny, tmp_path):
         np.testing.assert_array_equal(lum.generic[i], by_key[(user, "*")])
     outputs = user_outputs(q, open_query_dir(q, "test", data.meta.name), req.user_id, data.item_raw)
     assert (outputs.item[:NUM_SPECIAL_IDS] == 0).all() and (np.abs(outputs.item[NUM_SPECIAL_IDS:]).sum(1) > 0).all()
+
+
+def test_bad_embedding_names_file_row_and_field(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = load_dataset(tiny)
+    q = write_fake_query_dir(tmp_path / "q", tiny, "test")
+    part = pq.read_table(q / "part-00000.parquet")
+    emb = part.column("embedding").to_pylist()
+    emb[0] = emb[0][:3]  # u0, condition "*"
+    pq.write_table(part.set_column(2, "embedding", pa.array(emb, pa.list_(pa.float32()))), q / "part-00000.parquet")
+    req = build_requests(data, "eval", N)
+    user = part.column("user_id")[0].as_py()
+    with pytest.raises(ValueError, match=r"part-00000.parquet: row 0, field 'embedding': 3 values, expected 8"):
+        user_outputs(q, open_query_dir(q, "test", data.meta.name), [user] * 2 + req.user_id, data.item_raw)
