@@ -20,7 +20,8 @@ BEHAVIOR_P = [0.8, 0.15, 0.05]
 def synthetic_arrays(num_users: int = 3000, num_items: int = 1000, num_categories: int = 20, seed: int = 0,
                      interests: int = 3, p_next: float = 0.5, p_noise: float = 0.1, min_len: int = 5,
                      max_len: int = 200, median_len: float = 25.0) -> dict[str, np.ndarray]:
-    """Behaviours as flat arrays (user, item, category, behavior, ts) plus each user's interest set."""
+    """Behaviours as flat arrays (user, item, category, behavior, ts), each user's interest categories and
+    each item's category."""
     if num_items < num_categories:
         raise ValueError(f"synthetic: num_items={num_items} must be >= num_categories={num_categories}")
     rng = np.random.default_rng(seed)
@@ -32,8 +33,9 @@ def synthetic_arrays(num_users: int = 3000, num_items: int = 1000, num_categorie
     lens = np.clip(np.round(rng.lognormal(np.log(median_len), 0.9, num_users)), min_len, max_len).astype(np.int64)
     total = int(lens.sum())
     users = np.repeat(np.arange(num_users), lens)
-    interest = np.stack([rng.choice(num_categories, size=interests, replace=False, p=cat_pop)
-                         for _ in range(num_users)])
+    # Interest categories: `interests` draws without replacement by popularity (Gumbel top-k).
+    gumbel = np.log(cat_pop) - np.log(-np.log(rng.random((num_users, num_categories))))
+    interest = np.argsort(-gumbel, axis=1)[:, :interests]
     weights = rng.dirichlet(np.ones(interests), size=num_users)
 
     # Random draws for every behaviour at once; only the "next item" chain is sequential.
@@ -45,13 +47,17 @@ def synthetic_arrays(num_users: int = 3000, num_items: int = 1000, num_categorie
     item = starts[cat] + np.clip(r, 0, sizes[cat] - 1)
     follow = rng.random(total) < p_next
     first = np.r_[True, users[1:] != users[:-1]]
-    for t in np.flatnonzero(follow & ~first):  # continue with the next item of the previous one's category
-        c = cat_of_item[item[t - 1]]
-        item[t] = starts[c] + (item[t - 1] - starts[c] + 1) % sizes[c]
+    # A run of "follow" steps continues from its anchor (the last fresh draw): k steps later it is the
+    # k-th successor of the anchor item within the anchor's category.
+    follow &= ~first
+    idx = np.arange(total)
+    anchor = np.maximum.accumulate(np.where(follow, 0, idx))
+    c = cat_of_item[item[anchor]]
+    item = np.where(follow, starts[c] + (item[anchor] - starts[c] + idx - anchor) % sizes[c], item)
     gaps = np.maximum(1, rng.exponential(3600.0, total)).astype(np.int64)
     offsets = np.repeat(np.cumsum(lens) - lens, lens)
     cum = np.cumsum(gaps)
     ts = 1_600_000_000 + rng.integers(0, 86400 * 30, num_users)[users] + cum - np.r_[0, cum][offsets]
     behavior = rng.choice(len(BEHAVIORS), size=total, p=BEHAVIOR_P)
     return {"user": users, "item": item, "category": cat_of_item[item], "behavior": behavior, "ts": ts,
-            "interest": interest}
+            "interest": interest, "item_category": cat_of_item}
