@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from lum_dist.data import split as S
-from lum_dist.data.ingest import RawBehaviours, get_adapter
+from lum_dist.data.ingest import ADAPTERS, RawBehaviours, get_adapter
 from lum_dist.data.schema import (
     COND_PREFIX,
     ITEM_FIELD,
@@ -98,12 +98,12 @@ def _items_table(item_vocab: pa.Table, raw: RawBehaviours, field_vocabs: dict[st
     """Per item id: raw id and, per item-attribute field, the attribute's dense id (PAD for reserved ids)."""
     cols = {"id": item_vocab.column("id"), "raw": item_vocab.column("raw")}
     real = item_vocab.column("raw").combine_chunks()[NUM_SPECIAL_IDS:]
+    attrs = raw.item_attrs.combine_chunks() if raw.item_cond_fields else None
     for f in raw.item_cond_fields:
-        at = pc.index_in(real, value_set=raw.item_attrs.column("item"))
-        attr_raw = pc.take(raw.item_attrs.column(f).combine_chunks(), at)
+        at = pc.index_in(real, value_set=attrs.column("item").chunk(0))
+        attr_raw = pc.take(attrs.column(f).chunk(0), at)
         ids = pc.fill_null(pc.index_in(attr_raw, value_set=field_vocabs[f].column("raw")), UNK_ID)
-        cols[f] = pa.concat_arrays([pa.array([PAD_ID] * NUM_SPECIAL_IDS, pa.int32()), ids.cast(pa.int32()).combine_chunks()
-                                    if isinstance(ids, pa.ChunkedArray) else ids.cast(pa.int32())])
+        cols[f] = pa.concat_arrays([pa.array([PAD_ID] * NUM_SPECIAL_IDS, pa.int32()), ids.cast(pa.int32())])
     return pa.table(cols)
 
 
@@ -230,8 +230,7 @@ def load_items(path: str | Path) -> pa.Table:
 
 def main(argv: list[str] | None = None) -> DatasetMeta:
     p = argparse.ArgumentParser(prog="lum-prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", required=True, help="one of: " + ", ".join(sorted(__import__(
-        "lum_dist.data.ingest", fromlist=["ADAPTERS"]).ADAPTERS)))
+    p.add_argument("--format", required=True, choices=sorted(ADAPTERS))
     p.add_argument("--input", help="raw file or folder (${LUM_DATA_DIR} is expanded)")
     p.add_argument("--meta", help="item metadata file, where the format takes one")
     p.add_argument("--out", required=True)
