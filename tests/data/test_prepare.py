@@ -182,3 +182,21 @@ def test_real_taobao_and_amazon(tmp_path):
     az = P.prepare({"format": "amazon-5core", "input": str(
         data_dir() / "amazon-musical-instruments-5core-2014" / "Musical_Instruments.zip")}, tmp_path / "a")
     assert (az.num_users, az.num_behaviours) == (1429, 10261)
+
+
+def test_numeric_fields_and_behaviour_only_conditions(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from lum_dist.data import ingest
+
+    def fake(source):  # an adapter with a numeric side feature and no item attribute
+        table = pa.table({"user": ["a", "a", "a", "b"], "item": ["x", "y", "x", "y"], "ts": pa.array([3, 1, 2, 1], pa.int64()),
+                          "cond_kind": ["k1", "k2", "k1", "k2"], "num_price": pa.array([3.0, 1.0, 2.0, 9.0], pa.float32())})
+        return ingest.RawBehaviours(name="fake", table=table, cond_fields=["kind"], numeric_fields=["price"])
+
+    monkeypatch.setitem(ingest.ADAPTERS, "fake", fake)
+    meta = P.prepare({"format": "fake"}, tmp_path / "d")
+    (row,) = P.read_users(tmp_path / "d").to_pylist()
+    assert meta.numeric_fields == ["price"] and meta.item_cond_fields == []
+    assert row["num_price"] == [1.0, 2.0, 3.0] and row["ts"] == [1, 2, 3] and row["train_end"] == 1
+    assert P.load_items(tmp_path / "d").column_names == ["id", "raw"]
