@@ -132,9 +132,8 @@ def _reference(q, k, v, cu, nq, max_seqlen, scale):
 
 def _causal_pass(q, k, v, scale):
     """One sequence, [n, H, D] -> [n, H, D], causal (SDPA: flash on CUDA half precision)."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale)
-    return out.transpose(0, 1)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, n, D]: the flash kernel wants 4-D
+    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)[0].transpose(0, 1)
 
 
 def _naive(q, k, v, cu, nq, max_seqlen, scale):
