@@ -127,7 +127,8 @@ def _fmt(value: Any) -> str:
 def preset_flops_per_token(preset: PresetSpec, cfg: PretrainConfig) -> float:
     """Training FLOPs per token of ``preset`` at ``cfg.data.max_seq_len`` (lum_dist.model.flops_per_token).
 
-    Vocabulary sizes do not enter the dense FLOPs, so placeholder sizes stand in for the dataset's."""
+    Vocabulary sizes do not enter the matmul FLOPs; one condition field stands in for the dataset's (it
+    only widens the input projection, a negligible share), so no dataset is needed to plan a sweep."""
     from lum_dist.model import flops_per_token, load_preset
 
     model_cfg = load_preset(preset.preset, num_items=1000, cond_vocab_sizes=[100], **preset.overrides)
