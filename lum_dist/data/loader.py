@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lum_dist.config import DataConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.packing import best_fit_decreasing, collate, pad_rows
+from lum_dist.data.prepare import iter_user_shards, load_meta
 from lum_dist.data.schema import COND_PREFIX, ITEM_FIELD, NUM_PREFIX, DatasetMeta
 from lum_dist.data.tokenize import TokenSeq, apply_cond_dropout, tokenize_eval, tokenize_train
 
@@ -40,15 +40,6 @@ EVAL_CHUNK = 4096  # eval sequences packed together
 def _columns(meta: DatasetMeta) -> list[str]:
     return ["user_id", ITEM_FIELD, *[COND_PREFIX + f for f in meta.cond_fields], "ts",
             *[NUM_PREFIX + g for g in meta.numeric_fields], "train_end", "valid_end"]
-
-
-def iter_shards(path: Path, meta: DatasetMeta, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """The user shards in order, by default only the columns tokenization needs."""
-    shards = meta.shards or sorted(p.relative_to(path).as_posix() for p in (path / "users").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{path}: no user shards (meta.json lists none and users/ is empty)")
-    for rel in shards:
-        yield pq.read_table(path / rel, columns=columns or _columns(meta))
 
 
 class UserColumns:
@@ -96,9 +87,9 @@ class PackedLoader:
         if data_cfg.max_seq_len > data_cfg.token_budget:
             raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} > data.token_budget={data_cfg.token_budget}")
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
-        self.meta = DatasetMeta.load(self.path / "meta.json")
+        self.meta = load_meta(self.path)
         tables, total = [], 0
-        for table in iter_shards(self.path, self.meta):
+        for table in iter_user_shards(self.path, _columns(self.meta)):
             mine = np.flatnonzero((total + np.arange(table.num_rows)) % world_size == rank)
             tables.append(table.take(mine))
             total += table.num_rows
@@ -214,7 +205,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
         raise ValueError(f"max_seq_len={max_seq_len} > token_budget={token_budget}")
     path = Path(path)
     seen, pending = 0, []
-    for table in iter_shards(path, meta):
+    for table in iter_user_shards(path, _columns(meta)):
         users = UserColumns(table)
         for i in np.flatnonzero(eval_target_index(users, split) >= 0).tolist():
             if max_users and seen >= max_users:

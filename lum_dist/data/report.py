@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from lum_dist.config import DataConfig
-from lum_dist.data.loader import PackedLoader, iter_shards
-from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.loader import PackedLoader
+from lum_dist.data.prepare import iter_user_shards, load_meta
+from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS
 
 PERCENTILES = (50, 90, 99)
 
@@ -25,9 +26,9 @@ PERCENTILES = (50, 90, 99)
 def dataset_report(path: str | Path) -> dict[str, Any]:
     """Users, behaviours, items, vocabulary sizes and behaviours-per-user percentiles."""
     path = Path(path)
-    meta = DatasetMeta.load(path / "meta.json")
+    meta = load_meta(path)
     lens, train = [], []
-    for table in iter_shards(path, meta, columns=[ITEM_FIELD, "train_end"]):
+    for table in iter_user_shards(path, columns=[ITEM_FIELD, "train_end"]):
         lens.append(table.column(ITEM_FIELD).combine_chunks().value_lengths().to_numpy())
         train.append(table.column("train_end").to_numpy())
     n, t = np.concatenate(lens), np.concatenate(train)
