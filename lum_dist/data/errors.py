@@ -22,11 +22,14 @@ class DataError(ValueError):
     """Malformed input: ``file``, ``line`` (1-based, or None) and ``field`` (or None) are attributes."""
 
     def __init__(self, file: str | Path, line: int | None, field: str | None, message: str):
-        self.file, self.line, self.field = str(file), line, field
+        self.file, self.line, self.field, self.message = str(file), line, field, message
         where = Path(str(file)).name if "/" in str(file) else str(file)
         where += f" line {line}" if line is not None else ""
         where += f": field '{field}'" if field is not None else ""
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # picklable across worker processes despite the custom signature
+        return DataError, (self.file, self.line, self.field, self.message)
 
 
 @dataclass

@@ -6,6 +6,7 @@ Bad input must raise DataError naming file, line and field, or (skip_bad) be cou
 from __future__ import annotations
 
 import json
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -182,3 +183,18 @@ def test_taobao_fields_and_errors(tmp_path):
         get_adapter("taobao")({"format": "taobao", "input": str(path)})
     raw = get_adapter("taobao")({"format": "taobao", "input": str(path), "skip_bad": True})
     assert raw.table.num_rows == 1 and raw.skipped == {"unknown_behavior": 1}
+
+
+def test_empty_file_and_bad_bytes(tmp_path):
+    source = _s3rec(tmp_path, "")
+    with pytest.raises(DataError, match=r"Toy\.txt: the file is empty"):
+        get_adapter("s3rec")(source)
+    (tmp_path / "Toy.txt").write_bytes(b"1 2 3\n2 3 \xff\n")
+    with pytest.raises(DataError, match=r"Toy\.txt line 2: not valid utf8 text"):
+        get_adapter("s3rec")(source)
+    source = _ml100k(tmp_path, "1\t1\t5\t10\n2\t\xff\t3\t5\n")
+    (tmp_path / "u.data").write_bytes(b"1\t1\t5\t10\n2\t\xff\t3\t5\n")
+    with pytest.raises(DataError, match=r"u\.data line 2: not valid utf8 text") as e:
+        get_adapter("movielens-100k")(source)
+    again = pickle.loads(pickle.dumps(e.value))  # survives worker processes
+    assert (again.line, str(again)) == (2, str(e.value))

@@ -12,8 +12,8 @@ from lum_dist.data.ingest.amazon import amazon_5core
 from lum_dist.data.ingest.common import RawBehaviours
 from lum_dist.data.ingest.movielens import movielens_1m, movielens_100k, movielens_csv
 from lum_dist.data.ingest.s3rec import s3rec
-from lum_dist.data.ingest.taobao import taobao
 from lum_dist.data.ingest.synthetic import synthetic
+from lum_dist.data.ingest.taobao import taobao
 
 ADAPTERS: dict[str, Callable[[dict], RawBehaviours]] = {
     "movielens-100k": movielens_100k,

@@ -25,6 +25,7 @@ from lum_dist.data.ingest.common import (
     GENERIC_EVAL,
     RawBehaviours,
     attach_item_attrs,
+    decode,
     finish_table,
     input_path,
     read_delimited,
@@ -59,7 +60,7 @@ def _json_columns(data: bytes, file: str, skip_bad: bool, skipped: dict[str, int
         except pa.ArrowInvalid:
             pass  # the line-by-line reader below names the bad line
     rows, lines = [], []
-    for lineno, line in enumerate(data.decode("utf-8").split("\n"), start=1):
+    for lineno, line in enumerate(decode(data, file).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -79,7 +79,15 @@ def read_delimited(data: bytes, file: str, names: list[str], delimiter: str, ski
             return cols, RowChecker(file, lines, skip_bad)
         except pa.ArrowInvalid:
             pass  # fall through to the line-by-line reader, which names the bad line
-    return _read_lines(data.decode(encoding), file, names, delimiter, skip_bad, skipped, header)
+    return _read_lines(decode(data, file, encoding), file, names, delimiter, skip_bad, skipped, header)
+
+
+def decode(data: bytes, file: str, encoding: str = "utf8") -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(file, line, None, f"not valid {encoding} text (byte {e.start}: {data[e.start:e.start + 1]!r})") from e
 
 
 def _read_lines(text: str, file: str, names: list[str], delimiter: str, skip_bad: bool,

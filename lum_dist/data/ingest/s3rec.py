@@ -19,7 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from lum_dist.data.errors import DataError, RowChecker
-from lum_dist.data.ingest.common import GENERIC_EVAL, RawBehaviours, attach_item_attrs, finish_table, input_path, require_file
+from lum_dist.data.ingest.common import (
+    GENERIC_EVAL,
+    RawBehaviours,
+    attach_item_attrs,
+    decode,
+    finish_table,
+    input_path,
+    require_file,
+)
 
 
 def _attributes(path: Path) -> pa.Table:
@@ -46,6 +54,9 @@ def s3rec(source: dict) -> RawBehaviours:
     require_file(attr_file, "s3rec", "the item attributes NAME_item2attributes.json")
     skip_bad, skipped = source.get("skip_bad", False), {}
     data = seq_file.read_bytes()
+    if not data.strip():
+        raise DataError(seq_file, None, None, "the file is empty")
+    decode(data, str(seq_file))  # names the line of a bad byte, which pyarrow would not
     lines_tab = pacsv.read_csv(  # one string per line; '\x1f' never occurs in these files
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=["line"]),
