@@ -93,11 +93,13 @@ def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], item_raw
 
 
 def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], attr_field: str,
-                        attr_raw: list[str], cand_attr: np.ndarray, generic: np.ndarray) -> np.ndarray:
-    """Per sample, the output for "<attr_field>=<candidate's value>", falling back to the user's "*" output."""
+                        attr_raw: list[str], cand_attr: np.ndarray, generic: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per sample, the output for "<attr_field>=<candidate's value>", falling back to the user's "*" output;
+    and the fraction of samples that had their conditional output (a low one: the query job lacked the field)."""
     conds = [f"{attr_field}={attr_raw[a]}" if a >= NUM_SPECIAL_IDS else GENERIC for a in cand_attr]
     emb, found = lookup(path, manifest, user_ids, conds)
-    return np.where(found[:, None], emb, generic)
+    found &= np.array([c != GENERIC for c in conds], bool)
+    return np.where(found[:, None], emb, generic), float(found.mean()) if len(found) else 0.0
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, file: Path, rows: np.ndarray, dim: int | None = None) -> np.ndarray:

@@ -103,6 +103,7 @@ class LumCTR:
     conditional: np.ndarray  # [S, E] output for the candidate's condition (or "*")
     generic: np.ndarray  # [S, E] the user's "*" output
     cand_item: np.ndarray  # [S, E] the candidate's LUM item embedding
+    coverage: float  # fraction of samples with a conditional output (the rest use "*")
 
 
 def match_features(lum: LumCTR) -> np.ndarray:

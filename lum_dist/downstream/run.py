@@ -43,9 +43,9 @@ def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, spl
     manifest = open_query_dir(query_dir, split, data.meta.name)
     outputs = user_outputs(query_dir, manifest, req.user_id, data.item_raw)
     generic = outputs.generic[s.request]
-    conditional = conditional_outputs(query_dir, manifest, [req.user_id[i] for i in s.request], data.attr_field,
-                                      data.attr_raw, data.item_attr[s.cand], generic)
-    return ranking.LumCTR(conditional=conditional, generic=generic, cand_item=outputs.item[s.cand])
+    conditional, coverage = conditional_outputs(query_dir, manifest, [req.user_id[i] for i in s.request],
+                                                data.attr_field, data.attr_raw, data.item_attr[s.cand], generic)
+    return ranking.LumCTR(conditional=conditional, generic=generic, cand_item=outputs.item[s.cand], coverage=coverage)
 
 
 def summarise(runs: list[dict[str, float]], base: dict[str, float] | None) -> dict[str, Any]:
@@ -74,6 +74,8 @@ def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_
                                            evaluation, eval_users) for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
     counts = {"train_samples": len(train_s.label), "eval_samples": len(eval_s.label)}
+    if lum_eval is not None:
+        counts["lum_conditional_coverage"] = {"train": lum_train.coverage, "eval": lum_eval.coverage}
     return results, counts
 
 

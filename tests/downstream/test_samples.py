@@ -101,6 +101,8 @@ def test_conditional_output_per_candidate_with_generic_fallback(tiny, tmp_path):
         cond = f"category={data.attr_raw[attr]}" if attr >= NUM_SPECIAL_IDS else "*"
         np.testing.assert_array_equal(lum.conditional[i], by_key.get((user, cond), by_key[(user, "*")]))
         np.testing.assert_array_equal(lum.generic[i], by_key[(user, "*")])
+    has_cond = [data.item_attr[c] >= NUM_SPECIAL_IDS for c in s.cand]
+    assert 0 < lum.coverage == pytest.approx(np.mean(has_cond))
     outputs = user_outputs(q, open_query_dir(q, "test", data.meta.name), req.user_id, data.item_raw)
     assert (outputs.item[:NUM_SPECIAL_IDS] == 0).all() and (np.abs(outputs.item[NUM_SPECIAL_IDS:]).sum(1) > 0).all()
 
