@@ -22,37 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 
 from lum_dist.config import DataConfig  # noqa: E402
+from lum_dist.data.prepare import prepare  # noqa: E402
 from lum_dist.data.report import dataset_report, measure_loader  # noqa: E402
 from lum_dist.utils import data_dir  # noqa: E402
 
 
-def synthetic(root: Path, smoke: bool) -> tuple[str, Path]:
+def datasets(root: Path, smoke: bool) -> list[tuple[str, Path]]:
+    """The synthetic dataset (long-tailed lengths) and, on a full run, S3-Rec Beauty if present."""
     users = 500 if smoke else 20_000
-    try:
-        from lum_dist.data.prepare import prepare
-    except ImportError:  # the ingest pipeline is not installed: the fixture writes the same format
-        from lum_dist.testing.fixtures import write_tiny_dataset
-
-        path = root / f"fixture-{users}"
-        if not (path / "meta.json").exists():
-            write_tiny_dataset(path, num_users=users, num_items=2000, max_len=100)
-        return "fixture", path
-    path = root / f"synthetic-{users}"
-    prepare({"format": "synthetic", "num_users": users}, path)
-    return "synthetic", path
-
-
-def beauty(root: Path) -> tuple[str, Path] | None:
+    out = [("synthetic", root / f"synthetic-{users}")]
+    prepare({"format": "synthetic", "num_users": users}, out[0][1])
     raw = (data_dir() or Path("/nonexistent")) / "s3rec-seq" / "Beauty.txt"
-    try:
-        from lum_dist.data.prepare import prepare
-    except ImportError:
-        return None
-    if not raw.is_file():
-        return None
-    path = root / "beauty"
-    prepare({"format": "s3rec", "input": str(raw)}, path)
-    return "beauty", path
+    if not smoke and raw.is_file():
+        out.append(("beauty", root / "beauty"))
+        prepare({"format": "s3rec", "input": str(raw)}, out[1][1])
+    return out
 
 
 def main() -> None:
@@ -65,10 +49,9 @@ def main() -> None:
     max_seq_len = 50 if args.smoke else 200
     min_seqs = args.sequences or (500 if args.smoke else 20_000)
     root = Path(args.work)
-    datasets = [d for d in (synthetic(root, args.smoke), None if args.smoke else beauty(root)) if d]
 
     rows, reports = [], {}
-    for name, path in datasets:
+    for name, path in datasets(root, args.smoke):
         reports[name] = dataset_report(path)
         for budget in budgets:
             cfg = DataConfig(path=str(path), max_seq_len=min(max_seq_len, budget), token_budget=budget,
