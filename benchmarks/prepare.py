@@ -24,11 +24,19 @@ SOURCES = {
     "synthetic": {"format": "synthetic"},
     "ml-100k": {"format": "movielens-100k", "input": "ml-100k"},
     "ml-latest-small": {"format": "movielens-csv", "input": "ml-latest-small"},
-    "amazon-instruments": {"format": "amazon-5core",
-                           "input": "amazon-musical-instruments-5core-2014/Musical_Instruments.zip"},
-    "taobao-head": {"format": "taobao", "input": "taobao-userbehavior-head/UserBehavior.csv", "split": "temporal"},
-    **{name: {"format": "s3rec", "input": f"s3rec-seq/{name}.txt"}
-       for name in ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp", "LastFM"]},
+    "amazon-instruments": {
+        "format": "amazon-5core",
+        "input": "amazon-musical-instruments-5core-2014/Musical_Instruments.zip",
+    },
+    "taobao-head": {
+        "format": "taobao",
+        "input": "taobao-userbehavior-head/UserBehavior.csv",
+        "split": "temporal",
+    },
+    **{
+        name: {"format": "s3rec", "input": f"s3rec-seq/{name}.txt"}
+        for name in ["Beauty", "Sports_and_Outdoors", "Toys_and_Games", "Yelp", "LastFM"]
+    },
 }
 SMOKE = ["synthetic", "ml-100k", "Beauty"]
 
@@ -52,13 +60,28 @@ def main() -> None:
                 meta = prepare(spec, Path(tmp) / f"d{r}")
                 times.append(time.perf_counter() - start)
         best = min(times)
-        rows.append({"dataset": name, "format": spec["format"], "users": meta.num_users,
-                     "behaviours": meta.num_behaviours, "items": meta.num_items, "best_s": best,
-                     "behaviours_per_s": meta.num_behaviours / best})
+        rows.append(
+            {
+                "dataset": name,
+                "format": spec["format"],
+                "users": meta.num_users,
+                "behaviours": meta.num_behaviours,
+                "items": meta.num_items,
+                "best_s": best,
+                "behaviours_per_s": meta.num_behaviours / best,
+            }
+        )
     print_table(rows)
-    path = write_result("prepare-smoke" if args.smoke else "prepare", rows,
-                        {"benchmark": "prepare", "repeats": args.repeats, "timing": "best of repeats, wall clock",
-                         "flops": "n/a (I/O-bound ingest)"})
+    path = write_result(
+        "prepare-smoke" if args.smoke else "prepare",
+        rows,
+        {
+            "benchmark": "prepare",
+            "repeats": args.repeats,
+            "timing": "best of repeats, wall clock",
+            "flops": "n/a (I/O-bound ingest)",
+        },
+    )
     print(f"wrote {path}")
 
 

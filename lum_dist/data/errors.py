@@ -56,7 +56,9 @@ class RowChecker:
         self._reasons.append((mask, reason))
         self.bad |= mask
 
-    def integers(self, values: pa.Array, field_name: str, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+    def integers(
+        self, values: pa.Array, field_name: str, lo: int | None = None, hi: int | None = None
+    ) -> np.ndarray:
         """Parse a string column as int64; non-integers and values outside [lo, hi] are flagged."""
         ok = pc.fill_null(pc.match_substring_regex(values, _INT_RE), False).to_numpy(zero_copy_only=False)
         clean = pc.if_else(pa.array(ok), pc.utf8_trim_whitespace(values), "0")
@@ -65,7 +67,9 @@ class RowChecker:
         self._range(out, field_name, lo, hi, ok)
         return out
 
-    def floats(self, values: pa.Array, field_name: str, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    def floats(
+        self, values: pa.Array, field_name: str, lo: float | None = None, hi: float | None = None
+    ) -> np.ndarray:
         ok = pc.fill_null(pc.match_substring_regex(values, _FLOAT_RE), False).to_numpy(zero_copy_only=False)
         clean = pc.if_else(pa.array(ok), pc.utf8_trim_whitespace(values), "0")
         out = pc.cast(clean, pa.float64()).to_numpy(zero_copy_only=False)

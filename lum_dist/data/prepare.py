@@ -7,7 +7,9 @@ behaviours by (ts, input order), drops users with fewer than ``min_behaviours``,
 directory renamed into place at the end (a failure leaves no ``out``). The normalised source spec
 is stored in ``meta.split_params["source"]``, so a second call with the same spec is a no-op.
 
-Command line: ``lum-prepare --format s3rec --input $LUM_DATA_DIR/s3rec-seq/Beauty.txt --out runs/data/beauty``.
+Command line::
+
+    lum-prepare --format s3rec --input $LUM_DATA_DIR/s3rec-seq/Beauty.txt --out runs/data/beauty
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ DEFAULTS = {"split": "loo", "min_behaviours": 3, "users_per_shard": 50000, "skip
 
 
 def normalize_source(source: dict) -> dict:
-    """Defaults filled in, paths absolute, JSON-plain: the form stored in meta and compared for idempotence."""
+    """Defaults filled in, paths absolute, JSON-plain: stored in meta, compared for idempotence."""
     if "format" not in source:
         raise ValueError(f"source spec needs a 'format'; got {source!r}")
     spec = {**DEFAULTS, **expand_source(source)}
@@ -66,8 +68,10 @@ def prepare(source: dict, out: str | Path, *, force: bool = False) -> DatasetMet
         meta = load_meta(out)
         if meta.split_params.get("source") == spec:
             return meta
-        raise ValueError(f"{out} was prepared from another source ({meta.split_params.get('source')}); "
-                         f"pass force=True (--force) to rebuild it from {spec}")
+        raise ValueError(
+            f"{out} was prepared from another source ({meta.split_params.get('source')}); "
+            f"pass force=True (--force) to rebuild it from {spec}"
+        )
     raw = get_adapter(spec["format"])(spec)
     with atomic_dir(out) as tmp:
         meta = write_dataset(raw, spec, tmp)
@@ -85,12 +89,19 @@ def _vocab(values: pa.Array, train: np.ndarray) -> tuple[np.ndarray, pa.Table]:
     table = table.take(pc.sort_indices(table, sort_keys=[("count", "descending"), ("raw", "ascending")]))
     raw = table.column("raw").combine_chunks()
     ids = pc.fill_null(pc.add(pc.index_in(values, value_set=raw), NUM_SPECIAL_IDS), UNK_ID)
-    vocab = pa.table({
-        "id": pa.array(np.arange(NUM_SPECIAL_IDS + len(raw)), pa.int32()),
-        "raw": pa.concat_arrays([pa.array(RESERVED_RAW, pa.string()), raw.cast(pa.string())]),
-        "count": pa.concat_arrays([pa.array([0] * NUM_SPECIAL_IDS, pa.int64()),
-                                   table.column("count").combine_chunks().cast(pa.int64())]),
-    }, schema=VOCAB_SCHEMA)
+    vocab = pa.table(
+        {
+            "id": pa.array(np.arange(NUM_SPECIAL_IDS + len(raw)), pa.int32()),
+            "raw": pa.concat_arrays([pa.array(RESERVED_RAW, pa.string()), raw.cast(pa.string())]),
+            "count": pa.concat_arrays(
+                [
+                    pa.array([0] * NUM_SPECIAL_IDS, pa.int64()),
+                    table.column("count").combine_chunks().cast(pa.int64()),
+                ]
+            ),
+        },
+        schema=VOCAB_SCHEMA,
+    )
     return ids.to_numpy(zero_copy_only=False).astype(np.int32), vocab
 
 
@@ -128,7 +139,9 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     split_params: dict = {"source": spec}
     if spec["split"] == "temporal":
         if not raw.has_timestamps:
-            raise ValueError(f"{spec['format']}: split 'temporal' needs timestamps; this format has none (use 'loo')")
+            raise ValueError(
+                f"{spec['format']}: split 'temporal' needs timestamps; this format has none (use 'loo')"
+            )
         cutoffs = spec.get("temporal_cutoffs") or S.default_cutoffs(ts[keep[user]])
         train_end, valid_end = S.temporal_bounds(user, ts, len(names), cutoffs)
         split_params["temporal_cutoffs"] = [int(c) for c in cutoffs]
@@ -143,7 +156,9 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     lens, train_end, valid_end = lens[keep], train_end[keep], valid_end[keep]
     num_users = len(names)
     if num_users == 0:
-        raise ValueError(f"{spec['format']}: no user has >= {spec['min_behaviours']} behaviours and a training one")
+        raise ValueError(
+            f"{spec['format']}: no user has >= {spec['min_behaviours']} behaviours and a training one"
+        )
     offsets = S.user_offsets(user, num_users)
     train = S.positions(user, offsets) < train_end[user]
 
@@ -166,13 +181,16 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     for s, a in enumerate(range(0, num_users, per)):
         b = min(a + per, num_users)
         lo, hi = offsets[a], offsets[b]
-        off = offsets[a:b + 1] - lo
-        cols = [pc.take(names, pa.array(np.arange(a, b))).cast(pa.string()),
-                _list(item_ids[lo:hi], off, pa.int32()),
-                *[_list(cond_ids[f][lo:hi], off, pa.int32()) for f in raw.cond_fields],
-                _list(ts[lo:hi], off, pa.int64()),
-                *[_list(numeric[g][lo:hi], off, pa.float32()) for g in raw.numeric_fields],
-                pa.array(train_end[a:b], pa.int32()), pa.array(valid_end[a:b], pa.int32())]
+        off = offsets[a : b + 1] - lo
+        cols = [
+            pc.take(names, pa.array(np.arange(a, b))).cast(pa.string()),
+            _list(item_ids[lo:hi], off, pa.int32()),
+            *[_list(cond_ids[f][lo:hi], off, pa.int32()) for f in raw.cond_fields],
+            _list(ts[lo:hi], off, pa.int64()),
+            *[_list(numeric[g][lo:hi], off, pa.float32()) for g in raw.numeric_fields],
+            pa.array(train_end[a:b], pa.int32()),
+            pa.array(valid_end[a:b], pa.int32()),
+        ]
         rel = f"users/part-{s:05d}.parquet"
         with pq.ParquetWriter(root / rel, schema) as writer:
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
@@ -180,12 +198,21 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
         shards.append(rel)
 
     meta = DatasetMeta(
-        name=raw.name, source_format=spec["format"], cond_fields=list(raw.cond_fields),
-        numeric_fields=list(raw.numeric_fields), item_cond_fields=list(raw.item_cond_fields), split=spec["split"],
-        split_params=split_params, has_timestamps=raw.has_timestamps, num_users=num_users,
-        num_behaviours=int(len(user)), num_train_behaviours=int(train.sum()),
+        name=raw.name,
+        source_format=spec["format"],
+        cond_fields=list(raw.cond_fields),
+        numeric_fields=list(raw.numeric_fields),
+        item_cond_fields=list(raw.item_cond_fields),
+        split=spec["split"],
+        split_params=split_params,
+        has_timestamps=raw.has_timestamps,
+        num_users=num_users,
+        num_behaviours=int(len(user)),
+        num_train_behaviours=int(train.sum()),
         vocab_sizes={ITEM_FIELD: item_vocab.num_rows, **{f: v.num_rows for f, v in field_vocabs.items()}},
-        shards=shards, skipped=dict(raw.skipped), fingerprint=digest.hexdigest(),
+        shards=shards,
+        skipped=dict(raw.skipped),
+        fingerprint=digest.hexdigest(),
         eval_condition=dict(raw.eval_condition),
     )
     meta.save(root / "meta.json")  # last: its presence marks a complete dataset
@@ -239,20 +266,32 @@ def main(argv: list[str] | None = None) -> DatasetMeta:
     p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"])
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in meta.skipped)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out exists")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]",
+    )
     args = p.parse_args(argv)
-    source = {"format": args.format, "split": args.split, "min_behaviours": args.min_behaviours,
-              "users_per_shard": args.users_per_shard, "skip_bad": args.skip_bad}
+    source = {
+        "format": args.format,
+        "split": args.split,
+        "min_behaviours": args.min_behaviours,
+        "users_per_shard": args.users_per_shard,
+        "skip_bad": args.skip_bad,
+    }
     source.update({k: v for k, v in (("input", args.input), ("meta", args.meta)) if v})
     for item in args.set:
         key, _, value = item.partition("=")
         source[key] = yaml.safe_load(value)
     start = time.perf_counter()
     meta = prepare(source, args.out, force=args.force)
-    print(f"{args.out}: {meta.num_users} users, {meta.num_behaviours} behaviours "
-          f"({meta.num_train_behaviours} train), vocab {meta.vocab_sizes}, skipped {meta.skipped}, "
-          f"{time.perf_counter() - start:.2f} s")
+    print(
+        f"{args.out}: {meta.num_users} users, {meta.num_behaviours} behaviours "
+        f"({meta.num_train_behaviours} train), vocab {meta.vocab_sizes}, skipped {meta.skipped}, "
+        f"{time.perf_counter() - start:.2f} s"
+    )
     return meta
 
 

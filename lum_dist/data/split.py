@@ -37,8 +37,9 @@ def default_cutoffs(ts: np.ndarray, quantiles: tuple[float, float] = DEFAULT_QUA
     return [int(t1), int(t2)]
 
 
-def temporal_bounds(user: np.ndarray, ts: np.ndarray, num_users: int,
-                    cutoffs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def temporal_bounds(
+    user: np.ndarray, ts: np.ndarray, num_users: int, cutoffs: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Global cut-offs t1 < t2: train_end = #(ts < t1), valid_end = #(ts < t2), per user."""
     t1, t2 = cutoffs
     if not t1 < t2:

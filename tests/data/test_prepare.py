@@ -27,7 +27,9 @@ def _raw_behaviours(source: dict) -> dict[str, list[tuple]]:
     raw = P.get_adapter(source["format"])(P.normalize_source(source))
     out: dict[str, list[tuple]] = {}
     for i, r in enumerate(raw.table.to_pylist()):
-        out.setdefault(r["user"], []).append((r["ts"], i, r["item"], *[r["cond_" + f] for f in raw.cond_fields]))
+        out.setdefault(r["user"], []).append(
+            (r["ts"], i, r["item"], *[r["cond_" + f] for f in raw.cond_fields])
+        )
     return {u: sorted(v) for u, v in out.items()}
 
 
@@ -77,9 +79,13 @@ def test_round_trip_order_and_no_leakage(tmp_path, split):
 
 def test_temporal_cutoffs_drop_users_without_training(tmp_path):
     path = tmp_path / "UserBehavior.csv"
-    path.write_text("1,10,5,pv,100\n1,11,5,pv,200\n1,12,5,pv,300\n2,10,5,pv,250\n2,11,5,pv,260\n2,12,5,pv,270\n")
-    meta = P.prepare({"format": "taobao", "input": str(path), "split": "temporal", "temporal_cutoffs": [250, 300]},
-                     tmp_path / "d")
+    path.write_text(
+        "1,10,5,pv,100\n1,11,5,pv,200\n1,12,5,pv,300\n2,10,5,pv,250\n2,11,5,pv,260\n2,12,5,pv,270\n"
+    )
+    meta = P.prepare(
+        {"format": "taobao", "input": str(path), "split": "temporal", "temporal_cutoffs": [250, 300]},
+        tmp_path / "d",
+    )
     rows = P.read_users(tmp_path / "d").to_pylist()
     assert meta.split_params["dropped_users"] == 1 and [r["user_id"] for r in rows] == ["1"]
     assert (rows[0]["train_end"], rows[0]["valid_end"]) == (2, 2)
@@ -91,7 +97,9 @@ def test_temporal_cutoffs_drop_users_without_training(tmp_path):
 
 def test_ties_keep_input_order_and_min_behaviours(tmp_path):
     path = tmp_path / "UserBehavior.csv"
-    path.write_text("1,12,5,pv,300\n1,10,5,pv,100\n1,11,5,cart,100\n2,10,5,pv,1\n2,11,5,pv,2\n1,13,5,buy,50\n")
+    path.write_text(
+        "1,12,5,pv,300\n1,10,5,pv,100\n1,11,5,cart,100\n2,10,5,pv,1\n2,11,5,pv,2\n1,13,5,buy,50\n"
+    )
     meta = P.prepare({"format": "taobao", "input": str(path), "min_behaviours": 3}, tmp_path / "d")
     (row,) = P.read_users(tmp_path / "d").to_pylist()
     items = _decode(tmp_path / "d", ITEM_FIELD)
@@ -147,8 +155,19 @@ def test_skip_bad_counts_in_meta(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    meta = P.main(["--format", "synthetic", "--out", str(tmp_path / "d"), "--set", "num_users=40", "num_items=30",
-                   "--users-per-shard", "25"])
+    meta = P.main(
+        [
+            "--format",
+            "synthetic",
+            "--out",
+            str(tmp_path / "d"),
+            "--set",
+            "num_users=40",
+            "num_items=30",
+            "--users-per-shard",
+            "25",
+        ]
+    )
     assert meta.num_users == 40 and len(meta.shards) == 2
     assert "40 users" in capsys.readouterr().out
     assert sum(t.num_rows for t in P.iter_user_shards(tmp_path / "d")) == 40
@@ -167,7 +186,9 @@ def test_real_ml100k_counts(tmp_path):
 @real
 def test_real_s3rec_beauty_counts_and_time(tmp_path):
     start = time.perf_counter()
-    meta = P.prepare({"format": "s3rec", "input": str(data_dir() / "s3rec-seq" / "Beauty.txt")}, tmp_path / "d")
+    meta = P.prepare(
+        {"format": "s3rec", "input": str(data_dir() / "s3rec-seq" / "Beauty.txt")}, tmp_path / "d"
+    )
     elapsed = time.perf_counter() - start
     assert (meta.num_users, meta.num_behaviours) == (22363, 198502) and not meta.has_timestamps
     assert meta.num_train_behaviours == 198502 - 2 * 22363
@@ -176,11 +197,22 @@ def test_real_s3rec_beauty_counts_and_time(tmp_path):
 
 @real
 def test_real_taobao_and_amazon(tmp_path):
-    tb = P.prepare({"format": "taobao", "input": str(data_dir() / "taobao-userbehavior-head" / "UserBehavior.csv"),
-                    "split": "temporal"}, tmp_path / "t")
+    tb = P.prepare(
+        {
+            "format": "taobao",
+            "input": str(data_dir() / "taobao-userbehavior-head" / "UserBehavior.csv"),
+            "split": "temporal",
+        },
+        tmp_path / "t",
+    )
     assert tb.num_behaviours <= 4321 and tb.vocab_sizes["behavior"] == NUM_SPECIAL_IDS + 4
-    az = P.prepare({"format": "amazon-5core", "input": str(
-        data_dir() / "amazon-musical-instruments-5core-2014" / "Musical_Instruments.zip")}, tmp_path / "a")
+    az = P.prepare(
+        {
+            "format": "amazon-5core",
+            "input": str(data_dir() / "amazon-musical-instruments-5core-2014" / "Musical_Instruments.zip"),
+        },
+        tmp_path / "a",
+    )
     assert (az.num_users, az.num_behaviours) == (1429, 10261)
 
 
@@ -190,8 +222,15 @@ def test_numeric_fields_and_behaviour_only_conditions(tmp_path, monkeypatch):
     from lum_dist.data import ingest
 
     def fake(source):  # an adapter with a numeric side feature and no item attribute
-        table = pa.table({"user": ["a", "a", "a", "b"], "item": ["x", "y", "x", "y"], "ts": pa.array([3, 1, 2, 1], pa.int64()),
-                          "cond_kind": ["k1", "k2", "k1", "k2"], "num_price": pa.array([3.0, 1.0, 2.0, 9.0], pa.float32())})
+        table = pa.table(
+            {
+                "user": ["a", "a", "a", "b"],
+                "item": ["x", "y", "x", "y"],
+                "ts": pa.array([3, 1, 2, 1], pa.int64()),
+                "cond_kind": ["k1", "k2", "k1", "k2"],
+                "num_price": pa.array([3.0, 1.0, 2.0, 9.0], pa.float32()),
+            }
+        )
         return ingest.RawBehaviours(name="fake", table=table, cond_fields=["kind"], numeric_fields=["price"])
 
     monkeypatch.setitem(ingest.ADAPTERS, "fake", fake)

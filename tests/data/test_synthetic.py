@@ -11,8 +11,11 @@ from lum_dist.data.synthetic import synthetic_arrays
 
 
 def test_deterministic_from_seed():
-    a, b, c = synthetic_arrays(num_users=200, seed=1), synthetic_arrays(num_users=200, seed=1), synthetic_arrays(
-        num_users=200, seed=2)
+    a, b, c = (
+        synthetic_arrays(num_users=200, seed=1),
+        synthetic_arrays(num_users=200, seed=1),
+        synthetic_arrays(num_users=200, seed=2),
+    )
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["item"][:500], c["item"][:500])
     ta = get_adapter("synthetic")({"num_users": 50, "seed": 1}).table

@@ -39,22 +39,34 @@ def _read_bytes(path: Path) -> tuple[bytes, str, str]:
     """(contents, name for messages, kind 'json'|'csv'), unpacking .zip / .gz."""
     if path.suffix == ".zip":
         with zipfile.ZipFile(path) as z:
-            members = [m for m in z.namelist() if m.endswith((".json", ".csv")) and not m.startswith("__MACOSX")]
+            members = [
+                m for m in z.namelist() if m.endswith((".json", ".csv")) and not m.startswith("__MACOSX")
+            ]
             if not members:
                 raise FileNotFoundError(f"amazon-5core: {path} holds no .json or .csv file")
-            return z.read(members[0]), f"{path.name}:{members[0]}", "csv" if members[0].endswith(".csv") else "json"
+            return (
+                z.read(members[0]),
+                f"{path.name}:{members[0]}",
+                "csv" if members[0].endswith(".csv") else "json",
+            )
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     stem = path.name.removesuffix(".gz")
     return data, str(path), "csv" if stem.endswith(".csv") else "json"
 
 
 def _json_columns(data: bytes, file: str, skip_bad: bool, skipped: dict[str, int]) -> tuple[dict, RowChecker]:
-    schema = pa.schema([(k, pa.string() if f in ("user", "item") else pa.float64() if f == "rating" else pa.int64())
-                        for f, k in JSON_KEYS.items()])
+    schema = pa.schema(
+        [
+            (k, pa.string() if f in ("user", "item") else pa.float64() if f == "rating" else pa.int64())
+            for f, k in JSON_KEYS.items()
+        ]
+    )
     if b"\n\n" not in data:
         try:
-            t = pajson.read_json(io.BytesIO(data), parse_options=pajson.ParseOptions(
-                explicit_schema=schema, unexpected_field_behavior="ignore"))
+            t = pajson.read_json(
+                io.BytesIO(data),
+                parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+            )
             cols = {f: t.column(k).combine_chunks().cast(pa.string()) for f, k in JSON_KEYS.items()}
             return cols, RowChecker(file, np.arange(1, t.num_rows + 1, dtype=np.int64), skip_bad)
         except pa.ArrowInvalid:
@@ -100,7 +112,9 @@ def _categories(path: Path) -> pa.Table:
 def amazon_5core(source: dict) -> RawBehaviours:
     path = input_path(source, "amazon-5core")
     if path.is_dir():
-        raise ValueError(f"amazon-5core: input must be a reviews file (.json, .json.gz, .zip or .csv), got {path}")
+        raise ValueError(
+            f"amazon-5core: input must be a reviews file (.json, .json.gz, .zip or .csv), got {path}"
+        )
     skip_bad, skipped = source.get("skip_bad", False), {}
     data, file, kind = _read_bytes(path)
     if kind == "csv":
@@ -118,7 +132,15 @@ def amazon_5core(source: dict) -> RawBehaviours:
         attrs = _categories(meta_file)
         attach_item_attrs(columns, attrs, ["category"], check, str(meta_file))
         fields, item_fields = ["category", "rating"], ["category"]
-    columns["cond_rating"] = pa.array(np.clip(np.ceil(rating), 1, 5).astype(np.int64).astype(str), pa.string())
-    return RawBehaviours(name=Path(file.split(":")[-1]).stem, table=finish_table(columns, check, skipped),
-                         cond_fields=fields, item_cond_fields=item_fields, item_attrs=attrs,
-                         eval_condition={f: GENERIC_EVAL for f in fields}, skipped=skipped)
+    columns["cond_rating"] = pa.array(
+        np.clip(np.ceil(rating), 1, 5).astype(np.int64).astype(str), pa.string()
+    )
+    return RawBehaviours(
+        name=Path(file.split(":")[-1]).stem,
+        table=finish_table(columns, check, skipped),
+        cond_fields=fields,
+        item_cond_fields=item_fields,
+        item_attrs=attrs,
+        eval_condition={f: GENERIC_EVAL for f in fields},
+        skipped=skipped,
+    )

@@ -58,9 +58,16 @@ def input_path(source: dict, fmt: str) -> Path:
     return path
 
 
-def read_delimited(data: bytes, file: str, names: list[str], delimiter: str, skip_bad: bool,
-                   skipped: dict[str, int], header: bool = False,
-                   encoding: str = "utf8") -> tuple[dict[str, pa.Array], RowChecker]:
+def read_delimited(
+    data: bytes,
+    file: str,
+    names: list[str],
+    delimiter: str,
+    skip_bad: bool,
+    skipped: dict[str, int],
+    header: bool = False,
+    encoding: str = "utf8",
+) -> tuple[dict[str, pa.Array], RowChecker]:
     """Split ``data`` into string columns ``names`` (no quoting); returns the columns and a checker
     holding each row's line number, with rows of the wrong field count already flagged or dropped."""
     if len(delimiter) > 1:  # e.g. MovieLens '::': pyarrow splits on one byte only
@@ -71,7 +78,9 @@ def read_delimited(data: bytes, file: str, names: list[str], delimiter: str, ski
             table = pacsv.read_csv(
                 io.BytesIO(data),
                 read_options=pacsv.ReadOptions(column_names=names, skip_rows=int(header), encoding=encoding),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False, ignore_empty_lines=False),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=delimiter, quote_char=False, ignore_empty_lines=False
+                ),
                 convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
             )
             cols = {n: table.column(n).combine_chunks() for n in names}
@@ -86,12 +95,21 @@ def decode(data: bytes, file: str, encoding: str = "utf8") -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(file, line, None, f"not valid {encoding} text (byte {e.start}: {data[e.start:e.start + 1]!r})") from e
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            file, line, None, f"not valid {encoding} text (byte {e.start}: {data[e.start : e.start + 1]!r})"
+        ) from e
 
 
-def _read_lines(text: str, file: str, names: list[str], delimiter: str, skip_bad: bool,
-                skipped: dict[str, int], header: bool) -> tuple[dict[str, pa.Array], RowChecker]:
+def _read_lines(
+    text: str,
+    file: str,
+    names: list[str],
+    delimiter: str,
+    skip_bad: bool,
+    skipped: dict[str, int],
+    header: bool,
+) -> tuple[dict[str, pa.Array], RowChecker]:
     rows, lines = [], []
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -101,8 +119,12 @@ def _read_lines(text: str, file: str, names: list[str], delimiter: str, skip_bad
         if len(parts) != len(names):
             missing = names[len(parts)] if len(parts) < len(names) else names[-1]
             if not skip_bad:
-                raise DataError(file, lineno, missing,
-                                f"expected {len(names)} fields {names}, got {len(parts)} (pass skip_bad=True to skip)")
+                raise DataError(
+                    file,
+                    lineno,
+                    missing,
+                    f"expected {len(names)} fields {names}, got {len(parts)} (pass skip_bad=True to skip)",
+                )
             skipped["wrong_field_count"] = skipped.get("wrong_field_count", 0) + 1
             continue
         rows.append(parts)
@@ -111,20 +133,24 @@ def _read_lines(text: str, file: str, names: list[str], delimiter: str, skip_bad
     return cols, RowChecker(file, np.asarray(lines, dtype=np.int64), skip_bad)
 
 
-def attach_item_attrs(columns: dict[str, pa.Array], attrs: pa.Table, fields: list[str],
-                      checker: RowChecker, attrs_file: str) -> None:
+def attach_item_attrs(
+    columns: dict[str, pa.Array], attrs: pa.Table, fields: list[str], checker: RowChecker, attrs_file: str
+) -> None:
     """Add cond_<f> = attribute of the behaviour's item; items missing from ``attrs`` are flagged."""
     items = columns["item"]
     idx = pc.index_in(items, value_set=attrs.column("item"))
     missing = pc.is_null(idx).to_numpy(zero_copy_only=False)
-    checker.flag(missing, "item", "unknown_item", lambda r: f"{items[r].as_py()!r} is not in {Path(attrs_file).name}")
+    checker.flag(
+        missing, "item", "unknown_item", lambda r: f"{items[r].as_py()!r} is not in {Path(attrs_file).name}"
+    )
     safe = pc.fill_null(idx, 0)
     for f in fields:
         columns[f"cond_{f}"] = pc.take(attrs.column(f), safe)
 
 
-def finish_table(columns: dict[str, pa.Array | np.ndarray], checker: RowChecker,
-                 skipped: dict[str, int]) -> pa.Table:
+def finish_table(
+    columns: dict[str, pa.Array | np.ndarray], checker: RowChecker, skipped: dict[str, int]
+) -> pa.Table:
     """Raise on / drop the flagged rows and return the behaviour table."""
     keep = checker.finish(skipped)
     table = pa.table(columns)

@@ -25,9 +25,27 @@ from lum_dist.data.ingest.common import (
     require_file,
 )
 
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 FIELDS = ["genre", "rating"]
 
 
@@ -36,12 +54,23 @@ def _folder(source: dict, fmt: str) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _ratings(data: bytes, file: str, delimiter: str, header: bool, encoding: str, max_rating: float,
-             movies: pa.Table, movies_file: str, source: dict, name: str) -> RawBehaviours:
+def _ratings(
+    data: bytes,
+    file: str,
+    delimiter: str,
+    header: bool,
+    encoding: str,
+    max_rating: float,
+    movies: pa.Table,
+    movies_file: str,
+    source: dict,
+    name: str,
+) -> RawBehaviours:
     skipped: dict[str, int] = {}
     names = ["user", "item", "rating", "ts"]
-    cols, check = read_delimited(data, file, names, delimiter, source.get("skip_bad", False), skipped,
-                                 header=header, encoding=encoding)
+    cols, check = read_delimited(
+        data, file, names, delimiter, source.get("skip_bad", False), skipped, header=header, encoding=encoding
+    )
     check.non_empty(cols["user"], "user")
     check.integers(cols["item"], "item", lo=1)
     rating = check.floats(cols["rating"], "rating", lo=0.5, hi=max_rating)
@@ -50,40 +79,64 @@ def _ratings(data: bytes, file: str, delimiter: str, header: bool, encoding: str
     columns = {"user": cols["user"], "item": cols["item"], "ts": pa.array(ts, pa.int64())}
     attach_item_attrs(columns, movies, ["genre"], check, movies_file)
     columns["cond_rating"] = pa.array(bucket, pa.string())
-    return RawBehaviours(name=name, table=finish_table(columns, check, skipped), cond_fields=FIELDS,
-                         item_cond_fields=["genre"], item_attrs=movies,
-                         eval_condition={f: GENERIC_EVAL for f in FIELDS}, skipped=skipped)
+    return RawBehaviours(
+        name=name,
+        table=finish_table(columns, check, skipped),
+        cond_fields=FIELDS,
+        item_cond_fields=["genre"],
+        item_attrs=movies,
+        eval_condition={f: GENERIC_EVAL for f in FIELDS},
+        skipped=skipped,
+    )
 
 
 def movielens_100k(source: dict) -> RawBehaviours:
     folder = _folder(source, "movielens-100k")
     data_file = require_file(folder / "u.data", "movielens-100k", "u.data (user<TAB>item<TAB>rating<TAB>ts)")
-    item_file = require_file(folder / "u.item", "movielens-100k", "u.item ('|'-separated, latin-1, 24 fields)")
+    item_file = require_file(
+        folder / "u.item", "movielens-100k", "u.item ('|'-separated, latin-1, 24 fields)"
+    )
     genres = ML100K_GENRES
     if (folder / "u.genre").is_file():
-        genres = [ln.split("|")[0] for ln in (folder / "u.genre").read_text("latin-1").splitlines() if ln.strip()]
+        genres = [
+            ln.split("|")[0] for ln in (folder / "u.genre").read_text("latin-1").splitlines() if ln.strip()
+        ]
     ids, first = [], []
     for lineno, line in enumerate(item_file.read_text("latin-1").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split("|")
         if len(parts) != 5 + len(genres):
-            raise DataError(item_file, lineno, "genres", f"expected {5 + len(genres)} fields, got {len(parts)}")
+            raise DataError(
+                item_file, lineno, "genres", f"expected {5 + len(genres)} fields, got {len(parts)}"
+            )
         flags = parts[5:]
         if any(f not in ("0", "1") for f in flags):
             raise DataError(item_file, lineno, "genres", f"genre flags must be 0/1, got {flags}")
         ids.append(parts[0].strip())
         first.append(genres[flags.index("1")] if "1" in flags else "unknown")
     movies = pa.table({"item": pa.array(ids, pa.string()), "genre": pa.array(first, pa.string())})
-    return _ratings(data_file.read_bytes(), str(data_file), "\t", False, "utf8", 5, movies, str(item_file),
-                    source, "ml-100k")
+    return _ratings(
+        data_file.read_bytes(),
+        str(data_file),
+        "\t",
+        False,
+        "utf8",
+        5,
+        movies,
+        str(item_file),
+        source,
+        "ml-100k",
+    )
 
 
 def _movies_from_rows(rows: list[tuple[int, list[str]]], file: Path) -> pa.Table:
     ids, first = [], []
     for lineno, parts in rows:
         if len(parts) < 3:
-            raise DataError(file, lineno, "genres", f"expected 3 fields (id, title, genres), got {len(parts)}")
+            raise DataError(
+                file, lineno, "genres", f"expected 3 fields (id, title, genres), got {len(parts)}"
+            )
         ids.append(parts[0].strip())
         first.append(parts[-1].split("|")[0].strip() or "unknown")
     return pa.table({"item": pa.array(ids, pa.string()), "genre": pa.array(first, pa.string())})
@@ -91,20 +144,50 @@ def _movies_from_rows(rows: list[tuple[int, list[str]]], file: Path) -> pa.Table
 
 def movielens_1m(source: dict) -> RawBehaviours:
     folder = _folder(source, "movielens-1m")
-    data_file = require_file(folder / "ratings.dat", "movielens-1m", "ratings.dat (UserID::MovieID::Rating::Timestamp)")
-    item_file = require_file(folder / "movies.dat", "movielens-1m", "movies.dat (MovieID::Title::Genres, latin-1)")
-    rows = [(i, ln.split("::")) for i, ln in enumerate(item_file.read_text("latin-1").splitlines(), 1) if ln.strip()]
+    data_file = require_file(
+        folder / "ratings.dat", "movielens-1m", "ratings.dat (UserID::MovieID::Rating::Timestamp)"
+    )
+    item_file = require_file(
+        folder / "movies.dat", "movielens-1m", "movies.dat (MovieID::Title::Genres, latin-1)"
+    )
+    rows = [
+        (i, ln.split("::"))
+        for i, ln in enumerate(item_file.read_text("latin-1").splitlines(), 1)
+        if ln.strip()
+    ]
     movies = _movies_from_rows(rows, item_file)
-    return _ratings(data_file.read_bytes(), str(data_file), "::", False, "latin-1", 5, movies, str(item_file),
-                    source, "ml-1m")
+    return _ratings(
+        data_file.read_bytes(),
+        str(data_file),
+        "::",
+        False,
+        "latin-1",
+        5,
+        movies,
+        str(item_file),
+        source,
+        "ml-1m",
+    )
 
 
 def movielens_csv(source: dict) -> RawBehaviours:
     folder = _folder(source, "movielens-csv")
-    data_file = require_file(folder / "ratings.csv", "movielens-csv", "ratings.csv (userId,movieId,rating,timestamp)")
+    data_file = require_file(
+        folder / "ratings.csv", "movielens-csv", "ratings.csv (userId,movieId,rating,timestamp)"
+    )
     item_file = require_file(folder / "movies.csv", "movielens-csv", "movies.csv (movieId,title,genres)")
     reader = csv.reader(io.StringIO(item_file.read_text("utf-8")))
     rows = [(i, r) for i, r in enumerate(reader, 1) if r and i > 1]  # line 1 is the header
     movies = _movies_from_rows(rows, item_file)
-    return _ratings(data_file.read_bytes(), str(data_file), ",", True, "utf8", 5, movies, str(item_file),
-                    source, folder.name or "movielens")
+    return _ratings(
+        data_file.read_bytes(),
+        str(data_file),
+        ",",
+        True,
+        "utf8",
+        5,
+        movies,
+        str(item_file),
+        source,
+        folder.name or "movielens",
+    )

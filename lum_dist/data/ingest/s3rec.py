@@ -2,7 +2,8 @@
 
 ``NAME.txt`` holds one user a line, ``user item item ...`` in chronological order, without
 timestamps: ts is the behaviour's ordinal and ``has_timestamps`` is False. Condition field
-``category`` = the item's first attribute (an item attribute; "none" if it has none); MASK in evaluation queries.
+``category`` = the item's first attribute (an item attribute; "none" if it has none); MASK in
+evaluation queries.
 Checked: a line with no items (an empty user), a user on two lines, ids that are not integers >= 1,
 items missing from the attribute file.
 """
@@ -57,12 +58,16 @@ def s3rec(source: dict) -> RawBehaviours:
     if not data.strip():
         raise DataError(seq_file, None, None, "the file is empty")
     decode(data, str(seq_file))  # names the line of a bad byte, which pyarrow would not
-    lines_tab = pacsv.read_csv(  # one string per line; '\x1f' never occurs in these files
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=["line"]),
-        parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}),
-    ).column("line").combine_chunks()
+    lines_tab = (
+        pacsv.read_csv(  # one string per line; '\x1f' never occurs in these files
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=["line"]),
+            parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}),
+        )
+        .column("line")
+        .combine_chunks()
+    )
     parts = pc.split_pattern_regex(pc.utf8_trim_whitespace(pc.fill_null(lines_tab, "")), r"\s+")
     lineno = np.arange(1, len(parts) + 1, dtype=np.int64)
     users = pc.list_element(parts, 0)
@@ -73,7 +78,9 @@ def s3rec(source: dict) -> RawBehaviours:
     codes = pc.dictionary_encode(users).indices.to_numpy(zero_copy_only=False)
     seen_before = np.ones(len(codes), dtype=bool)
     seen_before[np.unique(codes, return_index=True)[1]] = False
-    check.flag(seen_before, "user", "duplicate_user", lambda r: f"user {users[r].as_py()!r} already had a line")
+    check.flag(
+        seen_before, "user", "duplicate_user", lambda r: f"user {users[r].as_py()!r} already had a line"
+    )
     keep = check.finish(skipped)
     parts, lineno, n_items = parts.filter(pa.array(keep)), lineno[keep], n_items[keep]
 
@@ -84,10 +91,20 @@ def s3rec(source: dict) -> RawBehaviours:
     ts = np.arange(len(beh_line), dtype=np.int64) - starts
     check = RowChecker(str(seq_file), beh_line, skip_bad)
     check.integers(items, "item", lo=1)
-    columns = {"user": pc.take(pc.list_element(parts, 0), pa.array(np.repeat(np.arange(len(parts)), n_items))),
-               "item": items, "ts": pa.array(ts, pa.int64())}
+    columns = {
+        "user": pc.take(pc.list_element(parts, 0), pa.array(np.repeat(np.arange(len(parts)), n_items))),
+        "item": items,
+        "ts": pa.array(ts, pa.int64()),
+    }
     attrs = _attributes(attr_file)
     attach_item_attrs(columns, attrs, ["category"], check, str(attr_file))
-    return RawBehaviours(name=seq_file.stem, table=finish_table(columns, check, skipped), cond_fields=["category"],
-                         item_cond_fields=["category"], item_attrs=attrs, has_timestamps=False,
-                         eval_condition={"category": GENERIC_EVAL}, skipped=skipped)
+    return RawBehaviours(
+        name=seq_file.stem,
+        table=finish_table(columns, check, skipped),
+        cond_fields=["category"],
+        item_cond_fields=["category"],
+        item_attrs=attrs,
+        has_timestamps=False,
+        eval_condition={"category": GENERIC_EVAL},
+        skipped=skipped,
+    )
