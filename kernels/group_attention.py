@@ -4,7 +4,7 @@ Mask (see :mod:`lum_dist.ops.group_query`): per packed sequence, ``L`` history t
 then each of ``Q`` query tokens attends to the whole history and to itself only.
 
 Work decomposition (like flash-attn varlen / FlexAttention block masks): the host cuts every sequence's
-history and its queries into separate tiles of ``BLOCK_M`` rows and writes a tile table (``int32
+history and its queries into separate tiles of at most ``BLOCK_M`` rows and writes a tile table (``int32
 [tiles, 4]``: sequence start, first row, row end, history end). One program handles one (tile, head):
 
 * a history tile loops over key tiles from the sequence start up to its diagonal, never beyond;
@@ -105,14 +105,14 @@ def _group_attention_fwd_kernel(
              mask=row_ok[:, None])
 
 
-def tile_table(cu: list[int], num_queries: list[int], block_m: int) -> tuple[np.ndarray, np.ndarray]:
+def tile_table(cu: list[int], num_queries: list[int], block_hist: int, block_query: int) -> tuple[np.ndarray, np.ndarray]:
     """Host-side tile -> sequence map: (history tiles, query tiles), each int32 [n, 4] rows of
     (sequence start, first row, row end, history end), longest key range first for load balance."""
     hist, qry = [], []
     for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True):
         h = b - n
-        hist += [(a, r, min(r + block_m, h), h) for r in range(a, h, block_m)]
-        qry += [(a, r, min(r + block_m, b), h) for r in range(h, b, block_m)]
+        hist += [(a, r, min(r + block_hist, h), h) for r in range(a, h, block_hist)]
+        qry += [(a, r, min(r + block_query, b), h) for r in range(h, b, block_query)]
     out = []
     for tiles, key_end in ((hist, 2), (qry, 3)):
         arr = np.asarray(tiles, dtype=np.int32).reshape(-1, 4)
@@ -137,10 +137,13 @@ def group_attention_fwd(
         raise ValueError(f"group_attention_fwd: head dim must be a power of two in 16..256, got {D}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
-    hist_tiles, query_tiles = tile_table(cu, num_queries, block_m)
+    # Few queries per user (Q = 1 in evaluation) would leave most rows of a 64-row tile empty: query tiles
+    # shrink to the largest Q's power of two, down to 16 (the smallest tl.dot).
+    block_q = min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
+    hist_tiles, query_tiles = tile_table(cu, num_queries, block_m, block_q)
     max_hist = max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
-    for tiles, is_query in ((hist_tiles, False), (query_tiles, True)):
+    for tiles, is_query, rows in ((hist_tiles, False, block_m), (query_tiles, True, block_q)):
         if len(tiles) == 0:
             continue
         table = torch.from_numpy(tiles).to(q.device)
@@ -148,7 +151,7 @@ def group_attention_fwd(
             q, k, v, out, table,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             scale * math.log2(math.e), triton.cdiv(max_hist, block_n),
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, IS_QUERY=is_query, DOT_PRECISION=precision,
+            HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, DOT_PRECISION=precision,
             num_warps=4 if D <= 64 else 8, num_stages=2,
         )
     return out

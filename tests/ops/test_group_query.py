@@ -150,6 +150,8 @@ def kernel_cases() -> dict[str, tuple]:
     for dim in (32, 64, 128):
         for block in (16, 32):
             cases[f"dim{dim}-block{block}"] = (*packed([23, 9, 18], [5, 0, 17], dim=dim, seed=dim), dim ** -0.5, block)
+    # few queries: query tiles of 16 rows beside 32-row history tiles
+    cases["fewq-block32"] = (*packed([40, 30, 9], [1, 3, 2], dim=32, seed=7), 0.25, 32)
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
         hist = torch.randint(0, 40, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
@@ -192,7 +194,8 @@ def test_tile_table_covers_rows_once_and_stays_below_the_diagonal():
     from lum_dist.kernels.group_attention import tile_table
 
     cu, nq = [0, 37, 38, 43, 63], [2, 1, 0, 17]
-    hist, qry = tile_table(cu, nq, 16)
+    hist, qry = tile_table(cu, nq, 16, 8)
+    assert max(t[2] - t[1] for t in hist) == 16 and max(t[2] - t[1] for t in qry) == 8
     rows = sorted(r for t in (*hist, *qry) for r in range(t[1], t[2]))
     assert rows == list(range(cu[-1]))
     for start, r0, r1, h in hist:
