@@ -153,7 +153,7 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     table, ts = table.filter(pa.array(rows)), ts[rows]
     new_code = np.cumsum(keep) - 1
     user, names = new_code[user[rows]], pc.take(names, pa.array(np.flatnonzero(keep)))
-    lens, train_end, valid_end = lens[keep], train_end[keep], valid_end[keep]
+    train_end, valid_end = train_end[keep], valid_end[keep]
     num_users = len(names)
     if num_users == 0:
         raise ValueError(

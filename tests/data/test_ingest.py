@@ -109,6 +109,12 @@ def test_movielens_1m_latin1_double_colon(tmp_path):
         ("10", "Comedy", "5"),
         ("20", "Action", "4"),
     ]
+    (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::20::4\n1::20::4::978300762\n")
+    source = {"format": "movielens-1m", "input": str(tmp_path)}
+    with pytest.raises(DataError, match=r"ratings\.dat line 2: field 'ts': expected 4 fields"):
+        get_adapter("movielens-1m")(source)
+    raw = get_adapter("movielens-1m")({**source, "skip_bad": True})
+    assert raw.table.num_rows == 2 and raw.skipped == {"wrong_field_count": 1}
 
 
 def test_movielens_csv_half_stars(tmp_path):
