@@ -143,6 +143,8 @@ def group_attention_fwd(
     hist_tiles, query_tiles = tile_table(cu, num_queries, block_m, block_q)
     max_hist = max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
+    if q.dtype == torch.float32 and D >= 128:
+        block_n = min(block_n, 32)  # fp32 K/V tiles of 64 x 128, double-buffered, crowd shared memory
     for tiles, is_query, rows in ((hist_tiles, False, block_m), (query_tiles, True, block_q)):
         if len(tiles) == 0:
             continue

@@ -166,8 +166,8 @@ def cross_attention_lse(qq, kh, vh, cu_q: list[int], cu_k: list[int], scale: flo
     """Non-causal attention of packed queries over their own sequence's keys.
 
     Returns (out [Tq, H, D] in qq's dtype, lse [Tq, H] float32; -inf where a sequence has no keys).
-    CUDA half precision uses ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention) when it can return
-    the LSE; otherwise a plain float32 loop over sequences.
+    CUDA half precision uses FlashAttention (``torch.nn.attention.varlen.varlen_attn``, else ``flash_attn``)
+    when it can return the LSE; otherwise a plain float32 loop over sequences.
     """
     if qq.is_cuda and qq.dtype in (torch.float16, torch.bfloat16) and min(
             b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)) > 0:
@@ -191,22 +191,31 @@ def cross_attention_lse(qq, kh, vh, cu_q: list[int], cu_k: list[int], scale: flo
 
 
 def _varlen_lse(qq, kh, vh, cu_q, cu_k, scale):
-    """varlen_attn with its LSE, or None when this torch cannot return it."""
-    try:
-        from torch.nn.attention.varlen import AuxRequest, varlen_attn
-    except ImportError:
-        return None
+    """FlashAttention over packed queries/keys with its LSE ([Tq, H] float32), or None when neither
+    ``torch.nn.attention.varlen`` nor ``flash_attn`` can return it here."""
     cq, ck = (torch.tensor(c, dtype=torch.int32, device=qq.device) for c in (cu_q, cu_k))
     max_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True))
     max_k = max(b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True))
+    res = None
     try:
-        out, lse = varlen_attn(qq, kh, vh, cq, ck, max_q, max_k, return_aux=AuxRequest(lse=True), scale=scale)
-    except TypeError:  # an older signature (no scale / return_aux)
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+        res = varlen_attn(qq, kh, vh, cq, ck, max_q, max_k, return_aux=AuxRequest(lse=True), scale=scale)
+    except (ImportError, TypeError):  # an older torch: no varlen module, or no scale / return_aux
+        if importlib.util.find_spec("flash_attn") is not None:
+            from flash_attn import flash_attn_varlen_func
+
+            res = flash_attn_varlen_func(qq, kh, vh, cq, ck, max_q, max_k, softmax_scale=scale, causal=False,
+                                         return_attn_probs=True)[:2]
+    if res is None:
         return None
-    lse = lse.float()
-    if lse.shape != qq.shape[:2]:  # FlashAttention returns [H, Tq]
+    out, lse = res
+    T, H = qq.shape[:2]
+    if lse.shape == (H, T) and H != T:  # FlashAttention's own layout
         lse = lse.transpose(0, 1)
-    return out, lse.contiguous()
+    if lse.shape != (T, H) or H == T:  # a layout we cannot tell apart: use the plain path
+        return None
+    return out, lse.float().contiguous()
 
 
 def merge_self_term(out_h, lse_h, q_self, k_self, v_self, scale):
