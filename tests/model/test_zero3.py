@@ -4,43 +4,26 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from lum_dist.config import LossConfig, PretrainConfig
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, load_preset
 from lum_dist.testing.batches import random_packed_batch
 from lum_dist.testing.distributed import run_distributed
+from lum_dist.train import parallelize
+from lum_dist.train.trainer import PretrainModule
 
 NUM_ITEMS, VOCABS = 100, [9, 5]
 
 
-class Module(nn.Module):
-    """Model + loss as the trainer wraps them (lum_dist.train.trainer.PretrainModule)."""
-
-    def __init__(self, model: LUMModel, loss: InfoNCE):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, batch):
-        out = self.model.forward_batch(batch)
-        has = batch.targets > 0
-        return self.loss(out[has], batch.targets[has], self.model.item_embeddings)
-
-
 def _train_zero3() -> dict:
-    import deepspeed.comm.torch as ds_torch_comm
-
-    from lum_dist.train import parallelize
-
-    ds_torch_comm.build_shm_op = lambda: None
     parallelize.init_distributed()  # joins the existing gloo group
     cfg = PretrainConfig()
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
     cfg.loss = LossConfig(learnable_temperature=True, num_random_negatives=8)
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
     ds = parallelize.deepspeed_config(cfg)
-    module = parallelize.build_model(lambda: Module(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS)), ds)
+    module = parallelize.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS)), ds)
     module.model.gradient_checkpointing_enable()
     engine = parallelize.build_engine(module, cfg, ds)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
