@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from lum_dist.data import split as S
-from lum_dist.data.ingest import ADAPTERS, RawBehaviours, get_adapter
+from lum_dist.data.ingest import ADAPTER_OPTIONS, ADAPTERS, RawBehaviours, get_adapter
 from lum_dist.data.schema import (
     COND_PREFIX,
     ITEM_FIELD,
@@ -50,7 +50,13 @@ def normalize_source(source: dict) -> dict:
     """Defaults filled in, paths absolute, JSON-plain: stored in meta, compared for idempotence."""
     if "format" not in source:
         raise ValueError(f"source spec needs a 'format'; got {source!r}")
+    get_adapter(source["format"])  # an unknown format fails here, naming the known ones
     spec = {**DEFAULTS, **expand_source(source)}
+    valid = {"format", "temporal_cutoffs", *DEFAULTS, *ADAPTER_OPTIONS.get(source["format"], ())}
+    if set(spec) - valid:
+        raise ValueError(
+            f"{source['format']}: unknown source key(s) {sorted(set(spec) - valid)}; valid: {sorted(valid)}"
+        )
     for key in ("input", "meta"):
         if spec.get(key):
             spec[key] = str(Path(spec[key]).resolve())

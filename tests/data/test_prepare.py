@@ -138,6 +138,10 @@ def test_failure_mid_prepare_leaves_no_output(tmp_path, monkeypatch):
 def test_bad_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="split='random'"):
         P.prepare({**SYN, "split": "random"}, tmp_path / "d")
+    with pytest.raises(
+        ValueError, match=r"synthetic: unknown source key\(s\) \['num_user'\]; valid: .*'num_users'"
+    ):
+        P.prepare({**SYN, "num_user": 5}, tmp_path / "d")
     with pytest.raises(ValueError, match="unknown source format 'nope'"):
         P.prepare({"format": "nope"}, tmp_path / "d")
     with pytest.raises(ValueError, match="no user has >= 500 behaviours"):

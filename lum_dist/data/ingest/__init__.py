@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from lum_dist.data.ingest.amazon import amazon_5core
@@ -14,6 +15,7 @@ from lum_dist.data.ingest.movielens import movielens_1m, movielens_100k, moviele
 from lum_dist.data.ingest.s3rec import s3rec
 from lum_dist.data.ingest.synthetic import synthetic
 from lum_dist.data.ingest.taobao import taobao
+from lum_dist.data.synthetic import synthetic_arrays
 
 ADAPTERS: dict[str, Callable[[dict], RawBehaviours]] = {
     "movielens-100k": movielens_100k,
@@ -25,6 +27,17 @@ ADAPTERS: dict[str, Callable[[dict], RawBehaviours]] = {
     "synthetic": synthetic,
 }
 
+# Source-spec keys each adapter reads besides the common ones (split, min_behaviours, ...); others are typos.
+ADAPTER_OPTIONS: dict[str, set[str]] = {
+    "movielens-100k": {"input"},
+    "movielens-1m": {"input"},
+    "movielens-csv": {"input"},
+    "amazon-5core": {"input", "meta"},
+    "s3rec": {"input", "meta"},
+    "taobao": {"input"},
+    "synthetic": set(inspect.signature(synthetic_arrays).parameters),
+}
+
 
 def get_adapter(fmt: str) -> Callable[[dict], RawBehaviours]:
     if fmt not in ADAPTERS:
@@ -32,4 +45,4 @@ def get_adapter(fmt: str) -> Callable[[dict], RawBehaviours]:
     return ADAPTERS[fmt]
 
 
-__all__ = ["ADAPTERS", "RawBehaviours", "get_adapter"]
+__all__ = ["ADAPTERS", "ADAPTER_OPTIONS", "RawBehaviours", "get_adapter"]
