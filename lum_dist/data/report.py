@@ -71,7 +71,9 @@ def packing_report(path: str | Path, data_cfg: DataConfig, num_batches: int = 50
     out: dict[str, Any] = {"token_budget": data_cfg.token_budget, "max_seq_len": data_cfg.max_seq_len,
                            "rows_per_batch": data_cfg.rows_per_batch, "num_batches": num_batches}
     for policy in ("pack", "pad"):
-        out[policy] = measure_loader(path, dataclasses.replace(data_cfg, packing=policy), num_batches)
+        # at least one whole shuffle buffer: a buffer's tokenization is paid by its first batch
+        out[policy] = measure_loader(path, dataclasses.replace(data_cfg, packing=policy), num_batches,
+                                     min_sequences=data_cfg.shuffle_buffer)
     out["utilisation_gain"] = out["pack"]["utilisation"] / out["pad"]["utilisation"]
     return out
 
