@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
 from lum_dist.testing.fixtures import write_tiny_dataset
@@ -57,3 +58,12 @@ def tiny(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     write_tiny_dataset(root, num_users=60, num_items=60, seed=3, min_len=4, max_len=20)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: intra-op threads only contend (a test ran 60x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
