@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from lum_dist.ops.group_query import (
     group_query_reference,
 )
 
-KERNEL_PATH = Path(__file__).resolve().parents[2] / "kernels" / "group_attention.py"
+ROOT = Path(__file__).resolve().parents[2]
+KERNEL_PATH = ROOT / "kernels" / "group_attention.py"
+BENCH_PATH = ROOT / "benchmarks" / "group_query.py"
 CPU_TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32 everywhere: only the summation order differs
 GPU_TOL = {"rtol": 2e-2, "atol": 2e-2}  # fp16/bf16 inputs (p rounded to the input dtype before PV), fp32 reference
 
@@ -112,6 +115,20 @@ def test_pairs_is_the_mask_size(lens, nq):
     want = int(allowed(lens, nq).sum())
     assert sum(group_query_pairs(n - q, q) for n, q in zip(lens, nq, strict=True)) == want
     assert sum(flops(n - q, q, 3, 8) for n, q in zip(lens, nq, strict=True)) == 4 * want * 3 * 8
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: unfused, fine here
+def test_benchmark_baselines_equal_reference():
+    """The benchmark's dense-mask SDPA and FlexAttention block mask express the same mask as the op."""
+    spec = importlib.util.spec_from_file_location("_group_query_bench", BENCH_PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lens, nq = [9, 2, 6], [3, 1, 0]
+    q, k, v, cu, n = packed(lens, nq)
+    assert torch.equal(bench.dense_mask(cu, n), allowed(lens, nq))
+    want = group_query_reference(q, k, v, cu, n, 9)
+    for name, fn in bench.methods(q, k, v, cu, n, 9, ["sdpa", "flex", "cascade"]).items():
+        torch.testing.assert_close(fn(), want, **CPU_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_bad_inputs_raise_clear_errors():
