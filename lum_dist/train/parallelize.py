@@ -33,8 +33,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
 
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
+
+    # By module path: the attribute `deepspeed.comm.torch` is the torch package itself (star import).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
     if on_cpu():
         # DeepSpeed compiles a shared-memory all-reduce op on first CPU use (~40 s); gloo does not need it.
