@@ -12,8 +12,10 @@ import torch
 
 from lum_dist.config import DataConfig
 from lum_dist.data.loader import PackedLoader, eval_batches
+from lum_dist.data.prepare import prepare
 from lum_dist.data.schema import MASK_ID
 from lum_dist.testing.fixtures import write_tiny_dataset
+from lum_dist.utils import data_dir
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +183,24 @@ def test_fixture_follows_the_schema(tiny):
     train = np.concatenate([r["item"][:r["train_end"]] for r in read_rows(path, meta).values()])
     np.testing.assert_array_equal(np.bincount(train, minlength=meta.num_items)[3:], counts)
     assert pq.read_table(path / "items.parquet").num_rows == meta.num_items
+
+
+@pytest.mark.skipif(data_dir() is None or not (data_dir() / "s3rec-seq" / "Beauty.txt").is_file(),
+                    reason="needs the real S3-Rec Beauty file under LUM_DATA_DIR")
+def test_real_beauty_eval_and_resume(tmp_path):
+    path = tmp_path / "beauty"
+    meta = prepare({"format": "s3rec", "input": str(data_dir() / "s3rec-seq" / "Beauty.txt")}, path)
+    users = [u for r in range(2) for b in eval_batches(path, meta, "test", 100, 8192, rank=r, world_size=2)
+             for u in b.user_ids]
+    assert len(users) == len(set(users)) == meta.num_users == 22363  # published S3-Rec count
+    c = DataConfig(path=str(path), max_seq_len=100, token_budget=2048, rows_per_batch=2, shuffle_buffer=2048)
+    ref = PackedLoader(path, c, rank=1, world_size=2)
+    expected = list(itertools.islice(ref, 12))
+    assert sum(b.num_tokens for b in expected) / (24 * 2048) > 0.9  # a buffer holds ~14 rows
+    first = PackedLoader(path, c, rank=1, world_size=2)
+    for _ in range(5):
+        next(first)
+    resumed = PackedLoader(path, c, rank=1, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    for want in expected[5:]:
+        assert_same(next(resumed), want)
