@@ -204,3 +204,16 @@ def test_real_beauty_eval_and_resume(tmp_path):
     resumed.load_state_dict(first.state_dict())
     for want in expected[5:]:
         assert_same(next(resumed), want)
+
+
+def test_no_training_behaviours_is_an_error_not_a_hang(tmp_path):
+    import pyarrow as pa
+
+    meta = write_tiny_dataset(tmp_path / "d", num_users=6)
+    shard = tmp_path / "d" / meta.shards[0]
+    table = pq.read_table(shard)
+    table = table.set_column(table.schema.get_field_index("train_end"), "train_end",
+                             pa.array([0] * table.num_rows, pa.int32()))
+    pq.write_table(table, shard)
+    with pytest.raises(ValueError, match="no user with a training behaviour"):
+        next(PackedLoader(tmp_path / "d", cfg(tmp_path / "d")))
