@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from lum_dist.config import DataConfig
 from lum_dist.data.batch import PackedBatch
+from lum_dist.data.errors import DataError
 from lum_dist.data.packing import best_fit_decreasing, collate, pad_rows
 from lum_dist.data.prepare import iter_user_shards, load_meta
 from lum_dist.data.schema import COND_PREFIX, ITEM_FIELD, NUM_PREFIX, DatasetMeta
@@ -40,6 +41,24 @@ EVAL_CHUNK = 4096  # eval sequences packed together
 def _columns(meta: DatasetMeta) -> list[str]:
     return ["user_id", ITEM_FIELD, *[COND_PREFIX + f for f in meta.cond_fields], "ts",
             *[NUM_PREFIX + g for g in meta.numeric_fields], "train_end", "valid_end"]
+
+
+def _checked_shards(path: Path, meta: DatasetMeta) -> Iterator[pa.Table]:
+    """The user shards (tokenization's columns), each checked: list columns as long as ``item``,
+    0 <= train_end <= valid_end <= length. A bad row raises DataError naming shard, row and field."""
+    for rel, table in zip(meta.shards, iter_user_shards(path, _columns(meta)), strict=True):
+        n = table.column(ITEM_FIELD).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+        checks = [(name, table.column(name).combine_chunks().value_lengths().to_numpy(zero_copy_only=False) != n,
+                   "length differs from the item list's")
+                  for name in table.column_names if name != ITEM_FIELD and pa.types.is_list(table.column(name).type)]
+        te, ve = table.column("train_end").to_numpy(), table.column("valid_end").to_numpy()
+        checks += [("train_end", (te < 0) | (te > ve), "must satisfy 0 <= train_end <= valid_end"),
+                   ("valid_end", ve > n, "exceeds the number of behaviours")]
+        for name, bad, message in checks:
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(path / rel, row + 1, name, f"user {table.column('user_id')[row]}: {message}")
+        yield table
 
 
 class UserColumns:
@@ -89,7 +108,7 @@ class PackedLoader:
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.meta = load_meta(self.path)
         tables, total = [], 0
-        for table in iter_user_shards(self.path, _columns(self.meta)):
+        for table in _checked_shards(self.path, self.meta):
             mine = np.flatnonzero((total + np.arange(table.num_rows)) % world_size == rank)
             tables.append(table.take(mine))
             total += table.num_rows
@@ -205,7 +224,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
         raise ValueError(f"max_seq_len={max_seq_len} > token_budget={token_budget}")
     path = Path(path)
     seen, pending = 0, []
-    for table in iter_user_shards(path, _columns(meta)):
+    for table in _checked_shards(path, meta):
         users = UserColumns(table)
         for i in np.flatnonzero(eval_target_index(users, split) >= 0).tolist():
             if max_users and seen >= max_users:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lum_dist.config import DataConfig
+from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader, eval_batches
 from lum_dist.data.prepare import prepare
 from lum_dist.data.schema import MASK_ID
@@ -217,3 +218,20 @@ def test_no_training_behaviours_is_an_error_not_a_hang(tmp_path):
     pq.write_table(table, shard)
     with pytest.raises(ValueError, match="no user with a training behaviour"):
         next(PackedLoader(tmp_path / "d", cfg(tmp_path / "d")))
+
+
+def test_bad_shard_row_names_file_row_and_field(tmp_path):
+    import pyarrow as pa
+
+    meta = write_tiny_dataset(tmp_path / "d", num_users=6, num_shards=2)
+    shard = tmp_path / "d" / meta.shards[1]
+    table = pq.read_table(shard)
+    cats = table.column("cond_category").to_pylist()
+    cats[1] = cats[1][:-1]
+    table = table.set_column(table.schema.get_field_index("cond_category"), "cond_category",
+                             pa.array(cats, pa.list_(pa.int32())))
+    pq.write_table(table, shard)
+    with pytest.raises(DataError, match=r"part-00001.parquet line 2: field 'cond_category'"):
+        PackedLoader(tmp_path / "d", cfg(tmp_path / "d"))
+    with pytest.raises(DataError, match="cond_category"):
+        next(eval_batches(tmp_path / "d", meta, "valid", 16, 64))
