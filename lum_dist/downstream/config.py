@@ -64,12 +64,16 @@ class DownstreamConfig:
     max_history: int = 50  # recent behaviours fed to the models
     neg_ratio: int = 4  # sampled negatives per positive (ranking)
     max_users: int = 0  # 0: all users; else the first N in shard order (as the query job's max_users)
-    sample_seed: int = 0  # negatives are drawn once, so every variant and seed sees the same samples
+    sample_seed: int = 0  # negatives (and the holdout) are drawn once: every variant and seed sees the same samples
+    holdout_fraction: float = 0.1  # training requests held out for early stopping; 0: train all epochs
+    patience: int = 2  # epochs without a better holdout loss before stopping
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # model seeds, per variant
     ranking: RankingConfig = field(default_factory=RankingConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"downstream config: holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if self.neg_ratio < 1 or self.max_history < 1 or not self.seeds:
             raise ValueError(f"downstream config: neg_ratio ({self.neg_ratio}) and max_history "
                              f"({self.max_history}) must be >= 1 and seeds ({self.seeds}) non-empty")

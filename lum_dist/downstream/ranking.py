@@ -118,7 +118,7 @@ def ctr_tensors(req: Requests, s: CTRSamples, item_attr: np.ndarray, variant: st
     t = {"hist_items": torch.from_numpy(req.hist_items[s.request]),
          "hist_attrs": torch.from_numpy(req.hist_attrs[s.request]),
          "cand": torch.from_numpy(s.cand), "cand_attr": torch.from_numpy(item_attr[s.cand]),
-         "label": torch.from_numpy(s.label)}
+         "label": torch.from_numpy(s.label), "request": torch.from_numpy(s.request)}
     if variant in ("lum_direct", "lum_both"):
         t["lum_direct"] = F.normalize(torch.from_numpy(lum.conditional), dim=-1)
     if variant in ("lum_match", "lum_both"):
@@ -128,8 +128,10 @@ def ctr_tensors(req: Requests, s: CTRSamples, item_attr: np.ndarray, variant: st
 
 
 def train_and_evaluate(variant: str, cfg: RankingConfig, seed: int, num_items: int, num_attrs: int,
-                       train: Batch, evaluation: Batch, eval_users: np.ndarray) -> dict[str, float]:
-    """Fit one DIN variant on ``train`` and score it on ``evaluation``: AUC, GAUC, LogLoss."""
+                       train: Batch, evaluation: Batch, eval_users: np.ndarray, holdout: Batch | None = None,
+                       patience: int = 2) -> dict[str, float]:
+    """Fit one DIN variant on ``train`` (early-stopped on ``holdout``) and score it on ``evaluation``:
+    AUC, GAUC, LogLoss."""
     accelerator = make_accelerator()
     torch.manual_seed(seed)
     spec = DINSpec(num_items, num_attrs, lum_dim=train["lum_direct"].shape[1] if "lum_direct" in train else 0,
@@ -139,11 +141,11 @@ def train_and_evaluate(variant: str, cfg: RankingConfig, seed: int, num_items: i
     def loss_fn(m: nn.Module, b: Batch) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(m(b), b["label"])
 
-    losses = fit(model, train, loss_fn, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                 weight_decay=cfg.weight_decay, seed=seed, accelerator=accelerator)
+    fitted = fit(model, train, loss_fn, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                 weight_decay=cfg.weight_decay, seed=seed, accelerator=accelerator, holdout=holdout, patience=patience)
     model = accelerator.unwrap_model(model)
     with torch.no_grad():
         probs = torch.cat([torch.sigmoid(model(b)).cpu() for b in batches(evaluation, 4096, accelerator.device)])
     labels, p = evaluation["label"].numpy(), probs.double().numpy()
     return {"auc": auc(labels, p), "gauc": gauc(eval_users, labels, p), "logloss": log_loss(labels, p),
-            "train_loss": losses[-1]}
+            "train_loss": fitted.train_loss[fitted.best_epoch - 1], "best_epoch": fitted.best_epoch}

@@ -80,8 +80,10 @@ def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float) -> torc
 
 def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_attr: np.ndarray, num_attrs: int,
                        train: Batch, evaluation: Batch, eval_history: list[np.ndarray],
-                       lum_items: np.ndarray | None = None) -> dict[str, float]:
-    """Fit one two-tower variant (LUM or not: whether ``train`` has "lum") and rank all items for ``evaluation``.
+                       lum_items: np.ndarray | None = None, holdout: Batch | None = None,
+                       patience: int = 2) -> dict[str, float]:
+    """Fit one two-tower variant (LUM or not: whether ``train`` has "lum"; early-stopped on ``holdout``) and
+    rank all items for ``evaluation``.
 
     ``lum_items`` [num_items, E]: LUM item embeddings for the item tower (None: not used)."""
     accelerator = make_accelerator()
@@ -89,9 +91,9 @@ def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_att
     num_items = len(item_attr)
     lum_table = F.normalize(torch.from_numpy(lum_items), dim=-1) if lum_items is not None else None
     model = TwoTower(num_users, num_items, num_attrs, train["lum"].shape[1] if "lum" in train else 0, cfg, lum_table)
-    losses = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature), epochs=cfg.epochs,
+    fitted = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature), epochs=cfg.epochs,
                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
-                 accelerator=accelerator)
+                 accelerator=accelerator, holdout=holdout, patience=patience)
     model = accelerator.unwrap_model(model)
     device = accelerator.device
     acc = RankingAccumulator(cfg.ks)
@@ -107,5 +109,6 @@ def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_att
     out = acc.compute()
     result = {f"recall@{k}": out[f"hr@{k}"] for k in cfg.ks}
     result.update({f"ndcg@{k}": out[f"ndcg@{k}"] for k in cfg.ks})
-    result["train_loss"] = losses[-1]
+    result["train_loss"] = fitted.train_loss[fitted.best_epoch - 1]
+    result["best_epoch"] = fitted.best_epoch
     return result

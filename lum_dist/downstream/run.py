@@ -36,6 +36,7 @@ from lum_dist.downstream.samples import (
     ctr_samples,
     load_dataset,
 )
+from lum_dist.downstream.train import split_holdout
 from lum_dist.utils import atomic_write_text
 
 
@@ -69,9 +70,10 @@ def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_
     results: dict[str, Any] = {}
     for variant in cfg.ranking.variants:
         train = ranking.ctr_tensors(train_req, train_s, data.item_attr, variant, lum_train, stats)
+        train, holdout = split_holdout(train, train["request"], cfg.holdout_fraction, cfg.sample_seed)
         evaluation = ranking.ctr_tensors(eval_req, eval_s, data.item_attr, variant, lum_eval, stats)
         runs = [ranking.train_and_evaluate(variant, cfg.ranking, seed, data.num_items, data.num_attrs, train,
-                                           evaluation, eval_users) for seed in cfg.seeds]
+                                           evaluation, eval_users, holdout, cfg.patience) for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
     counts = {"train_samples": len(train_s.label), "eval_samples": len(eval_s.label)}
     if lum_eval is not None:
@@ -90,10 +92,12 @@ def run_retrieval(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eva
     for variant in cfg.retrieval.variants:
         use = variant == "lum"
         train = retrieval.request_tensors(train_req, data.item_attr, lum_train.generic if use else None)
+        train, holdout = split_holdout(train, train["user_idx"], cfg.holdout_fraction, cfg.sample_seed)
         evaluation = retrieval.request_tensors(eval_req, data.item_attr, lum_eval.generic if use else None)
         lum_items = lum_train.item if use and cfg.retrieval.lum_item_tower else None
         runs = [retrieval.train_and_evaluate(cfg.retrieval, seed, data.users.num_rows, data.item_attr,
-                                             data.num_attrs, train, evaluation, eval_req.history, lum_items)
+                                             data.num_attrs, train, evaluation, eval_req.history, lum_items,
+                                             holdout, cfg.patience)
                 for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
     return results
@@ -107,7 +111,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['device']}, commit `{meta['git_commit']}`. Mean ± std over seeds; Δ = mean − base mean.", ""]
     for section in ("ranking", "retrieval"):
         variants = result[section]
-        metrics = [k for k in next(iter(variants.values()))["mean"] if k != "train_loss"]
+        metrics = [k for k in next(iter(variants.values()))["mean"] if k not in ("train_loss", "best_epoch")]
         lines += [f"## {section}", "", "| variant | " + " | ".join(metrics) + " | " + " | ".join(f"Δ {m}" for m in metrics)
                   + " |", "|---" * (1 + 2 * len(metrics)) + "|"]
         for name, v in variants.items():

@@ -7,7 +7,9 @@ Samples are small dense tensors (ids, a few LUM features), so a TensorDataset an
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -22,13 +24,21 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def fit(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor], *,
-        epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-        accelerator: Accelerator) -> list[float]:
-    """Train ``model`` in place; returns the mean training loss of each epoch.
+@dataclass
+class FitResult:
+    train_loss: list[float]  # mean training loss per epoch run
+    holdout_loss: list[float]  # per epoch run; empty without a holdout
+    best_epoch: int  # 1-based epoch whose weights the model holds at the end
 
-    A ragged last batch is dropped when there is more than one batch: batch norm (Dice) and in-batch
-    negatives both want full batches."""
+
+def fit(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor], *,
+        epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int, accelerator: Accelerator,
+        holdout: Batch | None = None, patience: int = 2) -> FitResult:
+    """Train ``model`` in place.
+
+    With ``holdout``, the loss on it is measured after every epoch; training stops after ``patience`` epochs
+    without improvement and the model keeps the best epoch's weights (early stopping). A ragged last batch
+    is dropped when there is more than one batch: batch norm (Dice) and in-batch negatives want full batches."""
     seed_everything(seed)
     keys = sorted(data)
     n = len(data[keys[0]])
@@ -36,8 +46,9 @@ def fit(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module,
                         drop_last=n > batch_size, generator=torch.Generator().manual_seed(seed))
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model, optim, loader = accelerator.prepare(model, optim, loader)
-    history = []
-    for _ in range(epochs):
+    result = FitResult([], [], epochs)
+    best_state = None
+    for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
         for values in loader:
@@ -46,9 +57,39 @@ def fit(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module,
             accelerator.backward(loss)
             optim.step()
             total, count = total + loss.item(), count + 1
-        history.append(total / max(1, count))
+        result.train_loss.append(total / max(1, count))
+        if holdout is None:
+            continue
+        result.holdout_loss.append(holdout_loss(model, holdout, loss_fn, batch_size, accelerator.device))
+        if result.holdout_loss[-1] <= min(result.holdout_loss):
+            result.best_epoch = epoch
+            best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+        elif epoch - result.best_epoch >= patience:
+            break
+    if best_state is not None:
+        accelerator.unwrap_model(model).load_state_dict(best_state)
     model.eval()
-    return history
+    return result
+
+
+@torch.no_grad()
+def holdout_loss(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor],
+                 batch_size: int, device: torch.device) -> float:
+    """Mean loss over in-order batches (fixed, so epochs compare), in eval mode."""
+    model.eval()
+    n = len(next(iter(data.values())))
+    total = sum(loss_fn(model, b).item() * len(next(iter(b.values()))) for b in batches(data, batch_size, device))
+    return total / n
+
+
+def split_holdout(data: Batch, group: torch.Tensor, fraction: float, seed: int) -> tuple[Batch, Batch | None]:
+    """Hold out a seeded ``fraction`` of the groups (requests: a positive and its negatives stay together)."""
+    if fraction <= 0:
+        return data, None
+    ids = torch.unique(group)
+    perm = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    held = torch.isin(group, perm[: max(1, int(round(fraction * len(ids))))])
+    return {k: v[~held] for k, v in data.items()}, {k: v[held] for k, v in data.items()}
 
 
 def batches(data: Batch, batch_size: int, device: torch.device) -> Iterator[Batch]:

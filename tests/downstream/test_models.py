@@ -10,6 +10,7 @@ import torch
 from lum_dist.downstream.config import RankingConfig, RetrievalConfig
 from lum_dist.downstream.ranking import DIN, DINSpec
 from lum_dist.downstream.retrieval import TwoTower, in_batch_softmax_loss
+from lum_dist.downstream.train import fit, holdout_loss, make_accelerator, split_holdout
 
 
 @pytest.mark.parametrize("activation", ["dice", "prelu"])
@@ -53,3 +54,29 @@ def test_in_batch_softmax_matches_reference():
         ref += -(logits[0] - torch.logsumexp(logits, 0)).item()
     assert loss.item() == pytest.approx(ref / 6, rel=1e-5)
     assert math.isfinite(loss.item())
+
+
+def test_fit_early_stops_and_restores_the_best_epoch():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    train = {"x": x, "label": (x[:, 0] > 0).float()}
+    holdout = {"x": x[:32], "label": (x[:32, 0] <= 0).float()}  # the opposite rule: gets worse as training works
+    model = torch.nn.Linear(3, 1)
+
+    def loss_fn(m, b):
+        return torch.nn.functional.binary_cross_entropy_with_logits(m(b["x"]).squeeze(-1), b["label"])
+
+    result = fit(model, train, loss_fn, epochs=20, batch_size=16, lr=0.1, weight_decay=0.0, seed=0,
+                 accelerator=make_accelerator(), holdout=holdout, patience=2)
+    assert result.best_epoch == 1 and len(result.train_loss) == 3 == len(result.holdout_loss)
+    assert result.holdout_loss[2] > result.holdout_loss[1] > result.holdout_loss[0]
+    assert holdout_loss(model, holdout, loss_fn, 16, torch.device("cpu")) == pytest.approx(result.holdout_loss[0])
+
+
+def test_split_holdout_keeps_groups_together():
+    group = torch.arange(50).repeat_interleave(5)
+    data = {"group": group, "v": torch.arange(250)}
+    train, held = split_holdout(data, group, 0.1, seed=0)
+    assert len(torch.unique(held["group"])) == 5 and len(held["v"]) == 25 and len(train["v"]) == 225
+    assert not set(held["group"].tolist()) & set(train["group"].tolist())
+    assert split_holdout(data, group, 0.0, seed=0) == (data, None)

@@ -70,7 +70,7 @@ def test_informative_lum_outputs_help(tmp_path):
     cfg = load_config(DownstreamConfig, overrides=[
         f"data_path={root}", f"query_valid={dirs['valid']}", f"query_test={dirs['test']}", f"output_dir={tmp_path}",
         "seeds=[0]", "max_history=8", "ranking.epochs=5", "ranking.batch_size=64", "ranking.variants=[base,lum_match]",
-        "retrieval.epochs=20", "retrieval.batch_size=32"])
+        "retrieval.epochs=20", "retrieval.batch_size=32", "holdout_fraction=0"])
     result = run_downstream(cfg)
     assert result["ranking"]["lum_match"]["mean"]["auc"] > 0.9 > result["ranking"]["base"]["mean"]["auc"]
     assert result["retrieval"]["lum"]["delta"]["recall@10"] > 0.1
