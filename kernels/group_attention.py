@@ -15,9 +15,13 @@ No dense mask exists anywhere; masks are built in registers from indices. Accumu
 inputs may be fp16, bf16 or fp32 (fp32 dots run in IEEE precision, not TF32); head dim a power of two
 in 16..256 (32/64/128 tested).
 
-Loop bounds: Triton 3.6 with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so
-every loop here is bounded by a kernel argument (``max_kv_blocks``, computed on the host per launch);
-a tile skips the key blocks past its own end with a scalar branch, which costs almost nothing.
+Loop bounds (``LOADED_BOUNDS``, chosen by :func:`loaded_bounds_ok` from the Triton version): Triton 3.6
+with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so there the key loop is
+bounded by a kernel argument (``max_kv_blocks``, the longest history's block count, computed on the
+host per launch) and a tile skips blocks past its own end with a scalar branch. That branch keeps the
+compiler from software-pipelining the K/V loads (no cp.async in the sm_90 TTGIR), so on Triton >= 3.7 the
+loop runs over exactly the tile's blocks, a bound derived from the tile table, and is pipelined. Both
+variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
 
 Forward only, on purpose: training never uses group queries (pretraining has Q = 0, evaluation Q = 1,
 which is plain causal attention). ``lum_dist.ops.group_query`` keeps a differentiable reference.
@@ -39,6 +43,29 @@ BLOCK_N = 64
 
 
 @triton.jit
+def _kv_block(q, K, V, kv_start, kv_end, rows, dims, head, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale,
+              m_i, l_i, acc, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the key block starting at kv_start (keys < kv_end)."""
+    cols = kv_start + tl.arange(0, BLOCK_N)
+    col_ok = cols < kv_end
+    k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if IS_QUERY:
+        keep = col_ok[None, :]
+    else:
+        keep = col_ok[None, :] & (cols[None, :] <= rows[:, None])
+    s = tl.where(keep, s, float("-inf"))
+    # Every row sees at least the sequence's first key in block 0, so m_new is finite.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _group_attention_fwd_kernel(
     Q, K, V, Out, Tiles,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -48,6 +75,7 @@ def _group_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_QUERY: tl.constexpr,
+    LOADED_BOUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -70,26 +98,18 @@ def _group_attention_fwd_kernel(
         kv_end = hist_end
     else:
         kv_end = row_end
-    for b in range(0, max_kv_blocks):
-        kv_start = seq_start + b * BLOCK_N
-        if kv_start < kv_end:
-            cols = kv_start + tl.arange(0, BLOCK_N)
-            col_ok = cols < kv_end
-            k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            if IS_QUERY:
-                keep = col_ok[None, :]
-            else:
-                keep = col_ok[None, :] & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            # Every row sees at least the sequence's first key in block 0, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    if LOADED_BOUNDS:
+        # Exactly this tile's key blocks; loads are software-pipelined (cp.async). Triton >= 3.7 only.
+        for b in range(0, tl.cdiv(kv_end - seq_start, BLOCK_N)):
+            m_i, l_i, acc = _kv_block(q, K, V, seq_start + b * BLOCK_N, kv_end, rows, dims, head, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY, DOT_PRECISION)
+    else:
+        # Bounded by an argument (the longest history's block count); blocks past this tile's end are skipped.
+        for b in range(0, max_kv_blocks):
+            if seq_start + b * BLOCK_N < kv_end:
+                m_i, l_i, acc = _kv_block(q, K, V, seq_start + b * BLOCK_N, kv_end, rows, dims, head, stride_kt,
+                                          stride_kh, stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY,
+                                          DOT_PRECISION)
     if IS_QUERY:
         # The diagonal: each query row's own key and value, one more online-softmax step.
         k_self = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=row_ok[:, None], other=0.0)
@@ -103,6 +123,12 @@ def _group_attention_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
+
+
+def loaded_bounds_ok(version: str = triton.__version__) -> bool:
+    """Whether loops may be bounded by scalars loaded from memory (broken in Triton <= 3.6)."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return (major, minor) >= (3, 7)
 
 
 def tile_table(cu: list[int], num_queries: list[int], block_hist: int, block_query: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +155,7 @@ def group_attention_fwd(
     scale: float,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
+    loaded_bounds: bool | None = None,
 ) -> torch.Tensor:
     """q, k, v [T, H, D] (last dim contiguous) -> [T, H, D]; cu / num_queries as Python lists (validated
     by the caller, :func:`lum_dist.ops.group_query.group_query_attention`)."""
@@ -142,6 +169,7 @@ def group_attention_fwd(
     block_q = min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
     hist_tiles, query_tiles = tile_table(cu, num_queries, block_m, block_q)
     max_hist = max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0)
+    loaded_bounds = loaded_bounds_ok() if loaded_bounds is None else loaded_bounds
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
     if q.dtype == torch.float32 and D >= 128:
         block_n = min(block_n, 32)  # fp32 K/V tiles of 64 x 128, double-buffered, crowd shared memory
@@ -153,7 +181,8 @@ def group_attention_fwd(
             q, k, v, out, table,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             scale * math.log2(math.e), triton.cdiv(max_hist, block_n),
-            HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, DOT_PRECISION=precision,
+            HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, LOADED_BOUNDS=loaded_bounds,
+            DOT_PRECISION=precision,
             num_warps=4 if D <= 64 else 8, num_stages=2,
         )
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -154,13 +155,21 @@ _WORKER = """
 import sys, torch
 from lum_dist.kernels.group_attention import group_attention_fwd
 cases = torch.load(sys.argv[1])
-torch.save([group_attention_fwd(c["q"], c["k"], c["v"], c["cu"], c["nq"], c["scale"], c["block"], c["block"])
+torch.save([group_attention_fwd(c["q"], c["k"], c["v"], c["cu"], c["nq"], c["scale"], c["block"], c["block"], c["loaded"])
             for c in cases], sys.argv[2])
 """
 
 
 def kernel_cases() -> dict[str, tuple]:
-    """name -> (q, k, v, cu, num_queries, scale, block): edge cases, head dims, block sizes, random packings."""
+    """name -> (q, k, v, cu, num_queries, scale, block, loaded_bounds): edge cases, head dims, block sizes,
+    random packings, each loop-bound variant (None: the one this Triton picks)."""
+    cases = {name: (*case, None) for name, case in _kernel_inputs().items()}
+    cases |= {f"{name}-argbounds": (*case, False) for name, case in _kernel_inputs().items()
+              if name.startswith(("case", "random", "fewq"))}
+    return cases
+
+
+def _kernel_inputs() -> dict[str, tuple]:
     cases = {}
     for i, (lens, nq) in enumerate(CASES):
         cases[f"case{i}"] = (*packed(lens, nq, dim=32, seed=i), 0.25, 16)
@@ -187,8 +196,8 @@ def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
     cases = kernel_cases()
     tmp = tmp_path_factory.mktemp("group_attention")
-    torch.save([{"q": q, "k": k, "v": v, "cu": cu.tolist(), "nq": n.tolist(), "scale": s, "block": b}
-                for q, k, v, cu, n, s, b in cases.values()], tmp / "in.pt")
+    torch.save([{"q": q, "k": k, "v": v, "cu": cu.tolist(), "nq": n.tolist(), "scale": s, "block": b, "loaded": lb}
+                for q, k, v, cu, n, s, b, lb in cases.values()], tmp / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _WORKER, str(tmp / "in.pt"), str(tmp / "out.pt")],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -199,7 +208,7 @@ def interpreted(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(kernel_cases()))
 def test_kernel_equals_reference(interpreted, name):
-    (q, k, v, cu, n, scale, _), got = interpreted[name]
+    (q, k, v, cu, n, scale, _, _), got = interpreted[name]
     max_len = int((cu[1:] - cu[:-1]).max())
     torch.testing.assert_close(got, group_query_reference(q, k, v, cu, n, max_len, scale), **CPU_TOL)
     if name.startswith("case"):
@@ -221,18 +230,60 @@ def test_tile_table_covers_rows_once_and_stays_below_the_diagonal():
         assert h <= r0 < r1 <= start + (cu[cu.index(start) + 1] - start)  # query tiles hold queries only
 
 
-def test_kernel_loops_are_bounded_by_arguments_only():
-    """Triton 3.6 (the GPU machine) breaks loops bounded by scalars loaded from memory: every range() in the
-    kernel must be bounded by literals or kernel arguments."""
+def test_loaded_loop_bounds_only_where_triton_handles_them():
+    """Triton 3.6 (the GPU machine) breaks loops bounded by scalars loaded from memory: such loops may only
+    sit under ``if LOADED_BOUNDS:``, which the host enables from Triton 3.7 on; every other loop is
+    bounded by literals or kernel arguments."""
+    pytest.importorskip("triton")
+    from lum_dist.kernels.group_attention import loaded_bounds_ok
+
+    assert not loaded_bounds_ok("3.6.0") and not loaded_bounds_ok("2.3.1")
+    assert loaded_bounds_ok("3.7.0") and loaded_bounds_ok("3.9.0+git1234") and loaded_bounds_ok("4.0")
     tree = ast.parse(KERNEL_PATH.read_text())
     kernel = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "_group_attention_fwd_kernel")
     params = {a.arg for a in kernel.args.args}
-    loops = [n.iter for n in ast.walk(kernel) if isinstance(n, ast.For)]
-    assert loops, "expected a key-block loop"
-    for call in loops:
-        for arg in call.args:
+    gated = {id(n) for g in ast.walk(kernel) if isinstance(g, ast.If) and ast.unparse(g.test) == "LOADED_BOUNDS"
+             for stmt in g.body for n in ast.walk(stmt)}
+    loops = [n for n in ast.walk(kernel) if isinstance(n, ast.For)]
+    assert len(loops) == 2 and sum(id(n) in gated for n in loops) == 1
+    for loop in loops:
+        if id(loop) in gated:
+            continue
+        for arg in loop.iter.args:
             names = {n.id for n in ast.walk(arg) if isinstance(n, ast.Name)}
             assert names <= params, f"loop bound {ast.unparse(arg)} uses non-arguments {names - params}"
+
+
+# Compile (no GPU needed: Triton ships ptxas) for sm_90 / sm_80 with the pointer/stride alignment a real
+# launch specialises on; the loaded-bound variant must software-pipeline its K/V loads (cp.async).
+COMPILE_CASES = [  # (arch, dtype, head dim, query tile, loaded bounds)
+    (90, "bf16", 128, False, True), (90, "bf16", 128, True, False), (90, "fp16", 64, False, False),
+    (90, "fp16", 32, True, True), (90, "fp32", 128, False, True), (90, "fp32", 64, True, False),
+    (80, "bf16", 64, False, True), (80, "fp16", 128, True, False),
+]
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize("arch,dtype,dim,is_query,loaded", COMPILE_CASES)
+def test_kernel_compiles_for_gpus(arch, dtype, dim, is_query, loaded):
+    pytest.importorskip("triton")
+    from lum_dist.kernels.group_attention import BLOCK_M, BLOCK_N, _group_attention_fwd_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = list(inspect.signature(_group_attention_fwd_kernel.fn).parameters)
+    consts = {"HEAD_DIM": dim, "BLOCK_M": 16 if is_query else BLOCK_M, "BLOCK_N": 32 if dtype == "fp32" else BLOCK_N,
+              "IS_QUERY": is_query, "LOADED_BOUNDS": loaded, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    sig = {n: "constexpr" if n in consts else "i32" for n in names}
+    sig |= {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Out": f"*{dtype}", "Tiles": "*i32", "qk_scale": "fp32"}
+    aligned = [n for n in names if n.startswith("stride") or n in ("Q", "K", "V", "Out", "Tiles")]
+    src = ASTSource(fn=_group_attention_fwd_kernel, signature=sig,
+                    constexprs={(names.index(c),): v for c, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    kernel = compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8 if dim > 64 else 4, "num_stages": 2})
+    assert kernel.metadata.shared <= 160 * 1024
+    if loaded:
+        assert "async_copy_global_to_local" in kernel.asm["ttgir"]
 
 
 # --- GPU (compiled kernel, half precision) ---
