@@ -164,6 +164,8 @@ def group_attention_fwd(
         raise ValueError(f"group_attention_fwd: head dim must be a power of two in 16..256, got {D}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
+    if max(x.stride(0) for x in (q, k, v, out)) * T >= 2**31:
+        raise ValueError(f"group_attention_fwd: {T} tokens x token stride overflow the kernel's int32 offsets; split the batch")
     # Few queries per user (Q = 1 in evaluation) would leave most rows of a 64-row tile empty: query tiles
     # shrink to the largest Q's power of two, down to 16 (the smallest tl.dot).
     block_q = min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
