@@ -75,12 +75,14 @@ def _group_query_by_definition(q, k, v, cu_seqlens, num_queries, max_seqlen, sof
     return out
 
 
-def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch):
-    """num_queries > 1 goes to lum_dist.ops.group_query (stubbed here by its definition); query j's output
-    equals the history + query j alone, at position L."""
-    stub = types.ModuleType("lum_dist.ops.group_query")
-    stub.group_query_attention = _group_query_by_definition
-    monkeypatch.setitem(sys.modules, "lum_dist.ops.group_query", stub)
+@pytest.mark.parametrize("op", ["definition", "lum_dist.ops.group_query"])
+def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, op):
+    """num_queries > 1 goes to lum_dist.ops.group_query (the real op, or a stub doing it by definition);
+    query j's output equals the history + query j alone, at position L."""
+    if op == "definition":
+        stub = types.ModuleType("lum_dist.ops.group_query")
+        stub.group_query_attention = _group_query_by_definition
+        monkeypatch.setitem(sys.modules, "lum_dist.ops.group_query", stub)
     model = tiny()
     batch = random_packed_batch([8, 3], 60, VOCABS, num_queries=[3, 2], seed=5)
     with torch.no_grad():
