@@ -120,10 +120,13 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
 
 
 def read_metrics(path: Path) -> dict[int, dict[str, float]]:
-    """Per-step metrics of a run; a step logged twice (re-run after a resume) keeps its last record."""
+    """Per-step metrics of a run, the records of one step merged (a later value of a key wins).
+
+    A step can have several records: the final evaluation is logged at the last training step, and a
+    step re-run after a resume is logged again (its newer values replace the older ones)."""
     out: dict[int, dict[str, float]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            out[rec["step"]] = rec
+            out.setdefault(rec["step"], {}).update(rec)
     return out
