@@ -44,18 +44,21 @@ BLOCK_N = 64
 
 @triton.jit
 def _kv_block(q, K, V, kv_start, kv_end, rows, dims, head, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale,
-              m_i, l_i, acc, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over the key block starting at kv_start (keys < kv_end)."""
+              m_i, l_i, acc, BLOCK_N: tl.constexpr, IS_QUERY: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the key block starting at kv_start (keys < kv_end). MASKED=False: the
+    caller knows every key of the block is visible to every row, so no mask is built."""
     cols = kv_start + tl.arange(0, BLOCK_N)
     col_ok = cols < kv_end
     k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if IS_QUERY:
-        keep = col_ok[None, :]
-    else:
-        keep = col_ok[None, :] & (cols[None, :] <= rows[:, None])
-    s = tl.where(keep, s, float("-inf"))
+    if MASKED:
+        if IS_QUERY:
+            keep = col_ok[None, :]
+        else:
+            keep = col_ok[None, :] & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
     # Every row sees at least the sequence's first key in block 0, so m_new is finite.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -100,16 +103,26 @@ def _group_attention_fwd_kernel(
         kv_end = row_end
     if LOADED_BOUNDS:
         # Exactly this tile's key blocks; loads are software-pipelined (cp.async). Triton >= 3.7 only.
-        for b in range(0, tl.cdiv(kv_end - seq_start, BLOCK_N)):
+        # Blocks every row sees whole (below the first row's diagonal / inside the history) skip the mask.
+        if IS_QUERY:
+            n_full = (kv_end - seq_start) // BLOCK_N
+        else:
+            n_full = (row_start - seq_start + 1) // BLOCK_N
+        for b in range(0, n_full):
             m_i, l_i, acc = _kv_block(q, K, V, seq_start + b * BLOCK_N, kv_end, rows, dims, head, stride_kt, stride_kh,
-                                      stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY, DOT_PRECISION)
+                                      stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY, False,
+                                      DOT_PRECISION)
+        for b in range(n_full, tl.cdiv(kv_end - seq_start, BLOCK_N)):
+            m_i, l_i, acc = _kv_block(q, K, V, seq_start + b * BLOCK_N, kv_end, rows, dims, head, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY, True,
+                                      DOT_PRECISION)
     else:
         # Bounded by an argument (the longest history's block count); blocks past this tile's end are skipped.
         for b in range(0, max_kv_blocks):
             if seq_start + b * BLOCK_N < kv_end:
                 m_i, l_i, acc = _kv_block(q, K, V, seq_start + b * BLOCK_N, kv_end, rows, dims, head, stride_kt,
                                           stride_kh, stride_vt, stride_vh, qk_scale, m_i, l_i, acc, BLOCK_N, IS_QUERY,
-                                          DOT_PRECISION)
+                                          True, DOT_PRECISION)
     if IS_QUERY:
         # The diagonal: each query row's own key and value, one more online-softmax step.
         k_self = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + dims[None, :], mask=row_ok[:, None], other=0.0)

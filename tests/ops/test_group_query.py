@@ -245,7 +245,7 @@ def test_loaded_loop_bounds_only_where_triton_handles_them():
     gated = {id(n) for g in ast.walk(kernel) if isinstance(g, ast.If) and ast.unparse(g.test) == "LOADED_BOUNDS"
              for stmt in g.body for n in ast.walk(stmt)}
     loops = [n for n in ast.walk(kernel) if isinstance(n, ast.For)]
-    assert len(loops) == 2 and sum(id(n) in gated for n in loops) == 1
+    assert 0 < sum(id(n) in gated for n in loops) < len(loops)
     for loop in loops:
         if id(loop) in gated:
             continue
