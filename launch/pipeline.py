@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("== 4. step 3, knowledge utilisation: DLRMs with and without LUM outputs")
         dcfg = load_config(DownstreamConfig, args.downstream, [
             f"data_path={cfg.data.path}", f"query_valid={query_dirs['valid']}", f"query_test={query_dirs['test']}",
+            f"output_dir={run_dir / 'downstream'}",
         ])
         result["downstream"] = run_downstream(dcfg)
     print(json.dumps(result["pretrain"], indent=2, sort_keys=True))
