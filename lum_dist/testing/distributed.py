@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -23,7 +24,9 @@ def _worker(fn: Callable, rank: int, world_size: int, init_file: str, args: tupl
         torch.set_num_threads(1)  # ranks share the machine's cores
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            results.put((rank, True, fn(*args)))
+            # Plain pickle bytes: the queue's own pickler would share tensors through file descriptors,
+            # which vanish if this process exits before the parent has read them (flaky "connection reset").
+            results.put((rank, True, pickle.dumps(fn(*args))))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -48,7 +51,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout: floa
                 rank, ok, value = results.get(timeout=timeout)
                 if not ok:
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
-                out[rank] = value
+                out[rank] = pickle.loads(value)
         finally:
             for p in procs:
                 p.join(timeout=5)
