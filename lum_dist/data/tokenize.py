@@ -8,7 +8,8 @@ gaps come from the user's full history, so a truncated sequence still knows how 
 behaviour followed the one before it. ``max_seq_len`` counts tokens and only whole behaviours are kept.
 
 Query tokens (evaluation, group query) carry time gap 0 and numeric features 0: they must not reveal
-anything about the behaviour they predict.
+anything about the behaviour they predict. Condition dropout (training) turns condition tokens into such
+generic queries, so evaluation asks the model something it was trained on.
 """
 
 from __future__ import annotations
@@ -136,13 +137,18 @@ def tokenize_group_query(row: dict[str, Any], meta: DatasetMeta, max_seq_len: in
 
 
 def apply_cond_dropout(seq: TokenSeq, p: float, rng: np.random.Generator) -> TokenSeq:
-    """Each condition token (query tokens excluded) has all its fields set to MASK_ID with prob. p,
-    so the model also learns the generic "any condition" query used at evaluation."""
+    """Each condition token (query tokens excluded) becomes a generic query with probability p: every
+    field MASK_ID, time gap 0 (unknown) and numeric features 0, exactly the query token of evaluation
+    and of the generic group query, so that query is in the training distribution."""
     if p <= 0.0:
         return seq
     n_hist = len(seq) - seq.num_queries
-    drop = (rng.random(n_hist) < p) & (seq.token_type[:n_hist] == COND_TOKEN)
-    cond = seq.cond.copy()
-    cond[:n_hist][drop] = MASK_ID
-    return replace(seq, cond=cond)
-
+    drop = np.zeros(len(seq), dtype=bool)
+    drop[:n_hist] = (rng.random(n_hist) < p) & (seq.token_type[:n_hist] == COND_TOKEN)
+    cond, gaps = seq.cond.copy(), seq.time_gaps.copy()
+    cond[drop], gaps[drop] = MASK_ID, 0
+    numeric = None
+    if seq.numeric is not None:
+        numeric = seq.numeric.copy()
+        numeric[drop] = 0.0
+    return replace(seq, cond=cond, time_gaps=gaps, numeric=numeric)

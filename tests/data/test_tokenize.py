@@ -116,6 +116,10 @@ def test_cond_dropout_only_masks_whole_condition_tokens():
     masked = (out.cond == MASK_ID).all(axis=1)
     assert (out.cond[~masked] == seq.cond[~masked]).all()
     assert (seq.token_type[masked] == COND_TOKEN).all()
+    # a dropped condition token is the generic query of evaluation: unknown time gap too
+    assert (out.time_gaps[masked] == 0).all() and (out.time_gaps[~masked] == seq.time_gaps[~masked]).all()
+    assert (seq.time_gaps[masked] > 0).any()
+    assert (out.numeric[masked] == 0).all() and (out.numeric[~masked] == seq.numeric[~masked]).all()
     assert 0.2 < masked.sum() / 200 < 0.4
     assert (seq.cond != MASK_ID).any(axis=1).all()  # the input is not modified
     assert apply_cond_dropout(seq, 0.0, np.random.default_rng(0)) is seq
