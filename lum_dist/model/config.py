@@ -45,6 +45,7 @@ class LUMConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
+        dropout: float = 0.0,  # on the token features and on every residual branch (small datasets)
         attn_backend: str = "auto",  # see lum_dist.ops.attention.varlen_attention
         **kwargs: Any,
     ):
@@ -62,12 +63,15 @@ class LUMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.dropout = dropout
         self.attn_backend = attn_backend
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
         if (hidden_size // num_heads) % 2:
             raise ConfigError(f"LUMConfig: head dim {hidden_size // num_heads} must be even for rotary positions")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"LUMConfig: dropout {dropout} must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +86,7 @@ class LUMConfig(PretrainedConfig):
 # What a preset file or a run's ``model.overrides`` may set (the dataset sets the table sizes).
 ARCH_KEYS = frozenset({
     "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
-    "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "attn_backend",
+    "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "dropout", "attn_backend",
 })
 
 

@@ -8,7 +8,8 @@ about DeepSpeed or process groups; the trainer shards it from outside.
   the condition slots and condition tokens PAD_ID in the item slot; PAD rows are zero (and get no
   gradient), so a condition token's item part and an item token's condition part are zero.
 * User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
-  a final RMSNorm and ``Linear(hidden -> item_emb_dim)``.
+  a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. ``dropout`` (0 in the large presets, as in
+  LLM pretraining) acts on the token features and on each residual branch: small datasets need it.
 * The output lives in the item embedding space: InfoNCE compares it with rows of the SAME
   ``item_emb`` table that item tokens read (see :class:`LUMConfig`).
 """
@@ -104,10 +105,11 @@ class Block(GradientCheckpointingLayer):
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, num_queries)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, num_queries))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class LUMModel(PreTrainedModel):
@@ -119,6 +121,7 @@ class LUMModel(PreTrainedModel):
     def __init__(self, config: LUMConfig):
         super().__init__(config)
         self.tokens = TokenEncoder(config)
+        self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.item_emb_dim, bias=False)
@@ -169,7 +172,7 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
-        x = self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric)
+        x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
         # One query token per sequence is exactly causal; only real groups need the group-query op.
         if num_queries is not None and not bool((num_queries > 1).any()):

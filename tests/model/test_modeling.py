@@ -149,3 +149,17 @@ def test_gpu_backends_give_the_reference_model_output_bf16():
             outs[backend] = model.forward_batch(batch).float()
     for backend, out in outs.items():
         torch.testing.assert_close(out, outs["reference"], rtol=3e-2, atol=3e-2, msg=lambda m, b=backend: f"{b}: {m}")
+
+
+def test_dropout_acts_in_training_only():
+    model = tiny(dropout=0.3)
+    batch = random_packed_batch([8, 5], 60, VOCABS, seed=2)
+    with torch.no_grad():
+        ref = model.forward_batch(batch)
+        torch.testing.assert_close(model.forward_batch(batch), ref, rtol=0, atol=0)  # eval: deterministic
+        model.train()
+        assert not torch.allclose(model.forward_batch(batch), ref)
+        model.eval()
+        torch.testing.assert_close(model.forward_batch(batch), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dropout"):
+        tiny(dropout=1.0)
