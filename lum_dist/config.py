@@ -51,7 +51,7 @@ class LossConfig:
     min_temperature: float = 0.01
     max_temperature: float = 1.0
     gather_negatives: bool = True  # in-batch negatives from every data-parallel rank
-    logq_correction: bool = False  # subtract log(item frequency) from negatives' logits
+    logq_correction: bool = True  # subtract log q(candidate): in-batch negatives are popularity-sampled
     num_random_negatives: int = 0  # extra uniformly sampled negatives per rank
     mask_false_negatives: bool = True  # a negative equal to the positive item is not a negative
 

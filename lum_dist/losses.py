@@ -6,7 +6,12 @@ For each target (the output at a condition token, paired with the item of the sa
 
 over the candidates c = the positives of ALL ranks (and ``num_random_negatives`` uniform ids shared
 by all ranks), with false negatives (same item id as the positive, other than the positive itself)
-masked out. The gather is autograd-aware: a candidate's gradient is summed over every rank whose
+masked out.
+
+logQ correction (Yi et al., RecSys 2019): in-batch candidates are drawn in proportion to item
+frequency, so an uncorrected softmax learns to push popular items down and ranks poorly over the
+whole catalogue. ``q(c)`` is the expected number of times c is a candidate: ``B * p(c)`` for B
+in-batch candidates plus ``R / num_real_items`` for R uniform negatives (one proposal mixing both). The gather is autograd-aware: a candidate's gradient is summed over every rank whose
 loss used it and returned to the rank that embedded it.
 
 Normalisation: rank r returns ``local_sum * world / global_count``. DeepSpeed averages gradients
@@ -84,6 +89,12 @@ class InfoNCE(nn.Module):
         ids = torch.randint(NUM_SPECIAL_IDS, self.num_items, (self.cfg.num_random_negatives,), generator=g)
         return ids.to(device)
 
+    def log_expected_count(self, cand_ids: torch.Tensor, num_in_batch: int) -> torch.Tensor:
+        """log q(c) of the logQ correction: expected draws of each candidate from both samplers."""
+        in_batch = num_in_batch * self.item_log_prob[cand_ids].double().exp()
+        uniform = self.cfg.num_random_negatives / max(1, self.num_items - NUM_SPECIAL_IDS)
+        return (in_batch + uniform).log().float()
+
     def forward(
         self, user_out: torch.Tensor, target_ids: torch.Tensor, item_embeddings: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -119,7 +130,7 @@ class InfoNCE(nn.Module):
         temperature = self.temperature().to(device)
         logits = user @ cand.T / temperature
         if self.cfg.logq_correction:
-            logits = logits - self.item_log_prob[cand_ids][None, :]
+            logits = logits - self.log_expected_count(cand_ids, global_count if gather else n)[None, :]
         pos_col = offset + torch.arange(n, device=device)
         if self.cfg.mask_false_negatives:
             same = cand_ids[None, :] == target_ids[:, None]

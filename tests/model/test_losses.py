@@ -33,8 +33,9 @@ def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=()):
         if cfg.similarity == "cosine":
             u, c = u / u.norm(), c / c.norm(dim=1, keepdim=True)
         logits = c @ u / cfg.temperature
-        if cfg.logq_correction:
-            logits = logits - log_q[cand_ids]
+        if cfg.logq_correction:  # expected draws: len(ids) in-batch by frequency + uniform extras
+            expected = len(ids) * log_q[cand_ids].exp() + len(extra_ids) / (NUM_ITEMS - NUM_SPECIAL_IDS)
+            logits = logits - expected.log()
         keep = [j for j in range(len(cand_ids)) if j == i or cand_ids[j] != ids[i] or not cfg.mask_false_negatives]
         pos = keep.index(i)
         total = total - torch.log_softmax(logits[keep], 0)[pos]
@@ -44,6 +45,7 @@ def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=()):
 CONFIGS = {
     "cosine": LossConfig(),
     "dot-logq": LossConfig(similarity="dot", temperature=0.7, logq_correction=True),
+    "no-logq": LossConfig(logq_correction=False),
     "no-mask": LossConfig(mask_false_negatives=False, temperature=0.2),
     "random-negatives": LossConfig(num_random_negatives=5, logq_correction=True),
 }
@@ -64,7 +66,8 @@ def test_single_process_equals_reference(name):
 
 
 def test_learnable_temperature_is_clamped_and_trained():
-    cfg = LossConfig(learnable_temperature=True, temperature=0.05, min_temperature=0.01, max_temperature=1.0)
+    cfg = LossConfig(learnable_temperature=True, temperature=0.05, min_temperature=0.01, max_temperature=1.0,
+                     logq_correction=False)
     loss_fn = InfoNCE(cfg, NUM_ITEMS)
     user, ids, table, _ = inputs(6)
     loss, _ = loss_fn(user, ids, lambda i: table[i])
