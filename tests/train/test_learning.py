@@ -44,4 +44,4 @@ def test_learns_planted_structure_of_synthetic_data(tmp_path):
 @pytest.mark.skipif(data_dir() is None or not (data_dir() / "ml-100k").is_dir(), reason="needs $LUM_DATA_DIR/ml-100k")
 def test_learns_on_movielens_100k(tmp_path):
     ev = _train(tmp_path, "configs/pretrain/ml100k-cpu.yaml", "train.max_steps=300")
-    _assert_beats_popularity(ev, factor=1.2)
+    _assert_beats_popularity(ev, factor=2.0)
