@@ -44,6 +44,9 @@ class PackedBatch:
     token_budget: int  # tokens per row the packer filled to (rows * budget = padded size)
     user_ids: list[str]  # raw user id of every sequence
     numeric: torch.Tensor | None = None  # float32 [T, G] numeric side features, or None
+    # Evaluation batches: per sequence, every item the user had before the target (CPU int64 tensors),
+    # also those older than the packed history; excluded from the full ranking. None elsewhere.
+    seen_items: list[torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -117,4 +117,5 @@ def collate(seqs: Sequence[TokenSeq], rows: list[list[int]], token_budget: int) 
         token_budget=int(token_budget),
         user_ids=[s.user_id for s in picked],
         numeric=numeric,
+        seen_items=[torch.from_numpy(s.seen_items) for s in picked] if picked[0].seen_items is not None else None,
     )

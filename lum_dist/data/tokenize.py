@@ -36,6 +36,9 @@ class TokenSeq:
     numeric: np.ndarray | None  # float32 [n, G], or None without numeric fields
     num_queries: int
     user_id: str
+    # Evaluation only: every item the user had before the target, even those cut off by max_seq_len
+    # (excluded from the full ranking).
+    seen_items: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
@@ -114,14 +117,16 @@ def tokenize_train(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int,
 
 def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int) -> TokenSeq:
     """History [0, end) (the most recent behaviours fitting in max_seq_len - 1 tokens) + one generic
-    query condition token (every field MASK_ID) whose target is item[end]."""
+    query condition token (every field MASK_ID) whose target is item[end]; ``seen_items`` = the
+    distinct items of the whole history [0, end)."""
     _check_len(max_seq_len, 1)
     items = row[ITEM_FIELD]
     if not 0 <= end < len(items):
         raise ValueError(f"user {row['user_id']}: eval target index {end} outside [0, {len(items)})")
     hist = _behaviours(row, meta, max(0, end - (max_seq_len - 1) // 2), end)
     query = np.full((1, len(meta.cond_fields)), MASK_ID, dtype=np.int64)
-    return _append_queries(hist, query, np.array([int(items[end])]))
+    seq = _append_queries(hist, query, np.array([int(items[end])]))
+    return replace(seq, seen_items=np.unique(np.asarray(items[:end], dtype=np.int64)))
 
 
 def tokenize_group_query(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int,

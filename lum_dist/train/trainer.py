@@ -2,7 +2,7 @@
 
 Read it top to bottom: ``pretrain(cfg)`` prepares the data (rank 0), builds the model under ZeRO,
 restores the newest complete checkpoint, then runs a flat loop of micro-steps with logging, evaluation
-and atomic checkpoints. Works under the ``deepspeed`` launcher, ``torchrun`` or plain ``python``.
+(:mod:`lum_dist.eval.ranking`) and atomic checkpoints. Works under the ``deepspeed`` launcher, ``torchrun`` or plain ``python``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from tqdm import tqdm
 
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
-from lum_dist.data.loader import PackedLoader, eval_batches
-from lum_dist.data.prepare import load_vocab, prepare
-from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
-from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+from lum_dist.data.loader import PackedLoader
+from lum_dist.data.prepare import prepare
+from lum_dist.data.schema import DatasetMeta
+from lum_dist.eval.ranking import evaluate, item_log_prob
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMConfig, LUMModel, flops_per_token, load_preset, param_counts
 from lum_dist.train import checkpoint, parallelize
-from lum_dist.utils import atomic_write_text, expand_source
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
+from lum_dist.utils import atomic_write_text, expand_source
 
 
 class PretrainModule(nn.Module):
@@ -54,92 +54,6 @@ def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig:
         num_numeric=len(meta.numeric_fields),
         **cfg.model.overrides,
     )
-
-
-def item_log_prob(data_path: Path, num_items: int) -> torch.Tensor:
-    """log p(item) from training counts, for the logQ correction (reserved ids get a tiny mass)."""
-    vocab = load_vocab(data_path, ITEM_FIELD)
-    counts = torch.ones(num_items, dtype=torch.float64) * 1e-3
-    ids = torch.as_tensor(vocab.column("id").to_numpy(), dtype=torch.long)
-    counts[ids] = torch.as_tensor(vocab.column("count").to_numpy(), dtype=torch.float64).clamp_min(1e-3)
-    return (counts / counts.sum()).log().float()
-
-
-def sequence_mean_len(batch: PackedBatch) -> float:
-    return batch.num_tokens / max(1, batch.num_sequences)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(module: PretrainModule, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
-             device: torch.device, split: str | None = None) -> dict[str, float]:
-    """Full-ranking HR@K / NDCG@K / MRR over all items, history items excluded, plus the popularity baseline.
-
-    Each user is scored by exactly one rank; every rank runs the same number of forward passes
-    (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch.
-    """
-    split = split or cfg.eval.split
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = module.model
-    was_training = model.training
-    model.eval()
-    items = model.item_embeddings(None).float()  # [num_items, E]
-    if cfg.loss.similarity == "cosine":
-        items = torch.nn.functional.normalize(items, dim=-1)
-    items[:NUM_SPECIAL_IDS] = 0.0
-    popularity = item_log_prob(data_path, meta.num_items).to(device)
-    popularity[:NUM_SPECIAL_IDS] = -float("inf")
-
-    acc, pop_acc = RankingAccumulator(cfg.eval.ks), RankingAccumulator(cfg.eval.ks)
-    batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget,
-                           max_users=cfg.eval.max_users, rank=rank, world_size=world)
-    last = one_token_batch(len(meta.cond_fields), len(meta.numeric_fields))
-    while True:
-        batch = next(batches, None)
-        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
-            break
-        real = batch is not None
-        batch = (batch if real else last).to(device)
-        last = batch
-        out = model.forward_batch(batch)
-        if not real:
-            continue
-        query_at = batch.cu_seqlens[1:].long() - 1  # the eval query is the last token of each sequence
-        user = out[query_at].float()
-        if cfg.loss.similarity == "cosine":
-            user = torch.nn.functional.normalize(user, dim=-1)
-        targets = batch.targets[query_at]
-        history = history_items(batch)
-        acc.update(rank_of_targets(user @ items.T, targets, history))
-        pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, history))
-    model.train(was_training)
-    result = {f"{split}/{k}": v for k, v in acc.all_reduce().compute().items()}
-    result.update({f"{split}/pop_{k}": v for k, v in pop_acc.all_reduce().compute().items()})
-    return result
-
-
-def one_token_batch(num_cond_fields: int, num_numeric: int) -> PackedBatch:
-    """A one-token batch for a rank that has run out of eval users but must join ZeRO-3's collective gathers."""
-    z = torch.zeros(1, dtype=torch.long)
-    return PackedBatch(
-        item_ids=z, cond_ids=torch.full((1, num_cond_fields), MASK_ID), token_type=z, positions=z, time_gaps=z,
-        targets=z, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), max_seqlen=1,
-        num_queries=torch.ones(1, dtype=torch.int32), row_splits=torch.tensor([0, 1], dtype=torch.int32),
-        token_budget=1, user_ids=[""], numeric=torch.zeros(1, num_numeric) if num_numeric else None,
-    )
-
-
-def history_items(batch: PackedBatch) -> list[torch.Tensor]:
-    """Item ids each sequence has already interacted with (excluded from its ranking)."""
-    seq = batch.seq_index()
-    is_item = batch.token_type == 1
-    ids, owners = batch.item_ids[is_item], seq[is_item]
-    return [ids[owners == s] for s in range(batch.num_sequences)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +136,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 bar.write(format_line(step, cfg.train.max_steps, metrics))
             logger.log(step, metrics)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            _log_eval(evaluate(module, data_path, meta, cfg, device), step, logger, bar, rank)
+            _log_eval(evaluate(module.model, data_path, meta, cfg, device), step, logger, bar, rank)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
             checkpoint.save(engine, ckpt_root, step, {"step": step, "loader": loader.state_dict()}, run_config,
                             cfg.train.keep_last, die_during_save=step == die_at)
     bar.close()
-    final_eval = evaluate(module, data_path, meta, cfg, device)
+    final_eval = evaluate(module.model, data_path, meta, cfg, device)
     _log_eval(final_eval, cfg.train.max_steps, logger, None, rank)
     logger.close()
     if rank == 0:

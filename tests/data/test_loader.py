@@ -146,6 +146,7 @@ def test_eval_batches(tiny, split):
                 assert hist == row["item"][t - len(hist):t] and len(hist) == min(t, 5)  # no target, nothing later
                 got[uid] = int(b.targets[hi - 1])
                 assert got[uid] == row["item"][t]
+                assert b.seen_items[s].tolist() == sorted(set(row["item"][:t]))  # whole history, for exclusion
     assert len(got) == 60  # loo: every user has a valid and a test target
     capped = [u for b in eval_batches(path, meta, split, 12, 30, max_users=7) for u in b.user_ids]
     assert sorted(capped) == sorted(f"u{u}" for u in range(7))

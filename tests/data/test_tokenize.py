@@ -90,6 +90,8 @@ def test_eval_query_generic_and_no_leakage():
         k = len(hist)
         assert hist == row["item"][end - k:end].tolist()  # exactly the most recent behaviours before end
         assert k == min(end, (max_len - 1) // 2)
+        # the ranking excludes the whole history, also what max_seq_len cut off
+        assert seq.seen_items.tolist() == sorted(set(row["item"][:end].tolist()))
 
 
 def test_eval_target_out_of_range():

@@ -20,10 +20,11 @@ def _train_zero3() -> dict:
     parallelize.init_distributed()  # joins the existing gloo group
     cfg = PretrainConfig()
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
-    cfg.loss = LossConfig(learnable_temperature=True, num_random_negatives=8)
+    cfg.loss = LossConfig(learnable_temperature=True, num_random_negatives=8)  # logQ-corrected (the default)
+    log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
     ds = parallelize.deepspeed_config(cfg)
-    module = parallelize.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS)), ds)
+    module = parallelize.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS, log_q)), ds)
     module.model.gradient_checkpointing_enable()
     engine = parallelize.build_engine(module, cfg, ds)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())

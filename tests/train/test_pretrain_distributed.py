@@ -1,4 +1,5 @@
-"""The DeepSpeed trainer with 2 real CPU processes (gloo, ZeRO-3): smoke, SIGKILL + resume, kill during save.
+"""The DeepSpeed trainer with 2 real CPU processes (gloo, ZeRO-3): smoke, SIGKILL + resume, kill during save,
+then one-process evaluation and export of the sharded checkpoint.
 
 A reference run of 8 steps is compared with runs that are killed and resumed: the per-step losses and
 the final weights must be the same (to float tolerance), whatever moment the kill hit.
@@ -118,3 +119,73 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(reference: Path)
     assert _run(reference, "killsave") == 0, (reference / "killsave.log").read_text()[-4000:]
     assert not (ckpts / ".tmp_step_00000006").exists()
     _assert_same_run(reference, "ref", "killsave")
+
+
+def _launch_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_one_process_evaluation_of_the_checkpoint_equals_the_two_rank_evaluation(reference: Path):
+    """launch/evaluate.py consolidates the ZeRO-3 shards and evaluates in one process: the trainer's
+    final 2-rank evaluation (each rank half of the users) is reproduced."""
+    import json
+
+    out = reference / "eval-one-process"
+    _launch_script("evaluate.py", "--checkpoint", str(reference / "ref"), "--split", "valid", "--max-users", "40",
+                   "--out", str(out))
+    one = json.loads(out.with_suffix(".json").read_text())["metrics"]
+    two = read_metrics(reference / "ref" / "metrics.jsonl")[STEPS]
+    assert one["valid/count"] == two["valid/count"] == 40
+    for key in ("valid/hr@10", "valid/ndcg@10", "valid/mrr", "valid/pop_hr@10", "valid/pop_ndcg@20"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-6), key
+    assert "| valid | LUM |" in out.with_suffix(".md").read_text()
+
+
+def test_export_ranks_like_the_evaluation_and_writes_a_consolidated_hf_model(reference: Path):
+    """users.parquet . items.parquet (dot product) ranks each user's held-out item exactly as the evaluation
+    does; ``--hf`` writes a safetensors model whose weights are the consolidated ZeRO-3 shards."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from lum_dist.data.prepare import load_vocab, read_users
+    from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+    from lum_dist.model import LUMModel
+
+    out = reference / "export"
+    _launch_script("export.py", "--checkpoint", str(reference / "ref"), "--split", "valid", "--max-users", "40",
+                   "--out", str(out), "--hf")
+    users, items = pq.read_table(out / "users.parquet"), pq.read_table(out / "items.parquet")
+    assert users.num_rows == 40 and (out / "model" / "model.safetensors").is_file()
+
+    # Rank with the exported embeddings only, in raw ids, history excluded as in the evaluation.
+    data = reference / "data"
+    raw_of = dict(zip(*(load_vocab(data, "item").column(c).to_pylist() for c in ("id", "raw")), strict=True))
+    rows = {r["user_id"]: r for r in read_users(data).to_pylist()}
+    item_raw = items.column("item_id").to_pylist()
+    col = {raw: j for j, raw in enumerate(item_raw)}
+    scores = torch.tensor(np.stack(users.column("embedding").to_pylist())) @ torch.tensor(
+        np.stack(items.column("embedding").to_pylist())).T
+    targets, exclude = [], []
+    for uid in users.column("user_id").to_pylist():
+        row = rows[uid]
+        targets.append(col[raw_of[row["item"][row["train_end"]]]])
+        exclude.append(torch.tensor([col[raw_of[i]] for i in set(row["item"][: row["train_end"]]) if raw_of[i] in col],
+                                    dtype=torch.long))
+    # rank_of_targets skips the first NUM_SPECIAL_IDS columns: shift the item columns past them
+    pad = torch.full((len(targets), 3), -float("inf"))
+    ranks = rank_of_targets(torch.cat([pad, scores], 1), torch.tensor(targets) + 3, [e + 3 for e in exclude])
+    exported = RankingAccumulator([10]).update(ranks).compute()
+    evaluated = read_metrics(reference / "ref" / "metrics.jsonl")[STEPS]  # the trainer's final evaluation
+    assert exported["hr@10"] == pytest.approx(evaluated["valid/hr@10"], abs=1e-9)
+    assert exported["ndcg@10"] == pytest.approx(evaluated["valid/ndcg@10"], rel=1e-5)
+
+    hf = LUMModel.from_pretrained(out / "model")
+    zero = {k.removeprefix("model."): v for k, v in _final_weights(reference / "ref").items() if k.startswith("model.")}
+    state = hf.state_dict()
+    assert set(zero) <= set(state)
+    for k, v in zero.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
