@@ -69,8 +69,8 @@ def parse_conditions(specs: list[str], meta: DatasetMeta, data_path: Path) -> tu
             raise ValueError(f"condition {spec!r}: unknown field {fname!r}; fields: {meta.cond_fields}")
         vocab = load_vocab(data_path, fname).sort_by("id")
         raw, ids = vocab.column("raw").to_pylist(), vocab.column("id").to_numpy()
-        lookup = dict(zip(raw, ids))
-        values = [r for r, i in zip(raw, ids) if i >= NUM_SPECIAL_IDS] if value == "ALL" else [value]
+        lookup = dict(zip(raw, ids, strict=True))
+        values = [r for r, i in zip(raw, ids, strict=True) if i >= NUM_SPECIAL_IDS] if value == "ALL" else [value]
         for v in values:
             if v not in lookup:
                 raise ValueError(f"condition {spec!r}: value {v!r} is not in the training vocabulary of {fname}")

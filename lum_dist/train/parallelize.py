@@ -129,7 +129,7 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: norms, biases and the temperature are not regularised (as in nanoGPT)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape

@@ -109,7 +109,7 @@ def _rows(out: Path) -> list[tuple]:
     table = pq.read_table([out / s for s in manifest["shards"]])
     assert table.num_rows == manifest["num_rows"]
     return list(zip(table.column("user_id").to_pylist(), table.column("condition").to_pylist(),
-                    [tuple(np.round(e, 5)) for e in table.column("embedding").to_pylist()]))
+                    [tuple(np.round(e, 5)) for e in table.column("embedding").to_pylist()], strict=True))
 
 
 @pytest.mark.slow
