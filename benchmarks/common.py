@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: a plain-text table and a JSON result with the run's provenance.
 
-Every benchmark writes ``benchmarks/results/<name>.json`` = ``{"meta": {...}, "rows": [...]}``, where
+Every benchmark writes ``benchmarks/results/<name>.json`` (or ``$LUM_BENCH_RESULTS/<name>.json``) = ``{"meta": {...}, "rows": [...]}``, where
 meta holds what the caller passes (shapes, FLOP formula, ...) plus device, git commit, torch version
 and a UTC timestamp, so a number can always be traced to the code and machine that produced it.
 """
@@ -19,7 +19,8 @@ import torch
 
 from lum_dist.utils import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# $LUM_BENCH_RESULTS redirects the output (the CI smoke tests write to a temporary folder).
+RESULTS = Path(os.environ.get("LUM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def device_name() -> str:

@@ -3,7 +3,8 @@
 Each configuration is one real training process (``launch/pretrain.py`` via the sweep launcher) for a
 few steps; the numbers are the trainer's own metrics at its last log line (lum_dist.train.monitor:
 the first step, with warm-up and allocation, is excluded; tokens are real tokens, not padding, so
-"pack" vs "pad" compares useful work). MFU is reported only on GPUs with a known peak.
+"pack" vs "pad" compares useful work: "pad" batches are padded [B, L] rows the model really computes
+on, of the same size as a packed row). MFU (useful FLOPs) is reported only on GPUs with a known peak.
 
     python benchmarks/train_throughput.py --smoke        # CPU: lum-tiny, tiny shapes, a few steps
     python benchmarks/train_throughput.py --presets lum-100m lum-1b --seq-lens 1024 4096 \\
@@ -35,8 +36,13 @@ FLOP_FORMULA = ("model FLOPs/token = lum_dist.model.flops_per_token = 6 * matmul
 
 def overrides_for(preset: str, seq_len: int, packing: str, zero: int, steps: int, token_budget: int,
                   out: Path) -> list[str]:
-    return [f"model.preset={preset}", f"data.max_seq_len={seq_len}", f"data.packing={packing}",
-            f"data.token_budget={max(token_budget, seq_len)}", f"train.zero_stage={zero}",
+    """Batches of the same size either way: one packed row of ``token_budget`` tokens, or
+    token_budget // seq_len rows of one user padded to ``seq_len`` (the model computes on the padding)."""
+    budget = max(token_budget, seq_len)
+    rows = (f"data.token_budget={budget}", "data.rows_per_batch=1") if packing == "pack" else (
+        f"data.token_budget={seq_len}", f"data.rows_per_batch={budget // seq_len}")
+    return [f"model.preset={preset}", f"data.max_seq_len={seq_len}", f"data.packing={packing}", *rows,
+            f"train.zero_stage={zero}",
             f"train.max_steps={steps}", f"train.log_every={steps}", "train.eval_every=0", "train.save_every=0",
             "train.resume=never", "eval.max_users=8", f"train.output_dir={out}"]
 

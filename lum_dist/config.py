@@ -30,7 +30,7 @@ class DataConfig:
     long_sequences: str = "truncate"  # "truncate" (keep the most recent) | "window" (split into windows)
     token_budget: int = 2048  # tokens per packed row
     rows_per_batch: int = 1  # packed rows per micro-batch per rank
-    packing: str = "pack"  # "pack" (best-fit bin packing) | "pad" (one sequence per row)
+    packing: str = "pack"  # "pack" (best-fit bin packing) | "pad" (one sequence per row, padded: a baseline)
     shuffle_buffer: int = 2048  # sequences shuffled and packed together (the packing window)
     num_workers: int = 0
     seed: int = 0

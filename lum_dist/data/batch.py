@@ -5,7 +5,9 @@ jagged-tensor style: values are ``[T, ...]`` and ``cu_seqlens`` (int32, ``[S + 1
 where each sequence starts. Attention never crosses a boundary and ``positions`` restart at 0 at
 every sequence. ``row_splits`` groups sequences into the fixed token-budget rows they were packed
 into (``[R + 1]`` indices into the sequence axis); it only matters for utilisation and for backends
-that want fixed shapes.
+that want fixed shapes. The "pad" policy (the classic padded ``[B, L]`` batch, a baseline) really pads:
+each row's sequence is followed by PAD tokens up to the budget (item tokens with target 0 after the
+real ones, so causal attention keeps them out of every real output), counted in ``num_pad_tokens``.
 
 Token layout of one sequence: each behaviour is two tokens ``<condition, item>``::
 
@@ -47,10 +49,16 @@ class PackedBatch:
     # Evaluation batches: per sequence, every item the user had before the target (CPU int64 tensors),
     # also those older than the packed history; excluded from the full ranking. None elsewhere.
     seen_items: list[torch.Tensor] | None = None
+    num_pad_tokens: int = 0  # trailing PAD tokens of the "pad" policy (part of the token axis, not real)
 
     @property
     def num_tokens(self) -> int:
+        """Tokens on the token axis (what the model computes on), padding included."""
         return int(self.item_ids.numel())
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.num_tokens - self.num_pad_tokens
 
     @property
     def num_sequences(self) -> int:
@@ -63,7 +71,7 @@ class PackedBatch:
     @property
     def utilization(self) -> float:
         """Real tokens / padded size of the rows they were packed into."""
-        return self.num_tokens / max(1, self.num_rows * self.token_budget)
+        return self.num_real_tokens / max(1, self.num_rows * self.token_budget)
 
     def seq_lens(self) -> torch.Tensor:
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]

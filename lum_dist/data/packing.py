@@ -4,7 +4,9 @@
 row whose remaining room is the smallest that still fits (a new row if none does). The open rows are
 kept in a list sorted by (room, row id) and searched with bisect, so a placement costs a binary
 search plus a memmove, not a scan of every row. ``best_fit_reference`` is the plain quadratic version
-the tests compare it with. ``pad_rows`` (one sequence per row) is the "pad" policy, for comparison.
+the tests compare it with. ``pad_rows`` (one sequence per row) is the "pad" policy, for comparison:
+``collate(..., pad=True)`` then fills each row with PAD tokens up to the budget, as a padded [B, L]
+batch would, so the model really pays for the padding.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lum_dist.data.batch import PackedBatch
+from lum_dist.data.batch import ITEM_TOKEN, PackedBatch
+from lum_dist.data.schema import PAD_ID
 from lum_dist.data.tokenize import TokenSeq
 
 
@@ -81,16 +84,35 @@ def pad_rows(lengths: np.ndarray, budget: int) -> list[list[int]]:
     return [[i] for i in range(len(_check_lengths(lengths, budget)))]
 
 
-def collate(seqs: Sequence[TokenSeq], rows: list[list[int]], token_budget: int) -> PackedBatch:
-    """Lay the sequences of ``rows`` end to end (row order, then order within each row)."""
+def pad_sequence(seq: TokenSeq, extra: int) -> TokenSeq:
+    """``seq`` followed by ``extra`` PAD tokens: item tokens of id PAD_ID, target 0, positions going on.
+    They come after every real token, so causal attention keeps them out of all real outputs."""
+    if seq.num_queries:
+        raise ValueError("pad_sequence: a sequence with query tokens must end with them; it cannot be padded")
+    pad = lambda x, value: np.concatenate([x, np.full((extra, *x.shape[1:]), value, x.dtype)])  # noqa: E731
+    n = len(seq)
+    return TokenSeq(
+        item=pad(seq.item, PAD_ID), cond=pad(seq.cond, PAD_ID), token_type=pad(seq.token_type, ITEM_TOKEN),
+        positions=np.concatenate([seq.positions, np.arange(n, n + extra, dtype=seq.positions.dtype)]),
+        time_gaps=pad(seq.time_gaps, 0), targets=pad(seq.targets, 0),
+        numeric=None if seq.numeric is None else pad(seq.numeric, 0.0), num_queries=0, user_id=seq.user_id,
+    )
+
+
+def collate(seqs: Sequence[TokenSeq], rows: list[list[int]], token_budget: int, pad: bool = False) -> PackedBatch:
+    """Lay the sequences of ``rows`` end to end (row order, then order within each row). ``pad``: the
+    last sequence of every row is padded to fill the row (``num_pad_tokens`` counts them)."""
     order = [i for row in rows for i in row]
     if not order:
         raise ValueError("collate: no sequences")
+    room = {}
     for r, row in enumerate(rows):
         used = sum(len(seqs[i]) for i in row)
         if used > token_budget:
             raise ValueError(f"collate: row {r} holds {used} tokens > token_budget={token_budget}")
-    picked = [seqs[i] for i in order]
+        if pad and used < token_budget:
+            room[row[-1]] = token_budget - used
+    picked = [pad_sequence(seqs[i], room[i]) if i in room else seqs[i] for i in order]
     lens = np.array([len(s) for s in picked], dtype=np.int64)
 
     def cat(name: str) -> torch.Tensor:
@@ -118,4 +140,5 @@ def collate(seqs: Sequence[TokenSeq], rows: list[list[int]], token_budget: int) 
         user_ids=[s.user_id for s in picked],
         numeric=numeric,
         seen_items=[torch.from_numpy(s.seen_items) for s in picked] if picked[0].seen_items is not None else None,
+        num_pad_tokens=sum(room.values()),
     )

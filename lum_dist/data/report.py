@@ -2,7 +2,7 @@
 
 ``dataset_report`` reads only the item-list offsets and split boundaries of each shard.
 ``packing_report`` runs the training loader for a few batches under both policies ("pack": best-fit
-bin packing, "pad": one sequence per row) and reports utilisation (real tokens / rows * budget),
+bin packing, "pad": one sequence per row, padded) and reports utilisation (real tokens / rows * budget),
 sequences per row and the loader's real-token throughput.
 """
 
@@ -56,7 +56,7 @@ def measure_loader(path: str | Path, data_cfg: DataConfig, num_batches: int,
     while batches < num_batches or seqs < min_sequences:
         b = next(loader)
         batches += 1
-        tokens, seqs, rows = tokens + b.num_tokens, seqs + b.num_sequences, rows + b.num_rows
+        tokens, seqs, rows = tokens + b.num_real_tokens, seqs + b.num_sequences, rows + b.num_rows
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return {
         "utilisation": tokens / (rows * data_cfg.token_budget), "seqs_per_row": seqs / rows,

@@ -118,7 +118,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach() / cfg.train.grad_accum
-            local_tokens += batch.num_tokens
+            local_tokens += batch.num_real_tokens  # tokens/s and MFU count useful work only
         bar.update(1)
         tokens = torch.tensor([local_tokens], device=device, dtype=torch.float64)
         dist.all_reduce(tokens)  # cheap scalar; keeps the throughput meter global

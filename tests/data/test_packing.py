@@ -86,3 +86,29 @@ def test_collate_layout():
         assert b.targets[sl].tolist() == seqs[i].targets.tolist()
     with pytest.raises(ValueError, match="row 0 holds 16 tokens"):
         collate(seqs, [[2, 1, 3]], token_budget=12)
+
+
+def test_pad_policy_really_pads_and_padding_changes_no_real_output():
+    from lum_dist.config import LossConfig
+    from lum_dist.losses import InfoNCE
+    from lum_dist.model import LUMModel, load_preset
+    from lum_dist.train.trainer import PretrainModule
+
+    seqs = [tokenize_train(_row(u, n), META, 100)[0] for u, n in enumerate([3, 1, 5])]
+    rows = pad_rows(np.array([len(s) for s in seqs]), 12)
+    padded, plain = collate(seqs, rows, 12, pad=True), collate(seqs, rows, 12)
+    assert padded.num_tokens == 3 * 12 and padded.num_real_tokens == plain.num_tokens == 18
+    assert padded.num_pad_tokens == 18 and padded.utilization == plain.utilization == pytest.approx(18 / 36)
+    for s in range(3):  # each sequence keeps its tokens, then PAD items with no target up to the budget
+        a, b = int(padded.cu_seqlens[s]), int(padded.cu_seqlens[s + 1])
+        n = len(seqs[rows[s][0]])
+        assert b - a == 12 and padded.positions[a:b].tolist() == list(range(12))
+        assert (padded.item_ids[a + n:b] == 0).all() and (padded.targets[a + n:b] == 0).all()
+    torch.manual_seed(0)
+    model = LUMModel(load_preset("lum-tiny", 20, [12], num_layers=2)).eval()
+    real = torch.cat([torch.arange(int(padded.cu_seqlens[s]), int(padded.cu_seqlens[s]) + len(seqs[rows[s][0]]))
+                      for s in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_batch(padded)[real], model.forward_batch(plain), rtol=1e-5, atol=1e-5)
+        module = PretrainModule(model, InfoNCE(LossConfig(logq_correction=False), 20))
+        torch.testing.assert_close(module(padded)[0], module(plain)[0], rtol=1e-5, atol=1e-6)
