@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     run_dir = Path(cfg.train.output_dir)
+    query_dirs = {split: run_dir / f"query-{split}" for split in ("valid", "test")}
+    dcfg = load_config(DownstreamConfig, args.downstream, [
+        f"data_path={cfg.data.path}", f"query_valid={query_dirs['valid']}", f"query_test={query_dirs['test']}",
+        f"output_dir={run_dir / 'downstream'}",
+    ])
 
     print("== 1. data: ingest, split, vocabularies, tokenize, pack")
     meta = prepare(expand_source(cfg.data.prepare), cfg.data.path)
@@ -49,19 +54,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("== 3. step 2, knowledge querying: one pass per user answers every condition")
     conditions = [GENERIC] + [f"{f}=ALL" for f in meta.item_cond_fields]
-    query_dirs = {}
-    for split in ("valid", "test"):
-        query_dirs[split] = run_dir / f"query-{split}"
-        run_query(QueryJob(checkpoint=str(run_dir), out=str(query_dirs[split]), conditions=conditions, split=split))
-        print(f"   {split}: {query_dirs[split]} ({len(conditions)} condition specs)")
+    # The validation-time outputs serve the downstream training requests: they must predate the first one.
+    lags = {"valid": dcfg.train_requests_per_user - 1, "test": 0}
+    for split, out in query_dirs.items():
+        run_query(QueryJob(checkpoint=str(run_dir), out=str(out), conditions=conditions, split=split, lag=lags[split]))
+        print(f"   {split}: {out} ({len(conditions)} condition specs, lag {lags[split]})")
 
     result = {"pretrain": metrics, "query": {k: str(v) for k, v in query_dirs.items()}}
     if not args.skip_downstream:
         print("== 4. step 3, knowledge utilisation: DLRMs with and without LUM outputs")
-        dcfg = load_config(DownstreamConfig, args.downstream, [
-            f"data_path={cfg.data.path}", f"query_valid={query_dirs['valid']}", f"query_test={query_dirs['test']}",
-            f"output_dir={run_dir / 'downstream'}",
-        ])
         result["downstream"] = run_downstream(dcfg)
     print(json.dumps(result["pretrain"], indent=2, sort_keys=True))
     return result

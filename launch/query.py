@@ -21,12 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conditions", nargs="+", default=["*"])
     p.add_argument("--split", default="test", choices=["valid", "test"],
                    help="history up to the test target (valid_end) or the validation target (train_end)")
+    p.add_argument("--lag", type=int, default=0,
+                   help="end each history this many behaviours before the split's target (outputs that also serve "
+                        "the downstream training requests before it)")
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--users-per-shard", type=int, default=4096)
     p.add_argument("--max-users", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
-    out = run(QueryJob(checkpoint=a.checkpoint, out=a.out, conditions=a.conditions, split=a.split,
+    out = run(QueryJob(checkpoint=a.checkpoint, out=a.out, conditions=a.conditions, split=a.split, lag=a.lag,
                        token_budget=a.token_budget, users_per_shard=a.users_per_shard, max_users=a.max_users,
                        device=a.device))
     print(f"wrote {out}")

@@ -62,6 +62,10 @@ class DownstreamConfig:
     output_dir: str = "benchmarks/results/downstream"
     attr_field: str = ""  # the item-attribute condition field; "" = the dataset's first item_cond field
     max_history: int = 50  # recent behaviours fed to the models
+    # Training requests per user: its last N training behaviours up to the validation one (positions
+    # train_end - N + 1 .. train_end). Their LUM features come from query_valid, which must have been
+    # computed with lag >= N - 1 (history ending before the first of them): checked, never a leak.
+    train_requests_per_user: int = 1
     neg_ratio: int = 4  # sampled negatives per positive (ranking)
     max_users: int = 0  # 0: all users; else the first N in shard order (as the query job's max_users)
     sample_seed: int = 0  # negatives (and the holdout) are drawn once: every variant and seed sees the same samples
@@ -74,9 +78,10 @@ class DownstreamConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"downstream config: holdout_fraction={self.holdout_fraction} must be in [0, 1)")
-        if self.neg_ratio < 1 or self.max_history < 1 or not self.seeds:
-            raise ValueError(f"downstream config: neg_ratio ({self.neg_ratio}) and max_history "
-                             f"({self.max_history}) must be >= 1 and seeds ({self.seeds}) non-empty")
+        if self.neg_ratio < 1 or self.max_history < 1 or self.train_requests_per_user < 1 or not self.seeds:
+            raise ValueError(f"downstream config: neg_ratio ({self.neg_ratio}), max_history ({self.max_history}) "
+                             f"and train_requests_per_user ({self.train_requests_per_user}) must be >= 1 and "
+                             f"seeds ({self.seeds}) non-empty")
 
 
 def _check_variants(section: str, variants: list[str], allowed: tuple[str, ...]) -> None:

@@ -1,9 +1,11 @@
 """Features from the step-2 outputs (lum_dist/query/job.py) for the downstream models.
 
 A query directory holds, per user and condition ("*" generic or "<field>=<raw value>"), the LUM output
-embedding, plus the LUM item embeddings. The manifest says which history it was computed from; opening it
-checks that against the use (train samples need ``split=valid``, evaluation samples ``split=test``), so
-the two can never be swapped into a leak.
+embedding and the history length it was computed from, plus the LUM item embeddings. The manifest says
+which history it was computed from; opening it checks that against the use (train samples need
+``split=valid`` with enough ``lag`` for the earliest training request, evaluation samples ``split=test``),
+and every lookup checks that the output's history ends at or before the request it serves: an output
+that has seen the request's own behaviour (a leak) is an error.
 
 Shards are read one at a time and only the rows asked for are kept: a directory with every attribute value
 as a condition is (users x values x dim) floats and need not fit in memory.
@@ -26,8 +28,9 @@ GENERIC = "*"
 SEP = "\x1f"  # joins user id and condition into one lookup key; never in either
 
 
-def open_query_dir(path: str | Path, split: str, dataset_name: str) -> dict:
-    """The directory's manifest, after checking it is complete and computed for ``split`` on the dataset."""
+def open_query_dir(path: str | Path, split: str, dataset_name: str, min_lag: int = 0) -> dict:
+    """The directory's manifest, after checking it is complete and computed for ``split`` on the dataset,
+    with histories ending at least ``min_lag`` behaviours before the split's target."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -39,6 +42,9 @@ def open_query_dir(path: str | Path, split: str, dataset_name: str) -> dict:
     if manifest.get("split") != split:
         problems.append(f"split is {manifest.get('split')!r}, this use needs {split!r} "
                         f"(history up to {'train_end' if split == 'valid' else 'valid_end'})")
+    if manifest.get("lag", 0) < min_lag:
+        problems.append(f"lag is {manifest.get('lag', 0)}: the earliest training request is {min_lag} behaviour(s) "
+                        f"before the target, so its outputs would have seen it (re-run launch/query.py --lag {min_lag})")
     if manifest.get("dataset") != dataset_name:
         problems.append(f"dataset is {manifest.get('dataset')!r}, the prepared data is {dataset_name!r}")
     if problems:
@@ -46,19 +52,31 @@ def open_query_dir(path: str | Path, split: str, dataset_name: str) -> dict:
     return manifest
 
 
-def lookup(path: str | Path, manifest: dict, users: list[str], conditions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings [n, E] of the (user, condition) pairs and whether each was found (zeros where not)."""
+def lookup(path: str | Path, manifest: dict, users: list[str], conditions: list[str],
+           positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [n, E] of the (user, condition) pairs and whether each was found (zeros where not).
+
+    ``positions[i]``: the index of the behaviour request i predicts; an output whose history is longer
+    (it has seen that behaviour) raises."""
     keys = pa.array([u + SEP + c for u, c in zip(users, conditions, strict=True)], pa.string())
     out = np.zeros((len(keys), int(manifest["embedding_dim"])), np.float32)
     found = np.zeros(len(keys), bool)
+    positions = np.asarray(positions)
     for shard in manifest["shards"]:
-        table = pq.read_table(Path(path) / shard, columns=["user_id", "condition"])
+        table = pq.read_table(Path(path) / shard, columns=["user_id", "condition", "history_len"])
         shard_keys = pc.binary_join_element_wise(table.column("user_id"), table.column("condition"), SEP)
         at = pc.index_in(keys, value_set=shard_keys)
         hit = at.is_valid().to_numpy(zero_copy_only=False)
         if not hit.any():
             continue
         rows = at.filter(at.is_valid()).to_numpy()
+        seen = table.column("history_len").to_numpy()[rows]
+        late = np.flatnonzero(seen > positions[hit])
+        if len(late):
+            i = int(np.flatnonzero(hit)[late[0]])
+            raise ValueError(f"{Path(path) / shard}: row {int(rows[late[0]])}, field 'history_len': the output for "
+                             f"user {users[i]!r} has seen {int(seen[late[0]])} behaviours, but it would serve the "
+                             f"request for behaviour {int(positions[i])} (a leak); re-run the query job with more lag")
         emb = pq.read_table(Path(path) / shard, columns=["embedding"]).column("embedding").take(pa.array(rows))
         out[hit] = _matrix(emb, Path(path) / shard, rows, out.shape[1])
         found |= hit
@@ -83,8 +101,9 @@ class UserOutputs:
     item: np.ndarray  # [num_items, E] LUM item embeddings
 
 
-def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], item_raw: list[str]) -> UserOutputs:
-    generic, found = lookup(path, manifest, user_ids, [GENERIC] * len(user_ids))
+def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], positions: np.ndarray,
+                 item_raw: list[str]) -> UserOutputs:
+    generic, found = lookup(path, manifest, user_ids, [GENERIC] * len(user_ids), positions)
     if not found.all():
         missing = [u for u, f in zip(user_ids, found, strict=True) if not f]
         raise ValueError(f"{path}: no '*' output for {len(missing)} user(s), e.g. {missing[:3]}; re-run the "
@@ -92,12 +111,13 @@ def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], item_raw
     return UserOutputs(generic=generic, item=item_embeddings(path, item_raw))
 
 
-def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], attr_field: str,
-                        attr_raw: list[str], cand_attr: np.ndarray, generic: np.ndarray) -> tuple[np.ndarray, float]:
+def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], positions: np.ndarray,
+                        attr_field: str, attr_raw: list[str], cand_attr: np.ndarray,
+                        generic: np.ndarray) -> tuple[np.ndarray, float]:
     """Per sample, the output for "<attr_field>=<candidate's value>", falling back to the user's "*" output;
     and the fraction of samples that had their conditional output (a low one: the query job lacked the field)."""
     conds = [f"{attr_field}={attr_raw[a]}" if a >= NUM_SPECIAL_IDS else GENERIC for a in cand_attr]
-    emb, found = lookup(path, manifest, user_ids, conds)
+    emb, found = lookup(path, manifest, user_ids, conds, positions)
     found &= np.array([c != GENERIC for c in conds], bool)
     return np.where(found[:, None], emb, generic), float(found.mean()) if len(found) else 0.0
 

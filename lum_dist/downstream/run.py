@@ -40,12 +40,14 @@ from lum_dist.downstream.train import split_holdout
 from lum_dist.utils import atomic_write_text
 
 
-def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, split: str) -> ranking.LumCTR:
-    manifest = open_query_dir(query_dir, split, data.meta.name)
-    outputs = user_outputs(query_dir, manifest, req.user_id, data.item_raw)
+def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, split: str,
+                min_lag: int) -> ranking.LumCTR:
+    manifest = open_query_dir(query_dir, split, data.meta.name, min_lag)
+    outputs = user_outputs(query_dir, manifest, req.user_id, req.position, data.item_raw)
     generic = outputs.generic[s.request]
     conditional, coverage = conditional_outputs(query_dir, manifest, [req.user_id[i] for i in s.request],
-                                                data.attr_field, data.attr_raw, data.item_attr[s.cand], generic)
+                                                req.position[s.request], data.attr_field, data.attr_raw,
+                                                data.item_attr[s.cand], generic)
     return ranking.LumCTR(conditional=conditional, generic=generic, cand_item=outputs.item[s.cand], coverage=coverage)
 
 
@@ -62,15 +64,16 @@ def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_
     eval_s = ctr_samples(eval_req, data.num_items, cfg.neg_ratio, cfg.sample_seed + 1)
     lum_train = lum_eval = stats = None
     if any(v != "base" for v in cfg.ranking.variants):
-        lum_train = lum_for_ctr(data, train_req, train_s, cfg.query_valid, "valid")
-        lum_eval = lum_for_ctr(data, eval_req, eval_s, cfg.query_test, "test")
+        lum_train = lum_for_ctr(data, train_req, train_s, cfg.query_valid, "valid", cfg.train_requests_per_user - 1)
+        lum_eval = lum_for_ctr(data, eval_req, eval_s, cfg.query_test, "test", 0)
         m = ranking.match_features(lum_train)
         stats = (m.mean(0), np.maximum(m.std(0), 1e-6))
     eval_users = np.array(eval_req.user_id)[eval_s.request]
+    train_users = torch.from_numpy(train_req.user_idx[train_s.request])  # holdout by user: no near-duplicates
     results: dict[str, Any] = {}
     for variant in cfg.ranking.variants:
         train = ranking.ctr_tensors(train_req, train_s, data.item_attr, variant, lum_train, stats)
-        train, holdout = split_holdout(train, train["request"], cfg.holdout_fraction, cfg.sample_seed)
+        train, holdout = split_holdout(train, train_users, cfg.holdout_fraction, cfg.sample_seed)
         evaluation = ranking.ctr_tensors(eval_req, eval_s, data.item_attr, variant, lum_eval, stats)
         runs = [ranking.train_and_evaluate(variant, cfg.ranking, seed, data.num_items, data.num_attrs, train,
                                            evaluation, eval_users, holdout, cfg.patience) for seed in cfg.seeds]
@@ -84,10 +87,11 @@ def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_
 def run_retrieval(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_req: Requests) -> dict:
     lum_train = lum_eval = None
     if "lum" in cfg.retrieval.variants:
-        lum_train = user_outputs(cfg.query_valid, open_query_dir(cfg.query_valid, "valid", data.meta.name),
-                                 train_req.user_id, data.item_raw)
+        lum_train = user_outputs(cfg.query_valid, open_query_dir(cfg.query_valid, "valid", data.meta.name,
+                                                                 cfg.train_requests_per_user - 1),
+                                 train_req.user_id, train_req.position, data.item_raw)
         lum_eval = user_outputs(cfg.query_test, open_query_dir(cfg.query_test, "test", data.meta.name),
-                                eval_req.user_id, data.item_raw)
+                                eval_req.user_id, eval_req.position, data.item_raw)
     results: dict[str, Any] = {}
     for variant in cfg.retrieval.variants:
         use = variant == "lum"
@@ -126,7 +130,7 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
     """Train and evaluate every configured variant x seed; write <output_dir>/<name>.{json,md}; return the dict."""
     t0 = time.time()
     data = load_dataset(cfg.data_path, cfg.attr_field, cfg.max_users)
-    train_req = build_requests(data, "train", cfg.max_history)
+    train_req = build_requests(data, "train", cfg.max_history, cfg.train_requests_per_user)
     eval_req = build_requests(data, "eval", cfg.max_history)
     rank_results, counts = run_ranking(cfg, data, train_req, eval_req)
     retr_results = run_retrieval(cfg, data, train_req, eval_req)

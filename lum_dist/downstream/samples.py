@@ -3,11 +3,14 @@
 A *request* is one user at one moment: the features known when the system is asked to recommend (the most
 recent behaviours before the target, right-aligned and PAD-padded) and the behaviour that followed.
 
-    train request   target = behaviour train_end, history = behaviours [0, train_end)
+    train requests  target = behaviour t, history = behaviours [0, t), for the user's last ``per_user``
+                    positions t <= train_end (t = train_end: the validation behaviour)
     eval  request   target = behaviour valid_end, history = behaviours [0, valid_end)
 
-The step-2 outputs used with them follow the same cut: query_valid (history up to train_end) for training,
-query_test (history up to valid_end) for evaluation. Ranking samples add ``neg_ratio`` negatives per
+The step-2 outputs used with them are computed before the request: query_valid (history up to the first
+training request: train_end - lag) for training, query_test (history up to valid_end) for evaluation, as
+stored outputs refreshed offline serve the requests that follow; each request records ``position`` so
+the history length of the output it uses can be checked against it. Ranking samples add ``neg_ratio`` negatives per
 positive, drawn uniformly (seeded) from items the user never interacted with: in [0, valid_end] for training
 (so a test target is never a training negative), in the whole sequence for evaluation. Targets unseen in
 training (UNK) cannot be scored by an id-based model and are dropped (counted in ``Requests.dropped_unk``).
@@ -52,6 +55,7 @@ class Requests:
     hist_items: np.ndarray  # [R, N] most recent history items, right-aligned, PAD-padded
     hist_attrs: np.ndarray  # [R, N] their attribute field values
     target: np.ndarray  # [R] item of the target behaviour
+    position: np.ndarray  # [R] index of the target behaviour in the user's sequence (= history length)
     history: list[np.ndarray]  # [R] every history item (excluded from retrieval ranking)
     interacted: list[np.ndarray]  # [R] items never to be drawn as negatives
     dropped_unk: int = 0
@@ -84,8 +88,9 @@ def load_dataset(path: str | Path, attr_field: str = "", max_users: int = 0) -> 
                    item_raw=items.column("raw").to_pylist(), attr_raw=attr_vocab.column("raw").to_pylist())
 
 
-def build_requests(data: Dataset, split: str, max_history: int) -> Requests:
-    """One request per user that has the split's target behaviour (see the module docstring)."""
+def build_requests(data: Dataset, split: str, max_history: int, per_user: int = 1) -> Requests:
+    """Requests of the users that have the split's target behaviour (see the module docstring): up to
+    ``per_user`` per user for "train", one for "eval"."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
     items_col = data.users.column(ITEM_FIELD).to_pylist()
@@ -93,35 +98,39 @@ def build_requests(data: Dataset, split: str, max_history: int) -> Requests:
     train_end = data.users.column("train_end").to_numpy()
     valid_end = data.users.column("valid_end").to_numpy()
     uids = data.users.column("user_id").to_pylist()
-    rows, hist_i, hist_a, targets, history, interacted, dropped = [], [], [], [], [], [], 0
+    rows, positions, hist_i, hist_a, targets, history, interacted, dropped = [], [], [], [], [], [], [], 0
     for u, (items, attrs) in enumerate(zip(items_col, attrs_col, strict=True)):
         items, attrs = np.asarray(items, np.int64), np.asarray(attrs, np.int64)
-        if split == "train":  # the validation behaviour, seen from the training history
-            end, seen = int(train_end[u]), items[: int(valid_end[u]) + 1]
-            if end >= int(valid_end[u]) or end >= len(items):
+        if split == "train":  # training behaviours up to the validation one, never a test-time item
+            last, seen = int(train_end[u]), items[: int(valid_end[u]) + 1]
+            if last >= int(valid_end[u]) or last >= len(items):
                 continue
+            ends = range(max(1, last - per_user + 1), last + 1)
         else:  # the test behaviour, seen from everything before it
-            end, seen = int(valid_end[u]), items
-            if end >= len(items):
+            ends, seen = [int(valid_end[u])], items
+            if ends[0] >= len(items):
                 continue
-        if items[end] < NUM_SPECIAL_IDS:
-            dropped += 1
-            continue
-        n = min(end, max_history)
-        hi, ha = np.full(max_history, PAD_ID, np.int64), np.full(max_history, PAD_ID, np.int64)
-        if n:
-            hi[-n:], ha[-n:] = items[end - n:end], attrs[end - n:end]
-        rows.append(u)
-        hist_i.append(hi)
-        hist_a.append(ha)
-        targets.append(items[end])
-        history.append(items[:end])
-        interacted.append(seen)
+        for end in ends:
+            if items[end] < NUM_SPECIAL_IDS:
+                dropped += 1
+                continue
+            n = min(end, max_history)
+            hi, ha = np.full(max_history, PAD_ID, np.int64), np.full(max_history, PAD_ID, np.int64)
+            if n:
+                hi[-n:], ha[-n:] = items[end - n:end], attrs[end - n:end]
+            rows.append(u)
+            positions.append(end)
+            hist_i.append(hi)
+            hist_a.append(ha)
+            targets.append(items[end])
+            history.append(items[:end])
+            interacted.append(seen)
     if not rows:
         raise ValueError(f"no {split} request: no user has a {'validation' if split == 'train' else 'test'} "
                          f"behaviour seen in training")
     return Requests(user_idx=np.array(rows, np.int64), user_id=[uids[u] for u in rows],
                     hist_items=np.stack(hist_i), hist_attrs=np.stack(hist_a), target=np.array(targets, np.int64),
+                    position=np.array(positions, np.int64),
                     history=history, interacted=interacted, dropped_unk=dropped)
 
 

@@ -6,9 +6,15 @@ answers all Q (``lum_dist.ops.group_query``; a Triton kernel on CUDA).
 
 Output directory::
 
-    part-00000.parquet ...  user_id (raw), condition ("*" or "<field>=<raw value>"), embedding, model_version
+    part-00000.parquet ...  user_id (raw), history_len (behaviours the answer has seen), condition ("*" or
+                            "<field>=<raw value>"), embedding, model_version
     items.parquet           item_id (raw), embedding: the model's item embeddings
     manifest.json           written last; "complete": true once every shard exists
+
+The history ends at the split's target (``valid``: train_end, ``test``: valid_end), or ``lag`` behaviours
+earlier: stored outputs are refreshed offline and then serve the requests that follow, so a downstream
+training request at position t may only use an answer with history_len <= t (checked by the downstream
+stage against the ``history_len`` column).
 
 Users are cut into fixed chunks in a deterministic order; chunk k becomes ``part-k`` (written atomically)
 and is computed by rank ``k % world_size``. A killed job re-run with the same arguments skips the shards
@@ -45,6 +51,7 @@ class QueryJob:
     out: str
     conditions: list[str] = field(default_factory=lambda: [GENERIC])  # "*", "field=value", "field=ALL"
     split: str = "test"  # history ends at valid_end ("test") or train_end ("valid")
+    lag: int = 0  # ... minus this many behaviours (outputs that serve the `lag` requests before the target too)
     token_budget: int = 8192  # tokens per packed row
     users_per_shard: int = 4096
     max_users: int = 0
@@ -87,16 +94,27 @@ def model_version(ckpt: Path) -> str:
     return f"{ckpt.parent.parent.name}/{ckpt.name}/{digest}"
 
 
+def history_ends(users: pa.Table, split: str, lag: int = 0) -> np.ndarray:
+    """Per user, the number of behaviours its answers see: the split's target index minus ``lag`` (>= 0)."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split={split!r}: expected 'valid' or 'test'")
+    if lag < 0:
+        raise ValueError(f"lag={lag}: must be >= 0")
+    end = users.column("train_end" if split == "valid" else "valid_end").to_numpy().astype(np.int64)
+    return np.maximum(end - lag, 0)
+
+
 @torch.no_grad()
-def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, end_col: str,
+def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, ends: np.ndarray,
                  max_seq_len: int, token_budget: int, device: torch.device) -> np.ndarray:
-    """Outputs [U, Q, E] for the users of one shard: histories and queries packed many users per row."""
+    """Outputs [U, Q, E] for the users of one shard, user u's history being behaviours [0, ends[u]):
+    histories and queries packed many users per row."""
     q_per_pass = max(1, token_budget - max_seq_len)  # a user with many queries is split into several sequences
     seqs, owner = [], []  # owner[i] = (user index, first query) of sequence i
     for u, row in enumerate(users.to_pylist()):
         row = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}
         for q0 in range(0, len(queries), q_per_pass):
-            seqs.append(tokenize_group_query(row, meta, max_seq_len, int(row[end_col]), queries[q0:q0 + q_per_pass]))
+            seqs.append(tokenize_group_query(row, meta, max_seq_len, int(ends[u]), queries[q0:q0 + q_per_pass]))
             owner.append((u, q0))
     result = np.zeros((users.num_rows, len(queries), model.config.item_emb_dim), np.float32)
     for rows in best_fit_decreasing(np.array([len(s.item) for s in seqs]), token_budget):
@@ -129,15 +147,19 @@ def run(job: QueryJob) -> Path:
     users = read_users(data_path)
     if job.max_users:
         users = users.slice(0, job.max_users)
+    ends = history_ends(users, job.split, job.lag)
+    _record_or_check_job(out, job, version)
     chunks = [(k, s) for k, s in enumerate(range(0, users.num_rows, job.users_per_shard))]
     mine = [(k, s) for k, s in chunks if k % world == rank and not (out / shard_name(k)).is_file()]
     for k, start in tqdm(mine, desc=f"query rank {rank}", unit="shard", disable=rank != 0 and world > 1):
         part = users.slice(start, job.users_per_shard)
-        emb = answer_users(model, part, meta, queries, end_col, cfg.data.max_seq_len, job.token_budget, device)
+        part_ends = ends[start:start + part.num_rows]
+        emb = answer_users(model, part, meta, queries, part_ends, cfg.data.max_seq_len, job.token_budget, device)
         uids = part.column("user_id").to_pylist()
         emb = emb.reshape(len(uids) * len(names), -1)
         table = pa.table({
             "user_id": pa.array(np.repeat(uids, len(names)).tolist(), pa.string()),
+            "history_len": pa.array(np.repeat(part_ends, len(names)), pa.int32()),
             "condition": pa.array(names * len(uids), pa.string()),
             "embedding": _list_column(emb),
             "model_version": pa.array([version] * len(emb), pa.string()),
@@ -149,11 +171,28 @@ def run(job: QueryJob) -> Path:
         shards = [shard_name(k) for k, _ in chunks]
         complete = all((out / s).is_file() for s in shards)
         manifest = {"model_version": version, "checkpoint": str(ckpt), "dataset": meta.name, "split": job.split,
-                    "history_end": end_col, "conditions": names, "embedding_dim": int(model.config.item_emb_dim),
+                    "history_end": end_col, "lag": job.lag, "conditions": names, "embedding_dim": int(model.config.item_emb_dim),
                     "shards": shards, "num_rows": users.num_rows * len(names), "complete": complete,
                     "job": asdict(job)}
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return out
+
+
+OUTPUT_FIELDS = ("conditions", "split", "lag", "max_users", "users_per_shard")  # what the shards depend on
+
+
+def _record_or_check_job(out: Path, job: QueryJob, version: str) -> None:
+    """Resuming into ``out`` is only safe for the same job: record it on the first run, refuse a different one."""
+    spec = {"model_version": version, **{k: getattr(job, k) for k in OUTPUT_FIELDS}}
+    path = out / "job.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in spec if old.get(k) != spec[k])
+        if diff:
+            raise ValueError(f"{out}: holds shards of another query job (differs in {diff}: "
+                             f"{ {k: old.get(k) for k in diff} } vs { {k: spec[k] for k in diff} }); use a new --out")
+        return
+    atomic_write_text(path, json.dumps(spec, indent=2))
 
 
 def shard_name(k: int) -> str:

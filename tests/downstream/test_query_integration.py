@@ -33,14 +33,26 @@ def test_query_job_output_runs_downstream(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(export, "resolve_checkpoint", lambda path: Path(path))
     monkeypatch.setattr(export, "consolidate", lambda path: (model, cfg, DatasetMeta.load(root / "meta.json")))
     dirs = {}
-    for split in ("valid", "test"):
+    for split, lag in (("valid", 2), ("test", 0)):
         dirs[split] = job.run(job.QueryJob(checkpoint=str(ckpt), out=str(tmp_path / f"query-{split}"),
-                                           conditions=["*", "category=ALL"], split=split, users_per_shard=16,
+                                           conditions=["*", "category=ALL"], split=split, lag=lag, users_per_shard=16,
                                            token_budget=256, device="cpu"))
+    import pyarrow.parquet as pq
+
+    from lum_dist.data.prepare import read_users
+
+    users = read_users(root)
+    table = pq.read_table(sorted(dirs["valid"].glob("part-*.parquet")))
+    hist = dict(zip(table.column("user_id").to_pylist(), table.column("history_len").to_pylist(), strict=True))
+    for uid, end in zip(users.column("user_id").to_pylist(), users.column("train_end").to_pylist(), strict=True):
+        assert hist[uid] == max(end - 2, 0)  # the answers saw the history up to train_end - lag
+    with pytest.raises(ValueError, match="another query job"):  # resuming into it with other settings is refused
+        job.run(job.QueryJob(checkpoint=str(ckpt), out=str(dirs["valid"]), conditions=["*"], split="valid", lag=2,
+                             users_per_shard=16, token_budget=256, device="cpu"))
     dcfg = load_config(DownstreamConfig, overrides=[
         f"data_path={root}", f"query_valid={dirs['valid']}", f"query_test={dirs['test']}", f"output_dir={tmp_path}",
-        "name=q", "seeds=[0]", "max_history=8", "ranking.epochs=1", "ranking.batch_size=32", "retrieval.epochs=1",
-        "retrieval.batch_size=16"])
+        "name=q", "seeds=[0]", "max_history=8", "train_requests_per_user=3", "ranking.epochs=1",
+        "ranking.batch_size=32", "retrieval.epochs=1", "retrieval.batch_size=16"])
     result = run_downstream(dcfg)
     assert set(result["ranking"]) == {"base", "lum_direct", "lum_match", "lum_both"}
     assert 0.0 <= result["retrieval"]["lum"]["mean"]["recall@10"] <= 1.0

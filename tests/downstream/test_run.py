@@ -18,11 +18,12 @@ from .conftest import fake_item_table, write_fake_query_dir
 
 
 def test_end_to_end(tiny, tmp_path):
-    qv = write_fake_query_dir(tmp_path / "qv", tiny, "valid", seed=1)
+    qv = write_fake_query_dir(tmp_path / "qv", tiny, "valid", seed=1, lag=2)
     qt = write_fake_query_dir(tmp_path / "qt", tiny, "test", seed=2)
     out = tmp_path / "results"
     result = main(["--config", "configs/downstream/synthetic.yaml", f"data_path={tiny}", f"query_valid={qv}",
                    f"query_test={qt}", f"output_dir={out}", "name=tiny", "seeds=[0,1]", "max_history=8",
+                   "train_requests_per_user=3",
                    "ranking.epochs=2", "ranking.batch_size=64", "retrieval.epochs=2", "retrieval.batch_size=32"])
     saved = json.loads((out / "tiny.json").read_text())
     assert saved["ranking"].keys() == result["ranking"].keys() == {"base", "lum_direct", "lum_match", "lum_both"}
@@ -38,6 +39,8 @@ def test_end_to_end(tiny, tmp_path):
     assert all(v["mean"]["logloss"] > 0 for v in saved["ranking"].values())
     table = (out / "tiny.md").read_text()
     assert "| lum_both |" in table and "recall@50" in table and saved["meta"]["counts"]["eval_requests"] > 0
+    counts = saved["meta"]["counts"]
+    assert counts["train_requests"] > 2 * counts["eval_requests"]  # up to 3 training requests per user
 
 
 def test_config_rejects_bad_values():

@@ -20,7 +20,7 @@ from lum_dist.data.prepare import load_meta, read_users
 from lum_dist.data.schema import MASK_ID
 from lum_dist.data.tokenize import tokenize_group_query
 from lum_dist.model import LUMModel, load_preset
-from lum_dist.query.job import answer_users, parse_conditions
+from lum_dist.query.job import answer_users, history_ends, parse_conditions
 from lum_dist.testing.fixtures import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,8 +65,9 @@ def test_answer_users_packs_many_users_per_row_exactly(tiny: Path):
     model = _model(meta)
     names, queries = parse_conditions(["*", "category=ALL"], meta, tiny)
     users = read_users(tiny)
-    small = answer_users(model, users, meta, queries, "valid_end", 64, 128, torch.device("cpu"))
-    big = answer_users(model, users, meta, queries, "valid_end", 64, 100_000, torch.device("cpu"))
+    ends = history_ends(users, "test")
+    small = answer_users(model, users, meta, queries, ends, 64, 128, torch.device("cpu"))
+    big = answer_users(model, users, meta, queries, ends, 64, 100_000, torch.device("cpu"))
     assert small.shape == (users.num_rows, len(names), model.config.item_emb_dim)
     np.testing.assert_allclose(small, big, rtol=1e-4, atol=1e-5)
 
