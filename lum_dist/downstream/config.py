@@ -40,6 +40,7 @@ class RetrievalConfig:
     hidden: int = 64
     out_dim: int = 32
     temperature: float = 0.05
+    logq_correction: bool = True  # in-batch negatives are popularity-sampled (see lum_dist/losses.py)
     lum_item_tower: bool = True  # variant "lum" also feeds the LUM item embedding to the item tower
     ks: list[int] = field(default_factory=lambda: [10, 50])
     epochs: int = 20

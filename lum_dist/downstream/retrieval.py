@@ -5,18 +5,22 @@ User tower: user id embedding + masked mean of the recent behaviours (item + att
 L2-normalised LUM item embedding, projected, when ``lum_item_tower``: the LUM output lives in that space, and
 without it the tower cannot relate the output to items never seen as training targets]. Both end in an MLP
 and are L2-normalised; training is softmax over the in-batch items at a fixed temperature (a negative equal
-to the positive item is masked). Evaluation ranks every real item for each test request, the user's history
+to the positive item is masked), logQ-corrected by default with the items' frequency among the training
+targets (in-batch candidates are drawn by popularity: uncorrected, the towers learn to rank popular items
+low, below a popularity baseline in full ranking). Evaluation ranks every real item for each test request, the user's history
 excluded (``lum_dist.eval.metrics.rank_of_targets``), and reports Recall@K and NDCG@K.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lum_dist.data.schema import PAD_ID
+from lum_dist.data.schema import NUM_SPECIAL_IDS, PAD_ID
 from lum_dist.downstream.config import RetrievalConfig
 from lum_dist.downstream.samples import Requests
 from lum_dist.downstream.train import Batch, batches, fit, make_accelerator
@@ -69,10 +73,19 @@ def request_tensors(req: Requests, item_attr: np.ndarray, lum_generic: np.ndarra
     return t
 
 
-def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float) -> torch.Tensor:
+def target_log_freq(targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    """log of each item's share of the training targets (add-one smoothed), for the logQ correction."""
+    counts = torch.bincount(targets, minlength=num_items).double() + 1.0
+    return (counts / counts.sum()).log().float()
+
+
+def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float,
+                          log_q: torch.Tensor | None = None) -> torch.Tensor:
     users = model.encode_users(b)
     items = model.encode_items(b["target"], b["target_attr"])
     logits = users @ items.T / temperature
+    if log_q is not None:
+        logits = logits - log_q.to(logits.device)[b["target"]][None, :]
     same = b["target"][:, None] == b["target"][None, :]
     logits = logits.masked_fill(same & ~torch.eye(len(users), dtype=torch.bool, device=users.device), -torch.inf)
     return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
@@ -91,7 +104,8 @@ def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_att
     num_items = len(item_attr)
     lum_table = F.normalize(torch.from_numpy(lum_items), dim=-1) if lum_items is not None else None
     model = TwoTower(num_users, num_items, num_attrs, train["lum"].shape[1] if "lum" in train else 0, cfg, lum_table)
-    fitted = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature), epochs=cfg.epochs,
+    log_q = target_log_freq(train["target"], num_items) if cfg.logq_correction else None
+    fitted = fit(model, train, lambda m, b: in_batch_softmax_loss(m, b, cfg.temperature, log_q), epochs=cfg.epochs,
                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
                  accelerator=accelerator, holdout=holdout, patience=patience)
     model = accelerator.unwrap_model(model)
@@ -112,3 +126,20 @@ def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_att
     result["train_loss"] = fitted.train_loss[fitted.best_epoch - 1]
     result["best_epoch"] = fitted.best_epoch
     return result
+
+
+def popularity_metrics(cfg: RetrievalConfig, data_path: str, num_items: int, req: Requests) -> dict[str, float]:
+    """The popularity reference: every request ranks items by training frequency, history excluded."""
+    from lum_dist.eval.ranking import item_log_prob
+
+    scores = item_log_prob(Path(data_path), num_items)
+    scores[:NUM_SPECIAL_IDS] = -torch.inf
+    acc = RankingAccumulator(cfg.ks)
+    for start in range(0, len(req.target), 1024):
+        targets = torch.from_numpy(req.target[start:start + 1024])
+        history = [torch.from_numpy(h) for h in req.history[start:start + 1024]]
+        acc.update(rank_of_targets(scores.expand(len(targets), -1), targets, history))
+    out = acc.compute()
+    result = {f"recall@{k}": out[f"hr@{k}"] for k in cfg.ks}
+    result.update({f"ndcg@{k}": out[f"ndcg@{k}"] for k in cfg.ks})
+    return {**result, "train_loss": 0.0, "best_epoch": 0}

@@ -6,7 +6,8 @@
      "ranking":   {variant: {"runs": [per-seed metrics], "mean": {...}, "std": {...}, "delta": {...}}},
      "retrieval": {variant: {...same...}}}
 
-``delta`` is the variant's mean minus the base variant's mean. Negatives are drawn once (``sample_seed``), so
+``delta`` is the variant's mean minus the base variant's mean. Retrieval also lists ``popularity``, a reference
+(training counts, ranked with the same exclusions), not a trained variant. Negatives are drawn once (``sample_seed``), so
 every variant and seed is scored on the same samples; ``seeds`` vary model initialisation and shuffling.
 """
 
@@ -17,6 +18,7 @@ import json
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, spl
     return ranking.LumCTR(conditional=conditional, generic=generic, cand_item=outputs.item[s.cand], coverage=coverage)
 
 
+def _logged(what: str, train: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
+    """``train(*args)`` for one (variant, seed), with a printed line: the progress of a long comparison."""
+    t0 = time.time()
+    result = train(*args)
+    if PartialState().is_main_process:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k not in ("train_loss", "best_epoch"))
+        print(f"[downstream] {what}: {shown}  (best epoch {result['best_epoch']}, {time.time() - t0:.0f} s)",
+              flush=True)
+    return result
+
+
 def summarise(runs: list[dict[str, float]], base: dict[str, float] | None) -> dict[str, Any]:
     keys = list(runs[0])
     mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
@@ -75,8 +88,9 @@ def run_ranking(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eval_
         train = ranking.ctr_tensors(train_req, train_s, data.item_attr, variant, lum_train, stats)
         train, holdout = split_holdout(train, train_users, cfg.holdout_fraction, cfg.sample_seed)
         evaluation = ranking.ctr_tensors(eval_req, eval_s, data.item_attr, variant, lum_eval, stats)
-        runs = [ranking.train_and_evaluate(variant, cfg.ranking, seed, data.num_items, data.num_attrs, train,
-                                           evaluation, eval_users, holdout, cfg.patience) for seed in cfg.seeds]
+        runs = [_logged(f"ranking {variant:<10} seed {seed}", ranking.train_and_evaluate, variant, cfg.ranking, seed,
+                        data.num_items, data.num_attrs, train, evaluation, eval_users, holdout, cfg.patience)
+                for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
     counts = {"train_samples": len(train_s.label), "eval_samples": len(eval_s.label)}
     if lum_eval is not None:
@@ -99,11 +113,13 @@ def run_retrieval(cfg: DownstreamConfig, data: Dataset, train_req: Requests, eva
         train, holdout = split_holdout(train, train["user_idx"], cfg.holdout_fraction, cfg.sample_seed)
         evaluation = retrieval.request_tensors(eval_req, data.item_attr, lum_eval.generic if use else None)
         lum_items = lum_train.item if use and cfg.retrieval.lum_item_tower else None
-        runs = [retrieval.train_and_evaluate(cfg.retrieval, seed, data.users.num_rows, data.item_attr,
-                                             data.num_attrs, train, evaluation, eval_req.history, lum_items,
-                                             holdout, cfg.patience)
+        runs = [_logged(f"retrieval {variant:<10} seed {seed}", retrieval.train_and_evaluate, cfg.retrieval, seed,
+                        data.users.num_rows, data.item_attr, data.num_attrs, train, evaluation, eval_req.history,
+                        lum_items, holdout, cfg.patience)
                 for seed in cfg.seeds]
         results[variant] = summarise(runs, results["base"]["mean"] if "base" in results else None)
+    results["popularity"] = summarise([retrieval.popularity_metrics(cfg.retrieval, cfg.data_path, data.num_items,
+                                                                    eval_req)], results["base"]["mean"])
     return results
 
 

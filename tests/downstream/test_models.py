@@ -9,7 +9,7 @@ import torch
 
 from lum_dist.downstream.config import RankingConfig, RetrievalConfig
 from lum_dist.downstream.ranking import DIN, DINSpec
-from lum_dist.downstream.retrieval import TwoTower, in_batch_softmax_loss
+from lum_dist.downstream.retrieval import TwoTower, in_batch_softmax_loss, target_log_freq
 from lum_dist.downstream.train import fit, holdout_loss, make_accelerator, split_holdout
 
 
@@ -54,6 +54,16 @@ def test_in_batch_softmax_matches_reference():
         ref += -(logits[0] - torch.logsumexp(logits, 0)).item()
     assert loss.item() == pytest.approx(ref / 6, rel=1e-5)
     assert math.isfinite(loss.item())
+    # logQ: each candidate column j is shifted by -log q(item_j)
+    log_q = target_log_freq(b["target"], 20)
+    corrected = in_batch_softmax_loss(model, b, cfg.temperature, log_q)
+    ref = 0.0
+    for i in range(6):
+        cols = [i, *[j for j in range(6) if b["target"][j] != b["target"][i]]]
+        logits = torch.stack([users[i] @ items[j] / cfg.temperature - log_q[b["target"][j]] for j in cols])
+        ref += -(logits[0] - torch.logsumexp(logits, 0)).item()
+    assert corrected.item() == pytest.approx(ref / 6, rel=1e-5)
+    assert log_q[5] > log_q[7] > log_q[0]  # 5 is a target twice, 7 once, 0 never
 
 
 def test_fit_early_stops_and_restores_the_best_epoch():

@@ -27,11 +27,11 @@ def test_end_to_end(tiny, tmp_path):
                    "ranking.epochs=2", "ranking.batch_size=64", "retrieval.epochs=2", "retrieval.batch_size=32"])
     saved = json.loads((out / "tiny.json").read_text())
     assert saved["ranking"].keys() == result["ranking"].keys() == {"base", "lum_direct", "lum_match", "lum_both"}
-    assert saved["retrieval"].keys() == {"base", "lum"}
+    assert saved["retrieval"].keys() == {"base", "lum", "popularity"}  # popularity: a reference, not trained
     for section, metrics in (("ranking", ("auc", "gauc")), ("retrieval", ("recall@10", "recall@50", "ndcg@10",
                                                                        "ndcg@50"))):
         for variant, v in saved[section].items():
-            assert len(v["runs"]) == 2
+            assert len(v["runs"]) == (1 if variant == "popularity" else 2)
             for m in metrics:
                 assert 0.0 <= v["mean"][m] <= 1.0, (section, variant, m)
             if variant == "base":
