@@ -108,7 +108,8 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
 
 def test_shipped_sweep_configs_expand():
     cpu = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/cpu-ml100k.yaml"))
-    assert len(cpu) == 9 and {r.max_seq_len for r in cpu} == {32, 64, 128}
+    assert len(cpu) == 16 and {r.max_seq_len for r in cpu} == {32, 64, 128, 256}
+    assert {r.max_steps * r.tokens_per_step for r in cpu} == {614_400}  # one token budget for every run
     ladder_sweep = load_sweep(REPO_ROOT / "configs/sweeps/cluster-ladder.yaml")
     ladder = expand_grid(ladder_sweep)
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
