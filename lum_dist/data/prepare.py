@@ -35,6 +35,7 @@ from lum_dist.data.schema import (
     NUM_PREFIX,
     NUM_SPECIAL_IDS,
     PAD_ID,
+    RESERVED_RAW,
     UNK_ID,
     VOCAB_SCHEMA,
     DatasetMeta,
@@ -42,7 +43,6 @@ from lum_dist.data.schema import (
 )
 from lum_dist.utils import atomic_dir, expand_source
 
-RESERVED_RAW = ["[PAD]", "[UNK]", "[MASK]"]
 DEFAULTS = {"split": "loo", "min_behaviours": 3, "users_per_shard": 50000, "skip_bad": False}
 
 

@@ -34,6 +34,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 # Reserved ids, shared by every vocabulary (items and condition fields).
@@ -41,6 +42,7 @@ PAD_ID = 0  # padding / "no value" (e.g. the item slot of a condition token)
 UNK_ID = 1  # a value not in the training vocabulary
 MASK_ID = 2  # "any": a generic condition carrying no information about the target
 NUM_SPECIAL_IDS = 3
+RESERVED_RAW = ["[PAD]", "[UNK]", "[MASK]"]  # raw values of the reserved ids in every vocabulary
 
 ITEM_FIELD = "item"
 COND_PREFIX = "cond_"  # user-row column for condition field f is f"cond_{f}"
@@ -100,3 +102,9 @@ class DatasetMeta:
 
     def cond_vocab_sizes(self) -> list[int]:
         return [self.vocab_sizes[f] for f in self.cond_fields]
+
+
+def float_list_column(x: np.ndarray) -> pa.Array:
+    """A float32 matrix [n, d] as a list<float32> column (the embedding columns of steps 1 and 2)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))

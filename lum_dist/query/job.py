@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lum_dist.data.packing import best_fit_decreasing, collate
 from lum_dist.data.prepare import load_vocab, read_users
-from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
 from lum_dist.data.tokenize import tokenize_group_query
 from lum_dist.model import LUMModel
 from lum_dist.utils import atomic_write_bytes, atomic_write_text
@@ -161,7 +161,7 @@ def run(job: QueryJob) -> Path:
             "user_id": pa.array(np.repeat(uids, len(names)).tolist(), pa.string()),
             "history_len": pa.array(np.repeat(part_ends, len(names)), pa.int32()),
             "condition": pa.array(names * len(uids), pa.string()),
-            "embedding": _list_column(emb),
+            "embedding": float_list_column(emb),
             "model_version": pa.array([version] * len(emb), pa.string()),
         })
         atomic_write_bytes(out / shard_name(k), _parquet_bytes(table))
@@ -205,7 +205,7 @@ def _write_items(model: LUMModel, data_path: Path, out: Path) -> None:
     keep = ids >= NUM_SPECIAL_IDS
     with torch.no_grad():
         emb = model.item_embeddings(None).float().cpu().numpy()[ids[keep]]
-    table = pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)), "embedding": _list_column(emb)})
+    table = pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)), "embedding": float_list_column(emb)})
     atomic_write_bytes(out / "items.parquet", _parquet_bytes(table))
 
 
@@ -213,8 +213,3 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
-
-
-def _list_column(x: np.ndarray) -> pa.Array:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))

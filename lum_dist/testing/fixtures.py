@@ -22,14 +22,13 @@ from lum_dist.data.schema import (
     NUM_PREFIX,
     NUM_SPECIAL_IDS,
     PAD_ID,
+    RESERVED_RAW,
     UNK_ID,
     VOCAB_SCHEMA,
     DatasetMeta,
     user_schema,
 )
 from lum_dist.utils import atomic_dir
-
-RESERVED_RAW = ["[PAD]", "[UNK]", "[MASK]"]
 
 
 def _vocab(raw_train: np.ndarray) -> tuple[dict[int, int], pa.Table]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lum_dist.config import PretrainConfig, from_dict
 from lum_dist.data.loader import eval_batches
 from lum_dist.data.prepare import load_vocab
-from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
 from lum_dist.model import LUMModel
 from lum_dist.train.checkpoint import DS_TAG, find_resume_checkpoint
 from lum_dist.utils import atomic_dir
@@ -82,9 +82,9 @@ def export_embeddings(model: LUMModel, cfg: PretrainConfig, meta: DatasetMeta, s
     ids = vocab.column("id").to_numpy()
     keep = ids >= NUM_SPECIAL_IDS
     item_table = pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)),
-                           "embedding": _list_column(items[torch.as_tensor(ids[keep])].numpy())})
+                           "embedding": float_list_column(items[torch.as_tensor(ids[keep])].numpy())})
     users = np.concatenate(user_emb) if user_emb else np.zeros((0, items.shape[1]), np.float32)
-    user_table = pa.table({"user_id": pa.array(user_ids, pa.string()), "embedding": _list_column(users)})
+    user_table = pa.table({"user_id": pa.array(user_ids, pa.string()), "embedding": float_list_column(users)})
     with atomic_dir(out) as tmp:
         pq.write_table(user_table, tmp / "users.parquet")
         pq.write_table(item_table, tmp / "items.parquet")
@@ -92,8 +92,3 @@ def export_embeddings(model: LUMModel, cfg: PretrainConfig, meta: DatasetMeta, s
             {"split": split, "similarity": cfg.loss.similarity, "score": "dot product of the two embeddings",
              "num_users": len(user_ids), "num_items": item_table.num_rows}, indent=2))
     return {"users": len(user_ids), "items": item_table.num_rows}
-
-
-def _list_column(x: np.ndarray) -> pa.Array:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))
