@@ -35,6 +35,7 @@ class PresetSpec:
     name: str  # label of the model size in run names, tables and plots
     preset: str = ""  # configs/model/<preset>.yaml (default: ``name``)
     overrides: dict[str, Any] = field(default_factory=dict)  # LUMConfig fields, e.g. {hidden_size: 64}
+    run_overrides: list[str] = field(default_factory=list)  # run config, e.g. ["optim.lr=1e-3"] (per-size LR)
 
     def __post_init__(self) -> None:
         self.preset = self.preset or self.name
@@ -160,6 +161,7 @@ def expand_grid(
                     *sweep.overrides,
                     f"model.preset={_fmt(preset.preset)}",
                     *(f"model.overrides.{k}={_fmt(v)}" for k, v in preset.overrides.items()),
+                    *preset.run_overrides,
                     f"data.max_seq_len={seq_len}",
                     f"data.seed={seed}",
                     f"train.seed={seed}",

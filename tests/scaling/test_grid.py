@@ -123,3 +123,10 @@ def test_subprocess_runner_logs_and_returns_status(tmp_path):
     code = "import os, sys; print('hello', os.environ['LUM_X']); sys.exit(3)"
     assert subprocess_runner([sys.executable, "-c", code], {"LUM_X": "42", "PATH": ""}, log) == 3
     assert log.read_text().strip() == "hello 42"
+
+
+def test_per_preset_run_overrides_reach_only_that_preset():
+    sweep = load_sweep(REPO_ROOT / "configs/sweeps/cpu-ml100k-lr.yaml")
+    lrs = {r.model: [o for o in r.overrides if o.startswith("optim.lr=")] for r in expand_grid(sweep)}
+    assert lrs == {"h32": ["optim.lr=4.0e-3"], "h64": ["optim.lr=2.0e-3"], "h128": ["optim.lr=1.0e-3"],
+                   "h256": ["optim.lr=5.0e-4"]}
