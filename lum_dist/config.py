@@ -139,6 +139,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(out) if origin is tuple else out
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string: accept what Python reads as a number, reject the rest
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if tp is float and not isinstance(value, float):
+        raise ConfigError(f"{where}: expected float, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
