@@ -57,6 +57,11 @@ class TwoTower(nn.Module):
             parts.append(self.lum_proj(b["lum"]))
         return F.normalize(self.user_tower(torch.cat(parts, -1)), dim=-1)
 
+    def forward(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, target items) of a training batch, through ``forward`` so that a DDP wrapper
+        (``accelerate launch``, or any live process group) synchronises the gradients."""
+        return self.encode_users(b), self.encode_items(b["target"], b["target_attr"])
+
     def encode_items(self, items: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
         parts = [self.item(items), self.attr(attrs)]
         if self.lum_item_proj is not None:
@@ -79,10 +84,9 @@ def target_log_freq(targets: torch.Tensor, num_items: int) -> torch.Tensor:
     return (counts / counts.sum()).log().float()
 
 
-def in_batch_softmax_loss(model: TwoTower, b: Batch, temperature: float,
+def in_batch_softmax_loss(model: nn.Module, b: Batch, temperature: float,
                           log_q: torch.Tensor | None = None) -> torch.Tensor:
-    users = model.encode_users(b)
-    items = model.encode_items(b["target"], b["target_attr"])
+    users, items = model(b)
     logits = users @ items.T / temperature
     if log_q is not None:
         logits = logits - log_q.to(logits.device)[b["target"]][None, :]

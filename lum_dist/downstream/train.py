@@ -57,7 +57,8 @@ def fit(model: torch.nn.Module, data: Batch, loss_fn: Callable[[torch.nn.Module,
             accelerator.backward(loss)
             optim.step()
             total, count = total + loss.item(), count + 1
-        result.train_loss.append(total / max(1, count))
+        sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
+        result.train_loss.append(float(sums[0] / sums[1].clamp(min=1)))  # over every process's batches
         if holdout is None:
             continue
         result.holdout_loss.append(holdout_loss(model, holdout, loss_fn, batch_size, accelerator.device))

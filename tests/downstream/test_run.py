@@ -77,3 +77,34 @@ def test_informative_lum_outputs_help(tmp_path):
     result = run_downstream(cfg)
     assert result["ranking"]["lum_match"]["mean"]["auc"] > 0.9 > result["ranking"]["base"]["mean"]["auc"]
     assert result["retrieval"]["lum"]["delta"]["recall@10"] > 0.1
+
+
+def _two_process_downstream(root, qv, qt, out):
+    """One rank of `accelerate launch`: the models are DDP-wrapped and the batches sharded."""
+    import os
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    rank, world = __import__("torch").distributed.get_rank(), __import__("torch").distributed.get_world_size()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="0")  # accelerate checks them; it joins the group that is already up
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    cfg = load_config(DownstreamConfig, overrides=[
+        f"data_path={root}", f"query_valid={qv}", f"query_test={qt}", f"output_dir={out}", "name=ddp", "seeds=[0]",
+        "max_history=8", "ranking.epochs=1", "ranking.batch_size=64", "ranking.variants=[base,lum_match]",
+        "retrieval.epochs=2", "retrieval.batch_size=8"])
+    result = run_downstream(cfg)
+    return {s: {v: r["mean"] for v, r in result[s].items()} for s in ("ranking", "retrieval")}
+
+
+def test_runs_as_two_accelerate_processes(tiny, tmp_path):
+    from lum_dist.testing.distributed import run_distributed
+
+    qv = write_fake_query_dir(tmp_path / "qv", tiny, "valid", seed=1)
+    qt = write_fake_query_dir(tmp_path / "qt", tiny, "test", seed=2)
+    ranks = run_distributed(_two_process_downstream, 2, tiny, qv, qt, tmp_path / "out", timeout=300)
+    assert ranks[0] == ranks[1]  # gradients are all-reduced: both processes hold the same models and results
+    assert set(ranks[0]["retrieval"]) == {"base", "lum", "popularity"}
+    assert ranks[0]["ranking"]["base"]["train_loss"] > 0 and ranks[0]["retrieval"]["lum"]["train_loss"] > 0
+    assert (tmp_path / "out" / "ddp.json").is_file()  # written once, by the main process
