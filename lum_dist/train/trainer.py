@@ -2,7 +2,8 @@
 
 Read it top to bottom: ``pretrain(cfg)`` prepares the data (rank 0), builds the model under ZeRO,
 restores the newest complete checkpoint, then runs a flat loop of micro-steps with logging, evaluation
-(:mod:`lum_dist.eval.ranking`) and atomic checkpoints. Works under the ``deepspeed`` launcher, ``torchrun`` or plain ``python``.
+(:mod:`lum_dist.eval.ranking`) and atomic checkpoints. Works under the ``deepspeed`` launcher,
+``torchrun`` or plain ``python``.
 """
 
 from __future__ import annotations
