@@ -154,7 +154,8 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
             "counts": {"users": data.users.num_rows, "items": data.num_items, "train_requests": len(train_req.target),
                        "eval_requests": len(eval_req.target), "dropped_unk_targets":
                        train_req.dropped_unk + eval_req.dropped_unk, **counts},
-            "device": _device(), "git_commit": _git_commit(), "torch": torch.__version__,
+            "device": _device(), "processes": PartialState().num_processes, "git_commit": _git_commit(),
+            "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     result = {"meta": meta, "ranking": rank_results, "retrieval": retr_results}

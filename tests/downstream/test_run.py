@@ -79,32 +79,31 @@ def test_informative_lum_outputs_help(tmp_path):
     assert result["retrieval"]["lum"]["delta"]["recall@10"] > 0.1
 
 
-def _two_process_downstream(root, qv, qt, out):
-    """One rank of `accelerate launch`: the models are DDP-wrapped and the batches sharded."""
+def test_runs_as_two_processes_under_torchrun(tiny, tmp_path):
+    """``torchrun --nproc_per_node 2 launch/downstream.py``: accelerate shards the batches over two CPU
+    processes (gloo) and DDP-wraps the models; the main process writes the result once."""
     import os
-
-    from accelerate.state import AcceleratorState, PartialState
-
-    rank, world = __import__("torch").distributed.get_rank(), __import__("torch").distributed.get_world_size()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT="0")  # accelerate checks them; it joins the group that is already up
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    cfg = load_config(DownstreamConfig, overrides=[
-        f"data_path={root}", f"query_valid={qv}", f"query_test={qt}", f"output_dir={out}", "name=ddp", "seeds=[0]",
-        "max_history=8", "ranking.epochs=1", "ranking.batch_size=64", "ranking.variants=[base,lum_match]",
-        "retrieval.epochs=2", "retrieval.batch_size=8"])
-    result = run_downstream(cfg)
-    return {s: {v: r["mean"] for v, r in result[s].items()} for s in ("ranking", "retrieval")}
-
-
-def test_runs_as_two_accelerate_processes(tiny, tmp_path):
-    from lum_dist.testing.distributed import run_distributed
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
 
     qv = write_fake_query_dir(tmp_path / "qv", tiny, "valid", seed=1)
     qt = write_fake_query_dir(tmp_path / "qt", tiny, "test", seed=2)
-    ranks = run_distributed(_two_process_downstream, 2, tiny, qv, qt, tmp_path / "out", timeout=300)
-    assert ranks[0] == ranks[1]  # gradients are all-reduced: both processes hold the same models and results
-    assert set(ranks[0]["retrieval"]) == {"base", "lum", "popularity"}
-    assert ranks[0]["ranking"]["base"]["train_loss"] > 0 and ranks[0]["retrieval"]["lum"]["train_loss"] > 0
-    assert (tmp_path / "out" / "ddp.json").is_file()  # written once, by the main process
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(repo / "launch" / "downstream.py"), "--config", str(repo / "configs/downstream/synthetic.yaml"),
+           f"data_path={tiny}", f"query_valid={qv}", f"query_test={qt}", f"output_dir={tmp_path / 'out'}", "name=ddp",
+           "seeds=[0]", "max_history=8", "train_requests_per_user=1", "ranking.epochs=1", "ranking.batch_size=16",
+           "ranking.variants=[base,lum_match]", "retrieval.epochs=2", "retrieval.batch_size=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "ddp.json").read_text())
+    assert result["meta"]["processes"] == 2
+    assert proc.stdout.count("# Downstream results: ddp") == 1  # printed (and written) by the main process only
+    assert set(result["retrieval"]) == {"base", "lum", "popularity"}
+    assert result["ranking"]["base"]["mean"]["train_loss"] > 0 and result["retrieval"]["lum"]["mean"]["train_loss"] > 0
