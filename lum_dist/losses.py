@@ -11,8 +11,10 @@ masked out.
 logQ correction (Yi et al., RecSys 2019): in-batch candidates are drawn in proportion to item
 frequency, so an uncorrected softmax learns to push popular items down and ranks poorly over the
 whole catalogue. ``q(c)`` is the expected number of times c is a candidate: ``B * p(c)`` for B
-in-batch candidates plus ``R / num_real_items`` for R uniform negatives (one proposal mixing both). The gather is autograd-aware: a candidate's gradient is summed over every rank whose
-loss used it and returned to the rank that embedded it.
+in-batch candidates plus ``R / num_real_items`` for R uniform negatives (one proposal mixing both).
+
+The gather is autograd-aware: a candidate's gradient is summed over every rank whose loss used it and
+returned to the rank that embedded it.
 
 Normalisation: rank r returns ``local_sum * world / global_count``. DeepSpeed averages gradients
 over ranks, so the step follows the gradient of the mean over all targets of all ranks.

@@ -8,8 +8,8 @@ Order: epoch ``e`` visits the rank's users in the order of ``permutation(num_use
 ``(seed, e)``, restricted to the rank's users. Each user yields ``tokenize_train`` sequences with
 condition dropout drawn from ``(seed, e, rank, g)``. Sequences fill a buffer of
 ``shuffle_buffer``; a full buffer is shuffled, packed into rows of ``token_budget`` (best fit
-decreasing, or one sequence per row padded to the budget for ``packing="pad"``), the rows are shuffled and queued, and
-batches take ``rows_per_batch`` rows off the queue (rows left over wait for the next buffer). The
+decreasing, or one sequence per row padded to the budget for ``packing="pad"``), the rows are
+shuffled and queued, and batches take ``rows_per_batch`` rows off the queue (rows left over wait for the next buffer). The
 stream is infinite: epochs follow one another, a buffer may straddle two.
 
 Exact resume: every sequence is a pure function of its key ``(epoch, user, window)``, so the state is

@@ -7,8 +7,8 @@ without it the tower cannot relate the output to items never seen as training ta
 and are L2-normalised; training is softmax over the in-batch items at a fixed temperature (a negative equal
 to the positive item is masked), logQ-corrected by default with the items' frequency among the training
 targets (in-batch candidates are drawn by popularity: uncorrected, the towers learn to rank popular items
-low, below a popularity baseline in full ranking). Evaluation ranks every real item for each test request, the user's history
-excluded (``lum_dist.eval.metrics.rank_of_targets``), and reports Recall@K and NDCG@K.
+low, below a popularity baseline in full ranking). Evaluation ranks every real item for each test
+request, the user's history excluded (``lum_dist.eval.metrics.rank_of_targets``), and reports Recall@K and NDCG@K.
 """
 
 from __future__ import annotations
@@ -124,12 +124,14 @@ def train_and_evaluate(cfg: RetrievalConfig, seed: int, num_users: int, item_att
             history = [torch.from_numpy(h) for h in eval_history[start:start + len(scores)]]
             acc.update(rank_of_targets(scores, b["target"], history))
             start += len(scores)
+    return {**retrieval_metrics(acc, cfg.ks), "train_loss": fitted.train_loss[fitted.best_epoch - 1],
+            "best_epoch": fitted.best_epoch}
+
+
+def retrieval_metrics(acc: RankingAccumulator, ks: list[int]) -> dict[str, float]:
+    """Recall@K and NDCG@K (one relevant item per request) from accumulated ranks."""
     out = acc.compute()
-    result = {f"recall@{k}": out[f"hr@{k}"] for k in cfg.ks}
-    result.update({f"ndcg@{k}": out[f"ndcg@{k}"] for k in cfg.ks})
-    result["train_loss"] = fitted.train_loss[fitted.best_epoch - 1]
-    result["best_epoch"] = fitted.best_epoch
-    return result
+    return {**{f"recall@{k}": out[f"hr@{k}"] for k in ks}, **{f"ndcg@{k}": out[f"ndcg@{k}"] for k in ks}}
 
 
 def popularity_metrics(cfg: RetrievalConfig, data_path: str, num_items: int, req: Requests) -> dict[str, float]:
@@ -143,7 +145,4 @@ def popularity_metrics(cfg: RetrievalConfig, data_path: str, num_items: int, req
         targets = torch.from_numpy(req.target[start:start + 1024])
         history = [torch.from_numpy(h) for h in req.history[start:start + 1024]]
         acc.update(rank_of_targets(scores.expand(len(targets), -1), targets, history))
-    out = acc.compute()
-    result = {f"recall@{k}": out[f"hr@{k}"] for k in cfg.ks}
-    result.update({f"ndcg@{k}": out[f"ndcg@{k}"] for k in cfg.ks})
-    return {**result, "train_loss": 0.0, "best_epoch": 0}
+    return {**retrieval_metrics(acc, cfg.ks), "train_loss": 0.0, "best_epoch": 0}

@@ -6,9 +6,9 @@
      "ranking":   {variant: {"runs": [per-seed metrics], "mean": {...}, "std": {...}, "delta": {...}}},
      "retrieval": {variant: {...same...}}}
 
-``delta`` is the variant's mean minus the base variant's mean. Retrieval also lists ``popularity``, a reference
-(training counts, ranked with the same exclusions), not a trained variant. Negatives are drawn once (``sample_seed``), so
-every variant and seed is scored on the same samples; ``seeds`` vary model initialisation and shuffling.
+``delta`` is the variant's mean minus the base variant's mean. Retrieval also lists ``popularity``, a
+reference (training counts, ranked with the same exclusions), not a trained variant. Negatives are drawn
+once (``sample_seed``), so every variant and seed is scored on the same samples; ``seeds`` vary model initialisation and shuffling.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ recent behaviours before the target, right-aligned and PAD-padded) and the behav
 The step-2 outputs used with them are computed before the request: query_valid (history up to the first
 training request: train_end - lag) for training, query_test (history up to valid_end) for evaluation, as
 stored outputs refreshed offline serve the requests that follow; each request records ``position`` so
-the history length of the output it uses can be checked against it. Ranking samples add ``neg_ratio`` negatives per
-positive, drawn uniformly (seeded) from items the user never interacted with: in [0, valid_end] for training
+the history length of the output it uses can be checked against it. Ranking samples add ``neg_ratio``
+negatives per positive, drawn uniformly (seeded) from items the user never interacted with: in [0, valid_end] for training
 (so a test target is never a training negative), in the whole sequence for evaluation. Targets unseen in
 training (UNK) cannot be scored by an id-based model and are dropped (counted in ``Requests.dropped_unk``).
 """

@@ -82,9 +82,8 @@ def evaluate(model: LUMModel, data_path: Path, meta: DatasetMeta, cfg: PretrainC
         if cfg.loss.similarity == "cosine":
             user = torch.nn.functional.normalize(user, dim=-1)
         targets = batch.targets[query_at]
-        history = batch.seen_items if batch.seen_items is not None else history_items(batch)
-        acc.update(rank_of_targets(user @ items.T, targets, history))
-        pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, history))
+        acc.update(rank_of_targets(user @ items.T, targets, batch.seen_items))
+        pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, batch.seen_items))
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in acc.all_reduce().compute().items()}
     result.update({f"{split}/pop_{k}": v for k, v in pop_acc.all_reduce().compute().items()})
@@ -100,14 +99,6 @@ def one_token_batch(num_cond_fields: int, num_numeric: int) -> PackedBatch:
         num_queries=torch.ones(1, dtype=torch.int32), row_splits=torch.tensor([0, 1], dtype=torch.int32),
         token_budget=1, user_ids=[""], numeric=torch.zeros(1, num_numeric) if num_numeric else None,
     )
-
-
-def history_items(batch: PackedBatch) -> list[torch.Tensor]:
-    """Item ids in each sequence's packed history (the exclusion list of batches without ``seen_items``)."""
-    seq = batch.seq_index()
-    is_item = batch.token_type == 1
-    ids, owners = batch.item_ids[is_item], seq[is_item]
-    return [ids[owners == s] for s in range(batch.num_sequences)]
 
 
 def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0,
