@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lum_dist.ops import attention
-from lum_dist.ops.attention import available_backends, block_causal_mask, chunk_bounds, varlen_attention
+from lum_dist.ops.attention import available_backends, block_causal_mask, length_buckets, varlen_attention
 
 CPU_TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32: only summation order differs
 GPU_TOL = {"rtol": 2e-2, "atol": 2e-2}  # bf16 inputs, fp32 reference
@@ -54,19 +51,35 @@ def test_cpu_backend_equals_reference(backend, causal):
     assert_matches_reference(backend, [4, 6], causal, CPU_TOL, scale=0.3)
 
 
-@settings(max_examples=25, deadline=None)
-@given(seq_lens=st.lists(st.integers(1, 12), min_size=1, max_size=6), causal=st.booleans(), chunk=st.integers(1, 30))
-def test_sdpa_equals_reference_random_packings(seq_lens, causal, chunk):
-    """Random packings, with sdpa's chunk size small enough that most cases split into several chunks."""
-    with mock.patch.object(attention, "SDPA_CHUNK_TOKENS", chunk):
-        assert_matches_reference("sdpa", seq_lens, causal, CPU_TOL)
+@settings(max_examples=40, deadline=None)
+@given(seq_lens=st.lists(st.integers(0, 40), min_size=1, max_size=8).filter(any), causal=st.booleans())
+def test_sdpa_equals_reference_random_packings(seq_lens, causal):
+    """Random packings: lengths spanning several buckets, empty sequences included."""
+    assert_matches_reference("sdpa", seq_lens, causal, CPU_TOL)
 
 
-def test_chunk_bounds_cut_only_between_sequences():
-    cu = [0, 3, 4, 12, 14, 20]
-    assert chunk_bounds(cu, 5) == [0, 4, 12, 14, 20]  # the 8-token sequence is a chunk alone
-    assert chunk_bounds(cu, 100) == [0, 20]
-    assert chunk_bounds([0, 2, 2, 5], 2) == [0, 2, 5]  # an empty sequence makes no empty chunk
+def test_length_buckets_group_lengths_within_a_factor_two():
+    assert length_buckets([5, 1, 9, 0, 2, 7, 16, 17]) == [[1], [4], [0, 5], [2, 6], [7]]
+    assert length_buckets([0, 0]) == []
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_attention_dropout_is_random_in_expectation_unbiased_and_off_at_zero(backend):
+    q, k, v, cu = packed_inputs([6, 9], dim=8)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    ref = varlen_attention(q, k, v, cu, 9, backend="reference")
+    torch.manual_seed(0)
+    one = varlen_attention(q, k, v, cu, 9, backend=backend, dropout_p=0.3)
+    assert not torch.allclose(one, ref)
+    mean = torch.stack([varlen_attention(q, k, v, cu, 9, backend=backend, dropout_p=0.3) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(mean, ref, rtol=0.15, atol=0.15)  # inverted dropout keeps the expectation
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, 9, backend=backend, dropout_p=0.0), ref, **CPU_TOL)
+
+
+def test_attention_dropout_on_a_backend_without_it_is_refused():
+    q, k, v, cu = packed_inputs([3])
+    with pytest.raises(ValueError, match="no attention dropout"):
+        varlen_attention(q, k, v, cu, 3, backend="flex", dropout_p=0.1)
 
 
 def test_reference_is_causal_and_never_crosses_sequences():
