@@ -41,21 +41,33 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequen
     safe = torch.where(valid, targets, torch.full_like(targets, NUM_SPECIAL_IDS if n > NUM_SPECIAL_IDS else 0))
     target_score = scores.gather(1, safe[:, None])
     item_ids = torch.arange(n, device=scores.device)
-    ahead = (scores > target_score) | ((scores == target_score) & (item_ids[None, :] < safe[:, None]))
+    # Items ahead of the target among ALL items: higher scores, and ties with a lower id (rare: only the
+    # rows that have a tie pay for that second pass) ...
+    # (Counted as float sums of 0/1: 2x faster on the CPU than summing a bool tensor, exact below 2^24 items.)
+    ranks = (scores - target_score).gt_(0).sum(1).long()
+    at_least = (scores - target_score).ge_(0).sum(1).long()  # ahead + ties, the target included
+    tied = (at_least - ranks > 1).nonzero().squeeze(1)
+    if tied.numel():
+        same = scores[tied] == target_score[tied]
+        ranks[tied] += (same & (item_ids[None, :] < safe[tied, None])).sum(1)
 
-    candidate = torch.ones(b, n, dtype=torch.bool, device=scores.device)
-    candidate[:, :NUM_SPECIAL_IDS] = False
+    # ... minus those that are not candidates: the reserved ids and each row's excluded items (few per row).
     lengths = [len(e) for e in exclude]
-    if sum(lengths):
-        ids = torch.cat([e.reshape(-1) for e in exclude]).to(scores.device).long()
-        if ids.min() < 0 or ids.max() >= n:
-            bad = ((ids < 0) | (ids >= n)).cpu()
-            row = int(torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))[bad][0])
-            raise ValueError(f"rank_of_targets: exclude[{row}] holds an item id outside [0, {n})")
-        rows = torch.repeat_interleave(torch.arange(b, device=scores.device), torch.tensor(lengths, device=scores.device))
-        candidate[rows, ids] = False
+    rows = torch.repeat_interleave(torch.arange(b, device=scores.device), torch.tensor(lengths, device=scores.device))
+    ids = torch.cat([e.reshape(-1) for e in exclude]).to(scores.device).long() if sum(lengths) else rows
+    if sum(lengths) and (ids.min() < 0 or ids.max() >= n):
+        bad = ((ids < 0) | (ids >= n)).cpu()
+        raise ValueError(f"rank_of_targets: exclude[{int(rows.cpu()[bad][0])}] holds an item id outside [0, {n})")
+    reserved = torch.arange(min(NUM_SPECIAL_IDS, n), device=scores.device)
+    rows = torch.cat([rows, torch.arange(b, device=scores.device).repeat_interleave(len(reserved))])
+    ids = torch.cat([ids, reserved.repeat(b)])
+    # An excluded id counts once per row (histories may repeat items); the target is never excluded.
+    key = torch.unique(rows * n + ids)
+    rows, ids = key // n, key % n
+    s, t = scores[rows, ids], target_score[rows, 0]
+    ahead = ((s > t) | ((s == t) & (ids < safe[rows]))) & (ids != safe[rows])
+    ranks = ranks - torch.bincount(rows[ahead], minlength=b)
 
-    ranks = (ahead & candidate).sum(1)
     miss = ~valid | torch.isnan(target_score[:, 0])
     return torch.where(miss, torch.full_like(ranks, n), ranks)
 
