@@ -1,12 +1,29 @@
-"""The LUM model: config and presets (config.py), token + user encoder (modeling.py)."""
+"""The models: LUM (config.py: config, presets, counts; modeling.py) and the SASRec baseline (sasrec.py).
 
-from transformers import AutoConfig, AutoModel
+Both read the same packed batches and expose the same surface to training, evaluation and querying:
+``forward_batch(batch) -> [T, E]`` (the user state at every token), ``can_predict(batch) -> bool [T]``,
+``item_embeddings(ids=None)`` (the scoring table) and ``config.item_emb_dim``.
+"""
 
-from lum_dist.model.config import LUMConfig, flops_per_token, load_preset, param_counts
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from lum_dist.model.config import ARCHS, LUMConfig, flops_per_token, load_preset, param_counts
 from lum_dist.model.modeling import LUMModel
+from lum_dist.model.sasrec import SASRecConfig, SASRecModel
+
+MODELS: dict[str, type[PreTrainedModel]] = {"lum": LUMModel, "sasrec": SASRecModel}
+assert MODELS.keys() == ARCHS.keys()
+
+
+def build_model(config: PretrainedConfig) -> LUMModel | SASRecModel:
+    """The model a config describes (freshly initialised)."""
+    return MODELS[config.model_type](config)
+
 
 # An exported model directory loads with transformers' Auto classes too.
-AutoConfig.register(LUMConfig.model_type, LUMConfig, exist_ok=True)
-AutoModel.register(LUMConfig, LUMModel, exist_ok=True)
+for _arch, _model in MODELS.items():
+    AutoConfig.register(ARCHS[_arch].model_type, ARCHS[_arch], exist_ok=True)
+    AutoModel.register(ARCHS[_arch], _model, exist_ok=True)
 
-__all__ = ["LUMConfig", "LUMModel", "flops_per_token", "load_preset", "param_counts"]
+__all__ = ["LUMConfig", "LUMModel", "MODELS", "SASRecConfig", "SASRecModel", "build_model", "flops_per_token",
+           "load_preset", "param_counts"]

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from transformers import PretrainedConfig
 
 from lum_dist.config import REPO_ROOT, ConfigError
+from lum_dist.model.sasrec import SASRecConfig
 
 PRESET_DIR = REPO_ROOT / "configs" / "model"
 
@@ -45,7 +47,11 @@ class LUMConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
-        dropout: float = 0.0,  # on the token features and on every residual branch (small datasets)
+        scaled_init: bool = True,  # residual output projections start at initializer_range / sqrt(2 * layers)
+        # Dropout (0 in the large presets, as in LLM pretraining; small datasets need it):
+        feature_dropout: float = 0.0,  # on the projected token features
+        attention_dropout: float = 0.0,  # on the attention probabilities
+        residual_dropout: float = 0.0,  # on every residual branch (attention and MLP outputs)
         attn_backend: str = "auto",  # see lum_dist.ops.attention.varlen_attention
         **kwargs: Any,
     ):
@@ -63,15 +69,19 @@ class LUMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        self.dropout = dropout
+        self.scaled_init = scaled_init
+        self.feature_dropout = feature_dropout
+        self.attention_dropout = attention_dropout
+        self.residual_dropout = residual_dropout
         self.attn_backend = attn_backend
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
         if (hidden_size // num_heads) % 2:
             raise ConfigError(f"LUMConfig: head dim {hidden_size // num_heads} must be even for rotary positions")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"LUMConfig: dropout {dropout} must be in [0, 1)")
+        for name in ("feature_dropout", "attention_dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -82,12 +92,47 @@ class LUMConfig(PretrainedConfig):
         """Width of the concatenated token features fed to the input projection."""
         return self.item_emb_dim + (len(self.cond_vocab_sizes) + 1) * self.cond_emb_dim + self.num_numeric
 
+    # -- sizes and work (closed form: the trainer reports MFU and the scaling code sizes models from these) --
 
-# What a preset file or a run's ``model.overrides`` may set (the dataset sets the table sizes).
-ARCH_KEYS = frozenset({
-    "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
-    "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "dropout", "attn_backend",
-})
+    ARCH_KEYS = frozenset({  # what a preset file or a run's ``model.overrides`` may set (data sets the tables)
+        "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
+        "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
+        "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend",
+    })
+
+    @classmethod
+    def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0, **arch: Any) -> LUMConfig:
+        return cls(num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), num_numeric=num_numeric, **arch)
+
+    def matmul_params(self) -> int:
+        """Weights of every matrix multiply per token: input projection, blocks, output projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = 4 * h * h + 3 * h * i  # q, k, v, o + SwiGLU gate, up, down
+        return self.token_feature_dim * h + self.num_layers * per_layer + h * self.item_emb_dim
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts by formula. dense = everything but the lookup tables (matmuls, biases, norms)."""
+        h = self.hidden_size
+        dense = self.matmul_params() + h + self.num_layers * 2 * h + h  # + input bias, 2 norms per block, final
+        embedding = (
+            self.num_items * self.item_emb_dim
+            + (sum(self.cond_vocab_sizes) + self.num_time_buckets) * self.cond_emb_dim
+            + 2 * h  # token-type embedding
+        )
+        return {"dense": dense, "embedding": embedding, "total": dense + embedding}
+
+
+    def train_flops(self, seq_lens: np.ndarray) -> float:
+        """Training FLOPs (forward + backward) of a packed batch with these real sequence lengths (tokens).
+
+        ``6 * N`` per token (:meth:`matmul_params`, 2 FLOPs per multiply-add, backward twice the forward)
+        plus causal attention: a sequence of L tokens has L(L + 1)/2 (query, key) pairs, each costing
+        ``2 * hidden`` FLOPs in QK^T and again in AV per layer, x3 for training. From the batch's real
+        lengths, not ``max_seq_len``: packed users are short, and attention is quadratic in each of them.
+        """
+        lens = np.asarray(seq_lens, dtype=np.float64)
+        pairs = float((lens * (lens + 1) / 2).sum())
+        return 6.0 * self.matmul_params() * float(lens.sum()) + 12.0 * self.num_layers * self.hidden_size * pairs
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -97,46 +142,45 @@ def preset_path(name_or_path: str | Path) -> Path:
     return PRESET_DIR / f"{name_or_path}.yaml"
 
 
+ARCHS: dict[str, type[PretrainedConfig]] = {"lum": LUMConfig, "sasrec": SASRecConfig}
+
+
 def load_preset(
     name_or_path: str | Path, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0, **overrides: Any
-) -> LUMConfig:
-    """The preset's architecture (``configs/model/<name>.yaml`` or a YAML path) sized for a dataset."""
+) -> LUMConfig | SASRecConfig:
+    """The preset's architecture (``configs/model/<name>.yaml`` or a YAML path) sized for a dataset.
+
+    A preset names its architecture with ``arch`` (``lum``, the default, or ``sasrec``)."""
     path = preset_path(name_or_path)
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"model preset {name_or_path!r} not found ({path}); known presets: {known}")
     values = yaml.safe_load(path.read_text()) or {}
     values.update(overrides)
-    unknown = set(values) - ARCH_KEYS
+    arch = values.pop("arch", "lum")
+    if arch not in ARCHS:
+        raise ConfigError(f"{path}: arch {arch!r} is not one of {sorted(ARCHS)}")
+    cls = ARCHS[arch]
+    unknown = set(values) - cls.ARCH_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown model key(s) {sorted(unknown)}; valid: {sorted(ARCH_KEYS)}")
-    return LUMConfig(num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), num_numeric=num_numeric, **values)
+        raise ConfigError(f"{path}: unknown {arch} model key(s) {sorted(unknown)}; valid: {sorted(cls.ARCH_KEYS)}")
+    return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, **values)
 
 
-def matmul_params(cfg: LUMConfig) -> int:
-    """Weights of every matrix multiply per token: input projection, blocks, output projection."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    per_layer = 4 * h * h + 3 * h * i  # q, k, v, o + SwiGLU gate, up, down
-    return cfg.token_feature_dim * h + cfg.num_layers * per_layer + h * cfg.item_emb_dim
+def param_counts(cfg: LUMConfig | SASRecConfig) -> dict[str, int]:
+    """``{"dense", "embedding", "total"}`` parameters of a model config, by formula."""
+    return cfg.param_counts()
 
 
-def param_counts(cfg: LUMConfig) -> dict[str, int]:
-    """Parameter counts by formula. dense = everything but the lookup tables (matmuls, biases, norms)."""
-    h = cfg.hidden_size
-    dense = matmul_params(cfg) + h + cfg.num_layers * 2 * h + h  # + input bias, 2 norms per block, final norm
-    embedding = (
-        cfg.num_items * cfg.item_emb_dim
-        + (sum(cfg.cond_vocab_sizes) + cfg.num_time_buckets) * cfg.cond_emb_dim
-        + 2 * h  # token-type embedding
-    )
-    return {"dense": dense, "embedding": embedding, "total": dense + embedding}
+def matmul_params(cfg: LUMConfig | SASRecConfig) -> int:
+    return cfg.matmul_params()
 
 
-def flops_per_token(cfg: LUMConfig, seq_len: int) -> float:
+def flops_per_token(cfg: LUMConfig | SASRecConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the user encoder.
 
     Forward counts 2 FLOPs per multiply-accumulate; backward costs twice the forward. With
-    N = :func:`matmul_params` (input projection, q/k/v/o, SwiGLU, output projection)::
+    N = ``cfg.matmul_params()`` (every weight matrix a token passes through)::
 
         flops = 6 * N + 6 * num_layers * hidden_size * seq_len
 
@@ -145,4 +189,4 @@ def flops_per_token(cfg: LUMConfig, seq_len: int) -> float:
     average. Embedding lookups, norms, softmax and the InfoNCE logits (which depend on the batch,
     not on the model) are not counted.
     """
-    return 6.0 * matmul_params(cfg) + 6.0 * cfg.num_layers * cfg.hidden_size * seq_len
+    return 6.0 * cfg.matmul_params() + 6.0 * cfg.num_layers * cfg.hidden_size * seq_len

@@ -8,13 +8,16 @@ about DeepSpeed or process groups; the trainer shards it from outside.
   the condition slots and condition tokens PAD_ID in the item slot; PAD rows are zero (and get no
   gradient), so a condition token's item part and an item token's condition part are zero.
 * User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
-  a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. ``dropout`` (0 in the large presets, as in
-  LLM pretraining) acts on the token features and on each residual branch: small datasets need it.
+  a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. Dropout (0 in the large presets, as in LLM
+  pretraining; small datasets need it) acts on the token features, the attention probabilities and each
+  residual branch, each with its own rate.
 * The output lives in the item embedding space: InfoNCE compares it with rows of the SAME
   ``item_emb`` table that item tokens read (see :class:`LUMConfig`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +72,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LUMConfig):
         super().__init__()
         self.num_heads, self.head_dim, self.backend = cfg.num_heads, cfg.head_dim, cfg.attn_backend
+        self.dropout = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.out.is_residual_out = True
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
@@ -81,7 +86,8 @@ class Attention(nn.Module):
 
             y = group_query_attention(q, k, v, cu_seqlens, num_queries, max_seqlen)
         else:
-            y = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend)
+            y = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend,
+                                 dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.reshape(x.shape))
 
 
@@ -90,6 +96,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down.is_residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -105,7 +112,7 @@ class Block(GradientCheckpointingLayer):
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, num_queries))
@@ -121,7 +128,7 @@ class LUMModel(PreTrainedModel):
     def __init__(self, config: LUMConfig):
         super().__init__(config)
         self.tokens = TokenEncoder(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.feature_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.item_emb_dim, bias=False)
@@ -131,11 +138,15 @@ class LUMModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """normal(0, initializer_range) matrices and tables, zero biases and PAD rows, unit norms.
 
-        Called per module (also by the trainer under ZeRO-3 with the module's parameters gathered);
-        modules that are not ours (e.g. the loss) are left alone.
+        With ``scaled_init`` the projections that write into the residual stream (attention output, MLP
+        down) start ``sqrt(2 * num_layers)`` smaller (GPT-2), so the stream's variance at init does not
+        grow with depth. Called per module (also by the trainer under ZeRO-3 with the module's parameters
+        gathered); modules that are not ours (e.g. the loss) are left alone.
         """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            if self.config.scaled_init and getattr(module, "is_residual_out", False):
+                std = std / math.sqrt(2 * self.config.num_layers)
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -180,6 +191,10 @@ class LUMModel(PreTrainedModel):
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen, num_queries)
         return self.head(self.norm(x))
+
+    def can_predict(self, batch: PackedBatch) -> torch.Tensor:
+        """bool [T]: every token's output is a prediction (the condition token carries what it needs)."""
+        return torch.ones_like(batch.targets, dtype=torch.bool)
 
     def forward_batch(self, batch: PackedBatch) -> torch.Tensor:
         return self(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 
 from lum_dist.config import ConfigError
-from lum_dist.model import LUMConfig, LUMModel, flops_per_token, load_preset, param_counts
+from lum_dist.model import LUMConfig, LUMModel, SASRecConfig, SASRecModel, flops_per_token, load_preset, param_counts
 from lum_dist.model.config import PRESET_DIR
 from lum_dist.testing.batches import random_packed_batch
 
@@ -18,7 +19,27 @@ EMBEDDINGS = ("tokens.item_emb.", "tokens.cond_embs.", "tokens.time_emb.", "toke
 
 
 def test_every_preset_file_is_tested():
-    assert {p.stem for p in PRESET_DIR.glob("*.yaml")} == set(NOMINAL)
+    assert {p.stem for p in PRESET_DIR.glob("*.yaml")} == set(NOMINAL) | {"sasrec"}
+
+
+def test_sasrec_preset_counts_match_modules():
+    cfg = load_preset("sasrec", num_items=5000, cond_vocab_sizes=[30, 7], num_numeric=2)
+    assert isinstance(cfg, SASRecConfig) and (cfg.hidden_size, cfg.num_layers, cfg.dropout) == (64, 2, 0.5)
+    model = SASRecModel(cfg)
+    real = {"dense": 0, "embedding": 0}
+    for pname, p in model.named_parameters():
+        real["embedding" if pname.startswith(("item_emb.", "pos_emb.")) else "dense"] += p.numel()
+    real["total"] = real["dense"] + real["embedding"]
+    assert param_counts(cfg) == real
+
+
+def test_unknown_arch_and_keys_of_another_arch_are_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("arch: gru4rec\n")
+    with pytest.raises(ConfigError, match="gru4rec"):
+        load_preset(path, 10, [5])
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        load_preset("sasrec", 10, [5], intermediate_size=64)
 
 
 @pytest.mark.parametrize("name", sorted(NOMINAL))
@@ -66,6 +87,41 @@ def test_flops_formula_matches_counted_matmuls():
         model.forward_batch(batch).sum().backward()
     dense_attention = 2 * (flops_per_token(cfg, t) - flops_per_token(cfg, 0)) * t  # full, not causal
     assert counter.get_total_flops() == flops_per_token(cfg, 0) * t + dense_attention
+
+
+def _counted_attention_flops(cfg, seq_lens):
+    """What FlopCounterMode sees for the reference backend: per sequence, QK^T and AV as full L x L products."""
+    return 12 * cfg.num_layers * cfg.hidden_size * sum(n * n for n in seq_lens)
+
+
+def test_train_flops_from_real_lengths_match_counted_flops_lum():
+    """Packed batch of mixed lengths: counted fwd+bwd FLOPs = 6 N T + attention per sequence. train_flops counts
+    the causal half (L(L+1)/2 pairs); the reference backend computes the full square, hence the difference."""
+    cfg = LUMConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_items=20,
+                    cond_vocab_sizes=[6], attn_backend="reference")
+    lens = [12, 3, 30, 7]
+    batch = random_packed_batch(lens, 20, [6], seed=0)
+    with FlopCounterMode(display=False) as counter:
+        LUMModel(cfg).forward_batch(batch).sum().backward()
+    causal = cfg.train_flops(np.array(lens))
+    dense = 6 * cfg.matmul_params() * sum(lens)
+    assert counter.get_total_flops() == dense + _counted_attention_flops(cfg, lens)
+    assert causal == dense + 12 * cfg.num_layers * cfg.hidden_size * sum(n * (n + 1) // 2 for n in lens)
+    # The max_seq_len rule overstates packed users of mixed lengths: here by a third on the attention term.
+    assert flops_per_token(cfg, max(lens)) * sum(lens) - dense > 1.3 * (causal - dense)
+
+
+def test_train_flops_from_real_lengths_match_counted_flops_sasrec():
+    cfg = SASRecConfig(hidden_size=16, num_layers=2, num_heads=2, num_items=20, max_position=20, dropout=0.0,
+                       attn_backend="reference")
+    lens = [12, 4, 30, 8]  # whole behaviours: half of each are item tokens
+    batch = random_packed_batch(lens, 20, [6], seed=0)
+    with FlopCounterMode(display=False) as counter:
+        SASRecModel(cfg).forward_batch(batch).sum().backward()
+    items = [n // 2 for n in lens]
+    assert counter.get_total_flops() == 6 * cfg.matmul_params() * sum(items) + _counted_attention_flops(cfg, items)
+    assert cfg.train_flops(np.array(lens)) == 6 * cfg.matmul_params() * sum(items) + 12 * cfg.num_layers * \
+        cfg.hidden_size * sum(n * (n + 1) // 2 for n in items)
 
 
 def test_config_round_trips_through_save_pretrained(tmp_path):

@@ -116,7 +116,7 @@ def test_init_weights_reinitialises_every_module():
     for module in model.modules():
         model._init_weights(module)
     std = model.config.initializer_range
-    assert abs(model.blocks[0].mlp.down.weight.std().item() - std) < 0.3 * std
+    assert abs(model.blocks[0].mlp.gate_up.weight.std().item() - std) < 0.3 * std
     assert torch.all(model.tokens.proj.bias == 0) and torch.all(model.norm.weight == 1)
     assert model.tokens.item_emb.weight[0].abs().sum() == 0
 
@@ -151,8 +151,9 @@ def test_gpu_backends_give_the_reference_model_output_bf16():
         torch.testing.assert_close(out, outs["reference"], rtol=3e-2, atol=3e-2, msg=lambda m, b=backend: f"{b}: {m}")
 
 
-def test_dropout_acts_in_training_only():
-    model = tiny(dropout=0.3)
+@pytest.mark.parametrize("kind", ["feature_dropout", "attention_dropout", "residual_dropout"])
+def test_each_dropout_acts_in_training_only(kind):
+    model = tiny(**{kind: 0.3})
     batch = random_packed_batch([8, 5], 60, VOCABS, seed=2)
     with torch.no_grad():
         ref = model.forward_batch(batch)
@@ -161,5 +162,18 @@ def test_dropout_acts_in_training_only():
         assert not torch.allclose(model.forward_batch(batch), ref)
         model.eval()
         torch.testing.assert_close(model.forward_batch(batch), ref, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="dropout"):
-        tiny(dropout=1.0)
+    with pytest.raises(ValueError, match=kind):
+        tiny(**{kind: 1.0})
+
+
+def test_scaled_init_shrinks_the_residual_output_projections_with_depth():
+    layers = 8
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = LUMModel(load_preset("lum-tiny", 60, VOCABS, num_layers=layers, hidden_size=256, num_heads=4,
+                                     intermediate_size=512, scaled_init=scaled))
+        std = model.config.initializer_range / ((2 * layers) ** 0.5 if scaled else 1.0)
+        for block in model.blocks:
+            for w in (block.attn.out.weight, block.mlp.down.weight):
+                assert abs(w.std().item() / std - 1) < 0.05
+            assert abs(block.attn.qkv.weight.std().item() / model.config.initializer_range - 1) < 0.05

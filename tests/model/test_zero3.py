@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -16,17 +17,18 @@ from lum_dist.train.trainer import PretrainModule
 NUM_ITEMS, VOCABS = 100, [9, 5]
 
 
-def _train_zero3() -> dict:
+def _train_zero3(negatives: str) -> dict:
     parallelize.init_distributed()  # joins the existing gloo group
     cfg = PretrainConfig()
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
-    cfg.loss = LossConfig(learnable_temperature=True, num_random_negatives=8)  # logQ-corrected (the default)
+    cfg.loss = (LossConfig(learnable_temperature=True, num_random_negatives=8) if negatives == "in_batch"  # logQ
+                else LossConfig(learnable_temperature=True, negatives="full"))  # the item table gathered whole
     log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
     ds = parallelize.deepspeed_config(cfg)
     module = parallelize.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS, log_q)), ds)
     module.model.gradient_checkpointing_enable()
-    engine = parallelize.build_engine(module, cfg, ds)
+    engine = parallelize.build_engine(module, cfg, ds, cfg.train.max_steps)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
     losses = []
     for _ in range(cfg.train.max_steps):
@@ -40,9 +42,10 @@ def _train_zero3() -> dict:
             "pad_norm": float(table[0].abs().sum()), "temperature": float(stats["temperature"])}
 
 
-def test_model_and_loss_train_under_zero3(monkeypatch):
+@pytest.mark.parametrize("negatives", ["in_batch", "full"])
+def test_model_and_loss_train_under_zero3(monkeypatch, negatives):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    ranks = run_distributed(_train_zero3, 2, timeout=240)
+    ranks = run_distributed(_train_zero3, 2, negatives, timeout=240)
     for r in ranks:
         assert r["count"] == 2 * 18  # both ranks see the global target count
         assert r["shape"] == (NUM_ITEMS, 64) and r["pad_norm"] == 0.0
