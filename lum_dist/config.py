@@ -45,14 +45,18 @@ class ModelSpec:
 
 @dataclass
 class LossConfig:
+    # "full": softmax over every item (exact; for catalogues whose [targets x items] logits fit in memory);
+    # "in_batch": sampled softmax over the positives of every rank (+ num_random_negatives uniform ids).
+    negatives: str = "in_batch"
     similarity: str = "cosine"  # "cosine" | "dot"
     temperature: float = 0.05
     learnable_temperature: bool = False
     min_temperature: float = 0.01
     max_temperature: float = 1.0
+    # in_batch only:
     gather_negatives: bool = True  # in-batch negatives from every data-parallel rank
     logq_correction: bool = True  # subtract log q(candidate): in-batch negatives are popularity-sampled
-    num_random_negatives: int = 0  # extra uniformly sampled negatives per rank
+    num_random_negatives: int = 0  # extra uniformly sampled negatives, shared by all ranks
     mask_false_negatives: bool = True  # a negative equal to the positive item is not a negative
 
 
@@ -71,6 +75,7 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/pretrain"
     max_steps: int = 1000
+    max_epochs: float = 0.0  # > 0: train this many passes over the training tokens (wins over max_steps)
     grad_accum: int = 1
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
@@ -80,15 +85,19 @@ class TrainConfig:
     cpu_adam: bool = False  # DeepSpeedCPUAdam (compiles an op on first use); torch AdamW otherwise
     activation_checkpointing: bool = False
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
+    eval_every: int = 0  # validate every N steps (0: never during training); the best checkpoint is kept
+    eval_every_epochs: float = 0.0  # > 0: validate every this many epochs (wins over eval_every)
+    early_stopping_patience: int = 0  # stop after N validations without a new best (0: never)
+    save_every: int = 0  # 0: only at the end (and at each new best validation)
+    keep_last: int = 2  # complete checkpoints kept, besides the best one
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
 
 
 @dataclass
 class EvalConfig:
-    split: str = "valid"  # "valid" | "test"
+    split: str = "valid"  # the split validated on during training (model selection, early stopping)
+    metric: str = "ndcg@10"  # the selection metric: hr@K, ndcg@K (K in ks) or mrr
+    final_splits: list[str] = field(default_factory=lambda: ["valid", "test"])  # evaluated once, at the end
     ks: list[int] = field(default_factory=lambda: [10, 20])
     max_users: int = 0  # 0: all users
     token_budget: int = 8192

@@ -27,6 +27,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from lum_dist.data.schema import PAD_ID
+
 COND_TOKEN = 0
 ITEM_TOKEN = 1
 
@@ -75,6 +77,14 @@ class PackedBatch:
 
     def seq_lens(self) -> torch.Tensor:
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def real_seq_lens(self) -> torch.Tensor:
+        """Sequence lengths without the padding of the "pad" policy (PAD tokens: item tokens holding PAD_ID)."""
+        lens = self.seq_lens()
+        if not self.num_pad_tokens:
+            return lens
+        is_pad = (self.token_type == ITEM_TOKEN) & (self.item_ids == PAD_ID)
+        return lens - torch.bincount(self.seq_index()[is_pad], minlength=self.num_sequences).to(lens.dtype)
 
     def seq_index(self) -> torch.Tensor:
         """int64 [T]: which sequence each token belongs to."""

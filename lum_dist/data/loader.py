@@ -107,18 +107,25 @@ class PackedLoader:
             raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} > data.token_budget={data_cfg.token_budget}")
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.meta = load_meta(self.path)
-        tables, total = [], 0
+        tables, total, tokens = [], 0, 0
         for table in _checked_shards(self.path, self.meta):
             mine = np.flatnonzero((total + np.arange(table.num_rows)) % world_size == rank)
             tables.append(table.take(mine))
             total += table.num_rows
+            tokens += train_tokens(table.column("train_end").to_numpy(), data_cfg.max_seq_len, data_cfg.long_sequences)
         self.num_users_total = total
+        self.tokens_per_epoch = tokens  # every rank's users: one pass over the training split
         self.users = UserColumns(pa.concat_tables(tables))
         if len(self.users) == 0:
             raise ValueError(f"{self.path}: rank {rank} of {world_size} gets no users ({total} in all)")
         self.epoch, self.pos, self.buffers = 0, 0, 0
         self._queue: list[list[tuple[tuple[int, int, int], TokenSeq]]] = []
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    @property
+    def epochs_done(self) -> float:
+        """Passes over this rank's users so far (epoch + fraction read), as of the last buffer filled."""
+        return self.epoch + self.pos / max(1, len(self._epoch_order(self.epoch)))
 
     # -- sequence generation: pure functions of (epoch, user, window) --------------------------------
 
@@ -202,6 +209,14 @@ class PackedLoader:
                 entries.append(((epoch, user, w), cache[epoch, user][w]))
             queue.append(entries)
         self._queue = queue
+
+
+def train_tokens(train_end: np.ndarray, max_seq_len: int, long_sequences: str) -> int:
+    """Tokens ``tokenize_train`` makes from users with these ``train_end`` (two per training behaviour kept)."""
+    behaviours = np.asarray(train_end, dtype=np.int64)
+    if long_sequences == "truncate":
+        behaviours = np.minimum(behaviours, max_seq_len // 2)
+    return int(2 * behaviours.clip(min=0).sum())
 
 
 def eval_target_index(users: UserColumns, split: str) -> np.ndarray:

@@ -8,6 +8,8 @@ Layout (on a file system every rank sees)::
         trainer_rank0.pt ...   per rank: step, loader state, RNG states
         checkpoint.json        written last before the rename: the step and the run config
       latest                   text file naming the newest complete checkpoint, updated last
+      best                     text file naming the checkpoint with the best validation metric (kept
+                               whatever ``keep_last`` says; evaluation and export read it)
 
 Every rank writes into ``.tmp_step_00000100``; after a barrier rank 0 renames it to its final name (one
 atomic rename) and then rewrites ``latest`` atomically. A run killed mid-save leaves only a ``.tmp_*``
@@ -72,9 +74,20 @@ def find_resume_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def find_best_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``best`` names, if it is complete."""
+    best = root / "best"
+    if best.is_file():
+        cand = root / best.read_text().strip()
+        if (cand / "checkpoint.json").is_file():
+            return cand
+    return None
+
+
 def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_config: dict[str, Any], keep_last: int,
-         die_during_save: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+         best: bool = False, die_during_save: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``best``: also point ``best``
+    at it. Older checkpoints beyond ``keep_last`` are removed, except the best one."""
     rank = dist.get_rank()
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{final.name}"
@@ -93,10 +106,22 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_confi
         atomic_write_text(tmp / "checkpoint.json", json.dumps({"step": step, "config": run_config}, indent=2))
         os.replace(tmp, final)
         atomic_write_text(root / "latest", final.name)
+        if best:
+            atomic_write_text(root / "best", final.name)
+        keep = find_best_checkpoint(root)
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def load_weights(engine, ckpt: Path) -> None:
+    """Collective: restore only the model weights of ``ckpt`` (the best checkpoint, for the final evaluation)."""
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_module_only=True,
+                                          load_optimizer_states=False, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the weights in {ckpt / DS_TAG}")
 
 
 def load(engine, ckpt: Path) -> dict[str, Any]:

@@ -22,18 +22,19 @@ from lum_dist.config import PretrainConfig, from_dict
 from lum_dist.data.loader import eval_batches
 from lum_dist.data.prepare import load_vocab
 from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
-from lum_dist.model import LUMModel
-from lum_dist.train.checkpoint import DS_TAG, find_resume_checkpoint
+from lum_dist.model import LUMModel, build_model
+from lum_dist.train.checkpoint import DS_TAG, find_best_checkpoint, find_resume_checkpoint
 from lum_dist.utils import atomic_dir
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """Accept a checkpoint directory, a ``checkpoints/`` root or a run's output directory."""
+    """Accept a checkpoint directory, a ``checkpoints/`` root or a run's output directory; a root resolves to
+    its best validation checkpoint when the run selected one, else to its newest complete checkpoint."""
     path = Path(path)
     if (path / "checkpoint.json").is_file():
         return path
     for root in (path, path / "checkpoints"):
-        found = find_resume_checkpoint(root)
+        found = find_best_checkpoint(root) or find_resume_checkpoint(root)
         if found is not None:
             return found
     raise FileNotFoundError(f"no complete checkpoint at or under {path}")
@@ -51,8 +52,12 @@ def consolidate(ckpt: Path) -> tuple[LUMModel, PretrainConfig, DatasetMeta]:
 
     cfg = load_run_config(ckpt)
     meta = DatasetMeta.load(Path(cfg.data.path) / "meta.json")
-    model = LUMModel(model_config_for(cfg, meta))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    model = build_model(model_config_for(cfg, meta))
+    if cfg.train.zero_stage >= 1:  # sharded fp32 master weights: DeepSpeed's converter gathers them
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    else:  # ZeRO off: one replica of the module's weights (DeepSpeed's own pickle file)
+        state = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = {k: v.float() for k, v in state.items()}
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or []]

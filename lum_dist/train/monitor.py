@@ -1,7 +1,7 @@
 """What the user sees while training: a log line per step, a metrics file, wandb, MFU.
 
-MFU = achieved model FLOP/s / peak FLOP/s of the hardware, with model FLOPs from
-``lum_dist.model.config.flops_per_token`` (fwd + bwd, dense matmuls + causal attention).
+MFU = achieved model FLOP/s / peak FLOP/s of the hardware, with each batch's model FLOPs from the model
+config's ``train_flops`` over the batch's real sequence lengths (fwd + bwd, dense matmuls + causal attention).
 """
 
 from __future__ import annotations
@@ -51,28 +51,36 @@ def memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last report (the first step, with warm-up, is skipped)."""
+    """Tokens/s, MFU and the data-wait share over the steps since the last report.
 
-    def __init__(self, flops_per_token: float, peak: float | None, world_size: int):
-        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
-        self.tokens = 0
-        self.t0: float | None = None
+    Only training steps count (fetching the batch, forward, backward, optimizer): evaluation and checkpoint
+    time fall between steps and are excluded. The first step (compilation, allocation) is skipped.
+    """
 
-    def step(self, global_tokens: int) -> None:
-        if self.t0 is None:  # step 1 includes compilation, allocation and warm-up
-            self.t0 = time.perf_counter()
+    def __init__(self, peak: float | None, world_size: int):
+        self.peak, self.world_size = peak, world_size
+        self.tokens, self.flops, self.seconds, self.data_seconds, self.steps = 0, 0.0, 0.0, 0.0, 0
+
+    def step(self, global_tokens: int, global_flops: float, seconds: float, data_seconds: float) -> None:
+        """One optimizer step: tokens and model FLOPs of every rank, this rank's step and data-wait time."""
+        self.steps += 1
+        if self.steps == 1:
             return
         self.tokens += global_tokens
+        self.flops += global_flops
+        self.seconds += seconds
+        self.data_seconds += data_seconds
 
     def report(self) -> dict[str, float]:
-        if self.t0 is None or self.tokens == 0:
+        if self.seconds <= 0:
             return {}
-        dt = time.perf_counter() - self.t0
-        tps = self.tokens / dt
-        out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size}
+        out = {"tokens_per_s": self.tokens / self.seconds,
+               "tokens_per_s_per_device": self.tokens / self.seconds / self.world_size,
+               "tflops_per_device": self.flops / self.seconds / self.world_size / 1e12,
+               "data_wait": self.data_seconds / self.seconds}
         if self.peak:
-            out["mfu"] = tps * self.flops_per_token / (self.peak * self.world_size)
-        self.tokens, self.t0 = 0, time.perf_counter()
+            out["mfu"] = self.flops / self.seconds / (self.peak * self.world_size)
+        self.tokens, self.flops, self.seconds, self.data_seconds = 0, 0.0, 0.0, 0.0
         return out
 
 
@@ -115,6 +123,8 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
     if "tokens_per_s" in m:
         parts.append(f"tok/s {m['tokens_per_s']:,.0f}")
     parts.append(f"mfu {100 * m['mfu']:.1f}%" if "mfu" in m else "mfu n/a")
+    if "data_wait" in m:
+        parts.append(f"data {100 * m['data_wait']:.0f}%")
     parts.append(f"mem {m['mem_gib']:.2f}GiB")
     return " | ".join(parts)
 

@@ -145,8 +145,8 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any]):
-    """Wrap ``module`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
+def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any], max_steps: int):
+    """Wrap ``module`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule over ``max_steps``."""
     import deepspeed
 
     o = cfg.optim
@@ -159,7 +159,7 @@ def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, An
         fused = not on_cpu() and not cfg.train.offload_optimizer
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, max_steps, o.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -9,8 +9,10 @@ restores the newest complete checkpoint, then runs a flat loop of micro-steps wi
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,19 @@ from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.loader import PackedLoader
 from lum_dist.data.prepare import prepare
-from lum_dist.data.schema import DatasetMeta
+from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
 from lum_dist.eval.ranking import evaluate, item_log_prob
 from lum_dist.losses import InfoNCE
-from lum_dist.model import LUMConfig, LUMModel, flops_per_token, load_preset, param_counts
+from lum_dist.model import (
+    LUMConfig,
+    LUMModel,
+    SASRecConfig,
+    SASRecModel,
+    build_model,
+    flops_per_token,
+    load_preset,
+    param_counts,
+)
 from lum_dist.train import checkpoint, parallelize
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
 from lum_dist.utils import atomic_write_text, expand_source
@@ -35,18 +46,19 @@ from lum_dist.utils import atomic_write_text, expand_source
 class PretrainModule(nn.Module):
     """The LUM model and its loss in one module: what DeepSpeed wraps, shards and checkpoints."""
 
-    def __init__(self, model: LUMModel, loss: InfoNCE):
+    def __init__(self, model: LUMModel | SASRecModel, loss: InfoNCE):
         super().__init__()
         self.model, self.loss = model, loss
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.model.forward_batch(batch)  # [T, E]: the user representation at every token
-        has_target = batch.targets > 0  # condition tokens whose item is in the training vocabulary
+        # condition tokens whose item is in the training vocabulary, where the model has a state to predict from
+        has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
         return self.loss(out[has_target], target_ids, self.model.item_embeddings)
 
 
-def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig:
+def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig | SASRecConfig:
     """The preset's architecture with embedding tables sized from the dataset's vocabularies."""
     return load_preset(
         cfg.model.preset,
@@ -55,6 +67,44 @@ def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig:
         num_numeric=len(meta.numeric_fields),
         **cfg.model.overrides,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# run length and model selection
+
+
+def plan_steps(cfg: PretrainConfig, tokens_per_epoch: int, world: int) -> tuple[int, int]:
+    """(max_steps, eval_every) in optimizer steps. ``train.max_epochs`` / ``train.eval_every_epochs`` (> 0)
+    count passes over the training tokens and win over the step counts, so one config fits any dataset size."""
+    t = cfg.train
+    steps_per_epoch = tokens_per_epoch / loader_capacity(cfg, world)
+    max_steps = max(1, math.ceil(t.max_epochs * steps_per_epoch)) if t.max_epochs > 0 else t.max_steps
+    eval_every = max(1, round(t.eval_every_epochs * steps_per_epoch)) if t.eval_every_epochs > 0 else t.eval_every
+    return max_steps, eval_every
+
+
+@dataclass
+class BestTracker:
+    """Model selection on the validation split: the best value of ``metric`` so far, and early stopping
+    after ``patience`` evaluations without improvement (0: never stop early)."""
+
+    metric: str
+    patience: int = 0
+    best: float = -math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True if it is a new best."""
+        if value > self.best:
+            self.best, self.best_step, self.evals_since_best = value, step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.evals_since_best >= self.patience
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,85 +123,123 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         prepare(expand_source(cfg.data.prepare), data_path)
     dist.barrier()
     meta = DatasetMeta.load(data_path / "meta.json")
+    loader = PackedLoader(data_path, cfg.data, split="train", rank=rank, world_size=world)
+    max_steps, eval_every = plan_steps(cfg, loader.tokens_per_epoch, world)
 
     torch.manual_seed(cfg.train.seed)
     model_cfg = model_config_for(cfg, meta)
     ds_config = parallelize.deepspeed_config(cfg)
+    in_batch_logq = cfg.loss.negatives == "in_batch" and cfg.loss.logq_correction
 
     def make_module() -> PretrainModule:
-        log_q = item_log_prob(data_path, meta.num_items) if cfg.loss.logq_correction else None
-        return PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, meta.num_items, log_q))
+        log_q = item_log_prob(data_path, meta.num_items) if in_batch_logq else None
+        return PretrainModule(build_model(model_cfg), InfoNCE(cfg.loss, meta.num_items, log_q))
 
     module = parallelize.build_model(make_module, ds_config)
     if cfg.train.activation_checkpointing:
         module.model.gradient_checkpointing_enable()
-    engine = parallelize.build_engine(module, cfg, ds_config)
+    engine = parallelize.build_engine(module, cfg, ds_config, max_steps)
 
-    loader = PackedLoader(data_path, cfg.data, split="train", rank=rank, world_size=world)
-    start_step = 0
+    start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
+        tracker = BestTracker(**state.get("selection", asdict(tracker)))
+        stopped = state.get("stopped", False)
         if rank == 0:
             print(f"[lum-dist] resumed from {resume_from} at step {start_step}")
 
     logger = MetricsLogger(out_dir, run_config, cfg.logging.wandb_project, cfg.logging.wandb_mode,
                            cfg.logging.run_name, enabled=rank == 0)
-    fpt = flops_per_token(model_cfg, cfg.data.max_seq_len)
-    meter = Throughput(fpt, peak_flops(device, parallelize.use_bf16(cfg)), world)
+    meter = Throughput(peak_flops(device, parallelize.use_bf16(cfg)), world)
     if rank == 0:
         counts = module.model.num_parameters() if cfg.train.zero_stage != 3 else None
         print(f"[lum-dist] {world} rank(s) on {device.type}, preset {cfg.model.preset}, "
-              f"{counts or 'sharded'} parameters, {fpt / 1e6:.1f} MFLOP/token, data {meta.name} "
-              f"({meta.num_users} users, {meta.num_items} item ids)")
+              f"{counts or 'sharded'} parameters, data {meta.name} ({meta.num_users} users, {meta.num_items} item "
+              f"ids), {max_steps} steps = {max_steps * loader_capacity(cfg, world) / loader.tokens_per_epoch:.1f} "
+              f"epochs, loss: {cfg.loss.negatives} negatives")
+
+    def save(step: int, best: bool = False) -> None:
+        state = {"step": step, "loader": loader.state_dict(), "selection": asdict(tracker), "stopped": stopped}
+        checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
+                        die_during_save=step == die_at)
 
     die_at = int(os.environ.get("LUM_FAULT_KILL_DURING_SAVE_AT_STEP", "-1"))  # fault-injection hook for tests
     batches = iter(loader)
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    local_tokens, loss_sum, final_eval = 0, torch.zeros((), device=device), {}
+    bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    loss_sum, steps_logged = torch.zeros((), device=device), 0
     engine.train()
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
+    step = start_step
+    while step < max_steps and not stopped:
+        step += 1
+        t0 = time.perf_counter()
+        local_tokens, local_flops, data_s = 0, 0.0, 0.0
         for _ in range(cfg.train.grad_accum):
-            batch = next(batches).to(device, non_blocking=True)
+            t_data = time.perf_counter()
+            batch = next(batches)
+            local_tokens += batch.num_real_tokens  # tokens/s and MFU count useful work only
+            local_flops += model_cfg.train_flops(batch.real_seq_lens().numpy())
+            batch = batch.to(device, non_blocking=True)
+            data_s += time.perf_counter() - t_data
             loss, stats = engine(batch)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach() / cfg.train.grad_accum
-            local_tokens += batch.num_real_tokens  # tokens/s and MFU count useful work only
+        steps_logged += 1
+        work = torch.tensor([local_tokens, local_flops], device=device, dtype=torch.float64)
+        dist.all_reduce(work)  # cheap; keeps the throughput meter global (and waits for the step)
+        meter.step(int(work[0].item()), float(work[1].item()), time.perf_counter() - t0, data_s)
         bar.update(1)
-        tokens = torch.tensor([local_tokens], device=device, dtype=torch.float64)
-        dist.all_reduce(tokens)  # cheap scalar; keeps the throughput meter global
-        meter.step(int(tokens.item()))
-        local_tokens = 0
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.log_every == 0 or step == max_steps:
             dist.all_reduce(loss_sum)
-            n = cfg.train.log_every if step % cfg.train.log_every == 0 else (step - start_step) % cfg.train.log_every
-            metrics = {"loss": (loss_sum / world / max(1, n)).item(), "lr": engine.get_lr()[0],
+            metrics = {"loss": (loss_sum / world / steps_logged).item(), "lr": engine.get_lr()[0],
                        "temperature": float(stats["temperature"]), "mem_gib": memory_gib(device),
-                       **meter.report()}
+                       "epoch": loader.epochs_done, **meter.report()}
             loss_sum.zero_()
+            steps_logged = 0
             if rank == 0:
-                bar.write(format_line(step, cfg.train.max_steps, metrics))
+                bar.write(format_line(step, max_steps, metrics))
             logger.log(step, metrics)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            _log_eval(evaluate(module.model, data_path, meta, cfg, device), step, logger, bar, rank)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
-            checkpoint.save(engine, ckpt_root, step, {"step": step, "loader": loader.state_dict()}, run_config,
-                            cfg.train.keep_last, die_during_save=step == die_at)
+        improved = False
+        if eval_every and (step % eval_every == 0 or step == max_steps):
+            result = evaluate(module.model, data_path, meta, cfg, device, cfg.eval.split)
+            _log_eval(result, step, logger, bar, rank)
+            improved = tracker.update(step, result[f"{cfg.eval.split}/{cfg.eval.metric}"])
+            stopped = tracker.should_stop
+            if stopped and rank == 0:
+                bar.write(f"[lum-dist] early stop at step {step}: {cfg.eval.split}/{cfg.eval.metric} has not improved "
+                          f"for {tracker.patience} evaluations (best {tracker.best:.4f} at step {tracker.best_step})")
+        if improved or stopped or step == max_steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            save(step, best=improved)
     bar.close()
-    final_eval = evaluate(module.model, data_path, meta, cfg, device)
-    _log_eval(final_eval, cfg.train.max_steps, logger, None, rank)
+
+    # Final evaluation of the selected model (the best validation checkpoint, else the last weights).
+    best = checkpoint.find_best_checkpoint(ckpt_root)
+    if best is not None and tracker.best_step not in (0, step):
+        checkpoint.load_weights(engine, best)
+    final_eval: dict[str, float] = {}
+    for split in cfg.eval.final_splits:
+        final_eval.update(evaluate(module.model, data_path, meta, cfg, device, split))
+    _log_eval(final_eval, step, logger, None, rank)
     logger.close()
     if rank == 0:
-        tokens_per_step = cfg.data.token_budget * cfg.data.rows_per_batch * cfg.train.grad_accum * world
-        summary = {"eval": final_eval, "params": param_counts(model_cfg), "flops_per_token": fpt,
-                   "max_steps": cfg.train.max_steps, "tokens_budgeted": tokens_per_step * cfg.train.max_steps,
-                   "world_size": world, "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len}
+        summary = {"eval": final_eval, "params": param_counts(model_cfg),
+                   "flops_per_token": flops_per_token(model_cfg, cfg.data.max_seq_len),
+                   "max_steps": max_steps, "steps": step, "best_step": tracker.best_step or step,
+                   "selection": {"split": cfg.eval.split, "metric": cfg.eval.metric, "best": tracker.best},
+                   "stopped_early": stopped, "epochs": step * loader_capacity(cfg, world) / loader.tokens_per_epoch,
+                   "tokens_budgeted": loader_capacity(cfg, world) * max_steps, "world_size": world,
+                   "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len}
         atomic_write_text(out_dir / "result.json", json.dumps(summary, indent=2, sort_keys=True))
     return final_eval
+
+
+def loader_capacity(cfg: PretrainConfig, world: int) -> int:
+    """Token slots of one optimizer step: packed rows x token budget x accumulation x ranks."""
+    return cfg.data.token_budget * cfg.data.rows_per_batch * cfg.train.grad_accum * world
 
 
 def _resume_path(cfg: PretrainConfig, ckpt_root: Path) -> Path | None:
