@@ -35,6 +35,7 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0
     cond_dropout: float = 0.2  # P(condition fields -> MASK) per condition token, so generic queries work
+    item_attributes: bool = False  # item tokens carry their item's attribute fields (e.g. category) too
 
 
 @dataclass

@@ -138,7 +138,7 @@ class PackedLoader:
 
     def _user_seqs(self, epoch: int, user: int) -> list[TokenSeq]:
         seqs = tokenize_train(self.users.row(user // self.world_size), self.meta, self.cfg.max_seq_len,
-                              self.cfg.long_sequences)
+                              self.cfg.long_sequences, self.cfg.item_attributes)
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, user])
         return [apply_cond_dropout(s, self.cfg.cond_dropout, rng) for s in seqs]
 
@@ -230,7 +230,8 @@ def eval_target_index(users: UserColumns, split: str) -> np.ndarray:
 
 
 def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: int, token_budget: int,
-                 max_users: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[PackedBatch]:
+                 max_users: int = 0, rank: int = 0, world_size: int = 1,
+                 item_attributes: bool = False) -> Iterator[PackedBatch]:
     """One packed row per batch of eval sequences (history + one query token, the last of each
     sequence). Eligible users in dataset order, the first ``max_users`` (0 = all), the i-th to rank
     ``i % world_size``."""
@@ -247,7 +248,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
             if seen % world_size == rank:
                 row = users.row(i)
                 end = row["train_end"] if split == "valid" else row["valid_end"]
-                pending.append(tokenize_eval(row, meta, max_seq_len, end))
+                pending.append(tokenize_eval(row, meta, max_seq_len, end, item_attributes))
             seen += 1
         done = bool(max_users) and seen >= max_users
         if len(pending) >= EVAL_CHUNK or done:

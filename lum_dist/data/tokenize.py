@@ -54,8 +54,10 @@ def time_gap_buckets(ts: np.ndarray, has_timestamps: bool) -> np.ndarray:
     return out
 
 
-def _behaviours(row: dict[str, Any], meta: DatasetMeta, lo: int, hi: int) -> TokenSeq:
-    """Tokens of behaviours [lo, hi) of ``row``: 2 * (hi - lo) tokens, positions from 0 (zeros are PAD_ID)."""
+def _behaviours(row: dict[str, Any], meta: DatasetMeta, lo: int, hi: int, item_attributes: bool) -> TokenSeq:
+    """Tokens of behaviours [lo, hi) of ``row``: 2 * (hi - lo) tokens, positions from 0 (zeros are PAD_ID).
+    ``item_attributes``: item tokens also carry their item's attribute fields (``meta.item_cond_fields``,
+    e.g. its category), which condition dropout never hides; otherwise their condition slots are PAD."""
     n = hi - lo
     items = np.asarray(row[ITEM_FIELD], dtype=np.int64)[lo:hi]
     item = np.zeros(2 * n, dtype=np.int64)
@@ -63,6 +65,8 @@ def _behaviours(row: dict[str, Any], meta: DatasetMeta, lo: int, hi: int) -> Tok
     cond = np.zeros((2 * n, len(meta.cond_fields)), dtype=np.int64)
     for j, f in enumerate(meta.cond_fields):
         cond[0::2, j] = np.asarray(row[COND_PREFIX + f], dtype=np.int64)[lo:hi]
+        if item_attributes and f in meta.item_cond_fields:
+            cond[1::2, j] = cond[0::2, j]  # the behaviour's value of an item-attribute field is its item's
     token_type = np.tile(np.array([COND_TOKEN, ITEM_TOKEN], dtype=np.int64), n)
     targets = np.zeros(2 * n, dtype=np.int64)
     targets[0::2] = items
@@ -100,7 +104,7 @@ def _check_len(max_seq_len: int, need: int) -> None:
 
 
 def tokenize_train(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int,
-                   long_sequences: str = "truncate") -> list[TokenSeq]:
+                   long_sequences: str = "truncate", item_attributes: bool = False) -> list[TokenSeq]:
     """Training sequences of behaviours [0, train_end): the most recent ones ("truncate") or
     consecutive windows of whole behaviours, the newest ending at train_end ("window")."""
     _check_len(max_seq_len, 2)
@@ -108,14 +112,15 @@ def tokenize_train(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int,
     if end <= 0:
         return []
     if long_sequences == "truncate":
-        return [_behaviours(row, meta, max(0, end - per), end)]
+        return [_behaviours(row, meta, max(0, end - per), end, item_attributes)]
     if long_sequences == "window":
         starts = range(end - per, -per, -per)
-        return [_behaviours(row, meta, max(0, s), s + per) for s in reversed(starts)]
+        return [_behaviours(row, meta, max(0, s), s + per, item_attributes) for s in reversed(starts)]
     raise ValueError(f"long_sequences={long_sequences!r}: expected 'truncate' or 'window'")
 
 
-def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int) -> TokenSeq:
+def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int,
+                  item_attributes: bool = False) -> TokenSeq:
     """History [0, end) (the most recent behaviours fitting in max_seq_len - 1 tokens) + one generic
     query condition token (every field MASK_ID) whose target is item[end]; ``seen_items`` = the
     distinct items of the whole history [0, end)."""
@@ -123,21 +128,21 @@ def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end:
     items = row[ITEM_FIELD]
     if not 0 <= end < len(items):
         raise ValueError(f"user {row['user_id']}: eval target index {end} outside [0, {len(items)})")
-    hist = _behaviours(row, meta, max(0, end - (max_seq_len - 1) // 2), end)
+    hist = _behaviours(row, meta, max(0, end - (max_seq_len - 1) // 2), end, item_attributes)
     query = np.full((1, len(meta.cond_fields)), MASK_ID, dtype=np.int64)
     seq = _append_queries(hist, query, np.array([int(items[end])]))
     return replace(seq, seen_items=np.unique(np.asarray(items[:end], dtype=np.int64)))
 
 
 def tokenize_group_query(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int,
-                         queries: np.ndarray) -> TokenSeq:
+                         queries: np.ndarray, item_attributes: bool = False) -> TokenSeq:
     """History [0, end) (<= max_seq_len tokens) + Q query condition tokens at position L (targets 0)."""
     _check_len(max_seq_len, 0)
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[1] != len(meta.cond_fields):
         raise ValueError(f"queries: expected shape [Q, {len(meta.cond_fields)}], got {queries.shape}")
     end = min(int(end), len(row[ITEM_FIELD]))
-    hist = _behaviours(row, meta, max(0, end - max_seq_len // 2), end)
+    hist = _behaviours(row, meta, max(0, end - max_seq_len // 2), end, item_attributes)
     return _append_queries(hist, queries, np.zeros(len(queries), np.int64))
 
 

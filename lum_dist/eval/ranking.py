@@ -62,7 +62,8 @@ def evaluate(model: LUMModel, data_path: Path, meta: DatasetMeta, cfg: PretrainC
 
     acc, pop_acc = RankingAccumulator(cfg.eval.ks), RankingAccumulator(cfg.eval.ks)
     batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget,
-                           max_users=cfg.eval.max_users, rank=rank, world_size=world)
+                           max_users=cfg.eval.max_users, rank=rank, world_size=world,
+                           item_attributes=cfg.data.item_attributes)
     last = one_token_batch(len(meta.cond_fields), len(meta.numeric_fields))
     while True:
         batch = next(batches, None)

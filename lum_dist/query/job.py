@@ -106,7 +106,7 @@ def history_ends(users: pa.Table, split: str, lag: int = 0) -> np.ndarray:
 
 @torch.no_grad()
 def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, ends: np.ndarray,
-                 max_seq_len: int, token_budget: int, device: torch.device) -> np.ndarray:
+                 max_seq_len: int, token_budget: int, device: torch.device, item_attributes: bool = False) -> np.ndarray:
     """Outputs [U, Q, E] for the users of one shard, user u's history being behaviours [0, ends[u]):
     histories and queries packed many users per row."""
     q_per_pass = max(1, token_budget - max_seq_len)  # a user with many queries is split into several sequences
@@ -114,7 +114,8 @@ def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: n
     for u, row in enumerate(users.to_pylist()):
         row = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}
         for q0 in range(0, len(queries), q_per_pass):
-            seqs.append(tokenize_group_query(row, meta, max_seq_len, int(ends[u]), queries[q0:q0 + q_per_pass]))
+            seqs.append(tokenize_group_query(row, meta, max_seq_len, int(ends[u]), queries[q0:q0 + q_per_pass],
+                                             item_attributes))
             owner.append((u, q0))
     result = np.zeros((users.num_rows, len(queries), model.config.item_emb_dim), np.float32)
     for rows in best_fit_decreasing(np.array([len(s.item) for s in seqs]), token_budget):
@@ -154,7 +155,8 @@ def run(job: QueryJob) -> Path:
     for k, start in tqdm(mine, desc=f"query rank {rank}", unit="shard", disable=rank != 0 and world > 1):
         part = users.slice(start, job.users_per_shard)
         part_ends = ends[start:start + part.num_rows]
-        emb = answer_users(model, part, meta, queries, part_ends, cfg.data.max_seq_len, job.token_budget, device)
+        emb = answer_users(model, part, meta, queries, part_ends, cfg.data.max_seq_len, job.token_budget, device,
+                           cfg.data.item_attributes)
         uids = part.column("user_id").to_pylist()
         emb = emb.reshape(len(uids) * len(names), -1)
         table = pa.table({

@@ -74,7 +74,8 @@ def export_embeddings(model: LUMModel, cfg: PretrainConfig, meta: DatasetMeta, s
     cosine = cfg.loss.similarity == "cosine"
     user_ids: list[str] = []
     user_emb: list[np.ndarray] = []
-    batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget, max_users=max_users)
+    batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget, max_users=max_users,
+                           item_attributes=cfg.data.item_attributes)
     for batch in tqdm(batches, desc=f"users ({split})", unit="batch"):
         out_tok = model.forward_batch(batch)
         u = out_tok[batch.cu_seqlens[1:].long() - 1].float()
