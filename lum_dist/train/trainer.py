@@ -112,6 +112,7 @@ class BestTracker:
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    started = time.perf_counter()
     rank, world, device = parallelize.init_distributed()
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -232,7 +233,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                    "selection": {"split": cfg.eval.split, "metric": cfg.eval.metric, "best": tracker.best},
                    "stopped_early": stopped, "epochs": step * loader_capacity(cfg, world) / loader.tokens_per_epoch,
                    "tokens_budgeted": loader_capacity(cfg, world) * max_steps, "world_size": world,
-                   "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len}
+                   "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len,
+                   "wall_seconds": time.perf_counter() - started}
         atomic_write_text(out_dir / "result.json", json.dumps(summary, indent=2, sort_keys=True))
     return final_eval
 
