@@ -25,7 +25,6 @@ forward costs ``4 * pairs * H * D`` FLOPs (QK^T and PV, 2 FLOPs per multiply-add
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import itertools
@@ -59,11 +58,17 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
+_kernel_module: ModuleType | None = None
+
+
 def _kernels() -> ModuleType:
     """The Triton kernel module, imported on first use: Triton is optional (the ``gpu``/``dev`` extras), its
-    import is slow, and ``TRITON_INTERPRET`` must be set before it (tests on the CPU)."""
-    return importlib.import_module("lum_dist.kernels.group_attention")
+    import is slow, and ``TRITON_INTERPRET`` must be set before it (tests on the CPU). A plain global, not
+    functools.cache: torch.compile then reads the module instead of breaking the graph at the import."""
+    global _kernel_module
+    if _kernel_module is None:
+        _kernel_module = importlib.import_module("lum_dist.kernels.group_attention")
+    return _kernel_module
 
 
 def _needs_grad(*xs: torch.Tensor) -> bool:
