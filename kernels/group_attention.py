@@ -5,7 +5,9 @@ then each of ``Q`` query tokens attends to the whole history and to itself only.
 
 Work decomposition (like flash-attn varlen / FlexAttention block masks): the host cuts every sequence's
 history and its queries into separate tiles of at most ``BLOCK_M`` rows and writes a tile table (``int32
-[tiles, 4]``: sequence start, first row, row end, history end). One program handles one (tile, head):
+[tiles, 4]``: sequence start, first row, row end, history end), once per batch (:func:`tile_tables`, one
+host->device copy); every layer's launch (:func:`group_attention`) reuses it without touching the host.
+One program handles one (tile, head):
 
 * a history tile loops over key tiles from the sequence start up to its diagonal, never beyond;
 * a query tile loops over the history key tiles only, then folds in each row's own key/value (the
@@ -18,10 +20,14 @@ in 16..256 (32/64/128 tested).
 Loop bounds (``LOADED_BOUNDS``, chosen by :func:`loaded_bounds_ok` from the Triton version): Triton 3.6
 with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so there the key loop is
 bounded by a kernel argument (``max_kv_blocks``, the longest history's block count, computed on the
-host per launch) and a tile skips blocks past its own end with a scalar branch. That branch keeps the
-compiler from software-pipelining the K/V loads (no cp.async in the sm_90 TTGIR), so on Triton >= 3.7 the
-loop runs over exactly the tile's blocks, a bound derived from the tile table, and is pipelined. Both
-variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
+host from the tile tables' ``max_history``) and a tile skips blocks past its own end with a scalar
+branch. That branch keeps the compiler from software-pipelining the K/V loads (no cp.async in the
+sm_90 TTGIR), so on Triton >= 3.7 the loop runs over exactly the tile's blocks, a bound derived from the
+tile table, and is pipelined. Both variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
+
+The launch is the torch custom op ``lum_dist::group_attention_fwd`` (:func:`group_attention_op`, with a
+``register_fake`` implementation: a contiguous [T, H, D] like q), so ``torch.compile`` traces models
+around it and ``torch.library.opcheck`` checks it (tests/ops/test_group_query.py, in the interpreter).
 
 Forward only, on purpose: training never uses group queries (pretraining has Q = 0, evaluation Q = 1,
 which is plain causal attention). ``lum_dist.ops.group_query`` keeps a differentiable reference.
@@ -198,7 +204,7 @@ def tile_tables(cu: list[int], num_queries: list[int], device: torch.device | st
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Host-only checks (shapes, strides, dtype): no device read."""
+    """Host-only checks (shapes, head dim, dtype): no device read."""
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"group_attention: q, k, v must share one [T, H, D] shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -19,6 +19,16 @@ Backends of :func:`group_query_attention`:
 kernel has no backward on purpose: training never uses group queries (pretraining has Q = 0, evaluation
 Q = 1, which is plain causal attention); the reference is differentiable for anyone who needs gradients.
 
+Plans (no host sync per layer): :func:`plan_group_query` reads ``cu_seqlens``/``num_queries`` once (one
+device->host copy), validates them and prepares what the backend needs: Python lists for the reference
+and naive loops, the Triton tile tables on the device (one host->device copy), the cascade's gather
+indices on the device. :func:`group_query_attention_plan` then runs one layer with host arithmetic only
+(no ``.tolist()``, ``.item()`` or host->device copy). ``LUMModel.forward`` reads the layout once
+(:func:`read_group_layout`), skips the plan when every sequence has at most one query (plain causal
+attention) and hands one plan to every block. :func:`group_query_attention` is the one-off form: it builds
+a plan per call. The Triton launch is the torch custom op ``lum_dist::group_attention_fwd`` (with a fake
+implementation), so ``torch.compile`` traces a model around it.
+
 Work: a sequence has ``group_query_pairs(L, Q) = L(L + 1)/2 + Q(L + 1)`` (query, key) pairs, and the
 forward costs ``4 * pairs * H * D`` FLOPs (QK^T and PV, 2 FLOPs per multiply-add each).
 """

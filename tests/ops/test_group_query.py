@@ -1,5 +1,7 @@
 """Group-query attention: reference, cascade and the Triton kernel (interpreted on the CPU) equal the definition
-(one causal pass per query); reference gradients equal the definition's; the pair count is the mask's size."""
+(one causal pass per query); reference gradients equal the definition's; the pair count is the mask's size.
+Plans: built once per batch, each layer's call over one reads nothing from the device; the LUM forward builds
+one plan; the kernel is a torch custom op that passes opcheck and that torch.compile traces around."""
 
 from __future__ import annotations
 
