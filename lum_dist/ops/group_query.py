@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # Triton is optional: the kernel module is imported on first 
     from lum_dist.kernels.group_attention import TileTables
 
 BACKENDS = ("triton", "cascade", "reference", "naive")
+_FORWARD_ONLY = "group_query_attention: the triton backend is forward-only; use backend='reference' for gradients"
 
 
 def group_query_pairs(L: int, Q: int) -> int:
@@ -186,21 +187,24 @@ def build_group_query_plan(layout: GroupQueryLayout, device: torch.device | str,
         backend = _auto_backend(device, needs_grad)
     if backend not in BACKENDS:
         raise ValueError(f"group query: unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+    if backend == "triton" and needs_grad:  # refused before Triton is imported (it may not be installed)
+        raise ValueError(_FORWARD_ONLY)
     kernel = cascade = None
     if backend == "triton":
-        kw = {} if block_m is None else {"block_m": block_m}
-        kernel = _kernels().tile_tables(layout.cu, layout.num_queries, device, loaded_bounds=loaded_bounds,
-                                        **kw)
+        kernels = _kernels()
+        kernel = kernels.tile_tables(layout.cu, layout.num_queries, device, block_m or kernels.BLOCK_M,
+                                     loaded_bounds)
     elif backend == "cascade":
         cascade = _cascade_index(layout, device)
     return GroupQueryPlan(layout, backend, auto, kernel, cascade)
 
 
 def plan_group_query(cu_seqlens: torch.Tensor, num_queries: torch.Tensor, max_seqlen: int,
-                     backend: str = "auto", needs_grad: bool = False, **kernel_options) -> GroupQueryPlan:
+                     backend: str = "auto", needs_grad: bool = False, block_m: int | None = None,
+                     loaded_bounds: bool | None = None) -> GroupQueryPlan:
     """:func:`read_group_layout` then :func:`build_group_query_plan` on cu_seqlens' device."""
     layout = read_group_layout(cu_seqlens, num_queries, max_seqlen)
-    return build_group_query_plan(layout, cu_seqlens.device, backend, needs_grad, **kernel_options)
+    return build_group_query_plan(layout, cu_seqlens.device, backend, needs_grad, block_m, loaded_bounds)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -224,7 +228,7 @@ def group_query_attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     backend = plan.backend
     if backend == "triton" and _needs_grad(q, k, v):
         if not plan.auto:
-            raise ValueError("group_query_attention: the triton backend is forward-only; use backend='reference' for gradients")
+            raise ValueError(_FORWARD_ONLY)
         backend = "reference"
     if backend == "triton":
         return _kernels().group_attention(q, k, v, plan.kernel, scale)
