@@ -5,7 +5,9 @@ then each of ``Q`` query tokens attends to the whole history and to itself only.
 
 Work decomposition (like flash-attn varlen / FlexAttention block masks): the host cuts every sequence's
 history and its queries into separate tiles of at most ``BLOCK_M`` rows and writes a tile table (``int32
-[tiles, 4]``: sequence start, first row, row end, history end). One program handles one (tile, head):
+[tiles, 4]``: sequence start, first row, row end, history end), once per batch (:func:`tile_tables`, one
+host->device copy); every layer's launch (:func:`group_attention`) reuses it without touching the host.
+One program handles one (tile, head):
 
 * a history tile loops over key tiles from the sequence start up to its diagonal, never beyond;
 * a query tile loops over the history key tiles only, then folds in each row's own key/value (the
@@ -18,10 +20,14 @@ in 16..256 (32/64/128 tested).
 Loop bounds (``LOADED_BOUNDS``, chosen by :func:`loaded_bounds_ok` from the Triton version): Triton 3.6
 with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so there the key loop is
 bounded by a kernel argument (``max_kv_blocks``, the longest history's block count, computed on the
-host per launch) and a tile skips blocks past its own end with a scalar branch. That branch keeps the
-compiler from software-pipelining the K/V loads (no cp.async in the sm_90 TTGIR), so on Triton >= 3.7 the
-loop runs over exactly the tile's blocks, a bound derived from the tile table, and is pipelined. Both
-variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
+host from the tile tables' ``max_history``) and a tile skips blocks past its own end with a scalar
+branch. That branch keeps the compiler from software-pipelining the K/V loads (no cp.async in the
+sm_90 TTGIR), so on Triton >= 3.7 the loop runs over exactly the tile's blocks, a bound derived from the
+tile table, and is pipelined. Both variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
+
+The launch is the torch custom op ``lum_dist::group_attention_fwd`` (:func:`group_attention_op`, with a
+``register_fake`` implementation: a contiguous [T, H, D] like q), so ``torch.compile`` traces models
+around it and ``torch.library.opcheck`` checks it (tests/ops/test_group_query.py, in the interpreter).
 
 Forward only, on purpose: training never uses group queries (pretraining has Q = 0, evaluation Q = 1,
 which is plain causal attention). ``lum_dist.ops.group_query`` keeps a differentiable reference.
@@ -32,6 +38,7 @@ interpreter computes bf16 dots wrongly).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -159,6 +166,114 @@ def tile_table(cu: list[int], num_queries: list[int], block_hist: int, block_que
     return out[0], out[1]
 
 
+def query_block(num_queries: list[int], block_m: int = BLOCK_M) -> int:
+    """Rows per query tile. Few queries per user (Q = 1 in evaluation) would leave most rows of a 64-row
+    tile empty: query tiles shrink to the largest Q's power of two, down to 16 (the smallest tl.dot)."""
+    return min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
+
+
+def key_block(dtype: torch.dtype, head_dim: int, block_n: int = BLOCK_N) -> int:
+    """Keys per block: fp32 K/V tiles of 64 x 128, double-buffered, crowd shared memory."""
+    return min(block_n, 32) if dtype == torch.float32 and head_dim >= 128 else block_n
+
+
+@dataclass(frozen=True, eq=False)
+class TileTables:
+    """One packed batch's launch plan, already on the device: built once per batch (host work and one
+    host->device copy), read by every layer's launch without touching the host again."""
+
+    hist: torch.Tensor  # int32 [history tiles, 4] (see tile_table), a view of one device buffer
+    query: torch.Tensor  # int32 [query tiles, 4], the rest of that buffer
+    block_m: int  # rows per history tile
+    block_q: int  # rows per query tile
+    max_history: int  # the longest history: bounds the key loop when loaded_bounds is off
+    loaded_bounds: bool  # key loops bounded by loaded scalars (Triton >= 3.7), see loaded_bounds_ok
+
+
+def tile_tables(cu: list[int], num_queries: list[int], device: torch.device | str, block_m: int = BLOCK_M,
+                loaded_bounds: bool | None = None) -> TileTables:
+    """Tile tables of a validated layout (cu_seqlens and num_queries as Python lists) on ``device``."""
+    block_q = query_block(num_queries, block_m)
+    hist, query = tile_table(cu, num_queries, block_m, block_q)
+    table = torch.from_numpy(np.concatenate([hist, query])).to(device)  # one copy for both tables
+    return TileTables(
+        hist=table[: len(hist)], query=table[len(hist):], block_m=block_m, block_q=block_q,
+        max_history=max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0),
+        loaded_bounds=loaded_bounds_ok() if loaded_bounds is None else loaded_bounds,
+    )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Host-only checks (shapes, head dim, dtype): no device read."""
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"group_attention: q, k, v must share one [T, H, D] shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"group_attention: head dim must be a power of two in 16..256, got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"group_attention: q, k, v must share one of fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+
+
+# A torch custom op, so that torch.compile traces a model around the kernel (it cannot trace a Triton launch
+# with host-side arguments itself) and FakeTensor/meta propagation knows the output without running it.
+@torch.library.custom_op("lum_dist::group_attention_fwd", mutates_args=())
+def group_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hist_tiles: torch.Tensor,
+    query_tiles: torch.Tensor,
+    scale: float,
+    max_kv_blocks: int,
+    block_m: int,
+    block_q: int,
+    block_n: int,
+    loaded_bounds: bool,
+) -> torch.Tensor:
+    """q, k, v [T, H, D] (any strides) and int32 [n, 4] tile tables on q's device -> contiguous [T, H, D].
+    Launch parameters are host values (see :func:`group_attention`): nothing here reads the device."""
+    _check_inputs(q, k, v)
+    T, H, D = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if max(x.stride(0) for x in (q, k, v, out)) * T >= 2**31:
+        raise ValueError(f"group_attention: {T} tokens x token stride overflow the kernel's int32 offsets; split the batch")
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
+    for tiles, is_query, rows in ((hist_tiles, False, block_m), (query_tiles, True, block_q)):
+        if tiles.shape[0] == 0:
+            continue
+        tiles = tiles.contiguous()  # the kernel reads row t at Tiles + 4 t
+        _group_attention_fwd_kernel[(tiles.shape[0], H)](
+            q, k, v, out, tiles,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            scale * math.log2(math.e), max_kv_blocks,
+            HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, LOADED_BOUNDS=loaded_bounds,
+            DOT_PRECISION=precision,
+            num_warps=4 if D <= 64 else 8, num_stages=2,
+        )
+    return out
+
+
+@group_attention_op.register_fake
+def _group_attention_fake(q, k, v, hist_tiles, query_tiles, scale, max_kv_blocks, block_m, block_q, block_n,
+                          loaded_bounds):
+    _check_inputs(q, k, v)
+    return q.new_empty(q.shape)  # contiguous, like the real output
+
+
+def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: TileTables, scale: float,
+                    block_n: int = BLOCK_N) -> torch.Tensor:
+    """One layer's launch over a batch's prebuilt tile tables: host arithmetic only, no sync, no copy."""
+    if tables.hist.device != q.device:
+        raise ValueError(f"group_attention: tile tables live on {tables.hist.device}, q on {q.device}")
+    block_n = key_block(q.dtype, q.shape[-1], block_n)
+    max_kv_blocks = triton.cdiv(tables.max_history, block_n)
+    return group_attention_op(q, k, v, tables.hist, tables.query, scale, max_kv_blocks, tables.block_m,
+                              tables.block_q, block_n, tables.loaded_bounds)
+
+
 def group_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -170,34 +285,8 @@ def group_attention_fwd(
     block_n: int = BLOCK_N,
     loaded_bounds: bool | None = None,
 ) -> torch.Tensor:
-    """q, k, v [T, H, D] (last dim contiguous) -> [T, H, D]; cu / num_queries as Python lists (validated
-    by the caller, :func:`lum_dist.ops.group_query.group_query_attention`)."""
-    T, H, D = q.shape
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"group_attention_fwd: head dim must be a power of two in 16..256, got {D}")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = torch.empty_like(q)
-    if max(x.stride(0) for x in (q, k, v, out)) * T >= 2**31:
-        raise ValueError(f"group_attention_fwd: {T} tokens x token stride overflow the kernel's int32 offsets; split the batch")
-    # Few queries per user (Q = 1 in evaluation) would leave most rows of a 64-row tile empty: query tiles
-    # shrink to the largest Q's power of two, down to 16 (the smallest tl.dot).
-    block_q = min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
-    hist_tiles, query_tiles = tile_table(cu, num_queries, block_m, block_q)
-    max_hist = max((b - a - n for a, b, n in zip(cu[:-1], cu[1:], num_queries, strict=True)), default=0)
-    loaded_bounds = loaded_bounds_ok() if loaded_bounds is None else loaded_bounds
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # ignored for half-precision inputs
-    if q.dtype == torch.float32 and D >= 128:
-        block_n = min(block_n, 32)  # fp32 K/V tiles of 64 x 128, double-buffered, crowd shared memory
-    for tiles, is_query, rows in ((hist_tiles, False, block_m), (query_tiles, True, block_q)):
-        if len(tiles) == 0:
-            continue
-        table = torch.from_numpy(tiles).to(q.device)
-        _group_attention_fwd_kernel[(len(tiles), H)](
-            q, k, v, out, table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            scale * math.log2(math.e), triton.cdiv(max_hist, block_n),
-            HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, LOADED_BOUNDS=loaded_bounds,
-            DOT_PRECISION=precision,
-            num_warps=4 if D <= 64 else 8, num_stages=2,
-        )
-    return out
+    """One call on its own: builds the tile tables, then launches. cu / num_queries as Python lists
+    (validated by the caller, see :func:`lum_dist.ops.group_query.plan_group_query`). Several calls over
+    one batch (a model's layers) should build :func:`tile_tables` once and call :func:`group_attention`."""
+    tables = tile_tables(cu, num_queries, q.device, block_m, loaded_bounds)
+    return group_attention(q, k, v, tables, scale, block_n)

@@ -29,6 +29,12 @@ from lum_dist.data.batch import PackedBatch
 from lum_dist.data.schema import PAD_ID
 from lum_dist.model.config import LUMConfig
 from lum_dist.ops.attention import varlen_attention
+from lum_dist.ops.group_query import (
+    GroupQueryPlan,
+    build_group_query_plan,
+    group_query_attention_plan,
+    read_group_layout,
+)
 
 
 class TokenEncoder(nn.Module):
@@ -77,14 +83,11 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out.is_residual_out = True
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, plan: GroupQueryPlan | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if num_queries is not None:
-            # Imported here: only group-query batches (inference) need the op.
-            from lum_dist.ops.group_query import group_query_attention
-
-            y = group_query_attention(q, k, v, cu_seqlens, num_queries, max_seqlen)
+        if plan is not None:
+            y = group_query_attention_plan(q, k, v, plan)
         else:
             y = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.backend,
                                  dropout_p=self.dropout if self.training else 0.0)
@@ -114,8 +117,8 @@ class Block(GradientCheckpointingLayer):
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, num_queries=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, num_queries))
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, plan: GroupQueryPlan | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, plan))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -185,11 +188,16 @@ class LUMModel(PreTrainedModel):
         """[T, item_emb_dim]: the user representation after every token."""
         x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
-        # One query token per sequence is exactly causal; only real groups need the group-query op.
-        if num_queries is not None and not bool((num_queries > 1).any()):
-            num_queries = None
+        # Group queries: the layout is read (one host sync) and the plan built once here, not in every layer.
+        # One query token per sequence is exactly causal attention: no plan.
+        plan = None
+        if num_queries is not None:
+            layout = read_group_layout(cu_seqlens, num_queries, max_seqlen, num_tokens=x.shape[0])
+            if not layout.causal:
+                needs_grad = torch.is_grad_enabled() and x.requires_grad
+                plan = build_group_query_plan(layout, x.device, needs_grad=needs_grad)
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens, max_seqlen, num_queries)
+            x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
         return self.head(self.norm(x))
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
 from lum_dist.data.batch import PackedBatch
-from lum_dist.model import LUMModel, load_preset
+from lum_dist.model import LUMModel, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
 from lum_dist.testing.batches import random_packed_batch
 
@@ -80,9 +77,11 @@ def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, 
     """num_queries > 1 goes to lum_dist.ops.group_query (the real op, or a stub doing it by definition);
     query j's output equals the history + query j alone, at position L."""
     if op == "definition":
-        stub = types.ModuleType("lum_dist.ops.group_query")
-        stub.group_query_attention = _group_query_by_definition
-        monkeypatch.setitem(sys.modules, "lum_dist.ops.group_query", stub)
+        def stub(q, k, v, plan):
+            cu, nq = (torch.tensor(x, dtype=torch.int32) for x in (plan.layout.cu, plan.layout.num_queries))
+            return _group_query_by_definition(q, k, v, cu, nq, plan.layout.max_seqlen)
+
+        monkeypatch.setattr(modeling, "group_query_attention_plan", stub)
     model = tiny()
     batch = random_packed_batch([8, 3], 60, VOCABS, num_queries=[3, 2], seed=5)
     with torch.no_grad():
