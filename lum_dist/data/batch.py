@@ -52,6 +52,7 @@ class PackedBatch:
     # also those older than the packed history; excluded from the full ranking. None elsewhere.
     seen_items: list[torch.Tensor] | None = None
     num_pad_tokens: int = 0  # trailing PAD tokens of the "pad" policy (part of the token axis, not real)
+    max_queries: int = 0  # max(num_queries), known on the host: > 1 means group queries (no device read needed)
 
     @property
     def num_tokens(self) -> int:

@@ -141,4 +141,5 @@ def collate(seqs: Sequence[TokenSeq], rows: list[list[int]], token_budget: int, 
         numeric=numeric,
         seen_items=[torch.from_numpy(s.seen_items) for s in picked] if picked[0].seen_items is not None else None,
         num_pad_tokens=sum(room.values()),
+        max_queries=max(s.num_queries for s in picked),
     )

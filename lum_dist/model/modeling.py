@@ -205,7 +205,9 @@ class LUMModel(PreTrainedModel):
         return torch.ones_like(batch.targets, dtype=torch.bool)
 
     def forward_batch(self, batch: PackedBatch) -> torch.Tensor:
+        # Training and evaluation batches (at most one query per sequence) skip the group-query layout read.
+        num_queries = batch.num_queries if batch.max_queries > 1 else None
         return self(
             batch.item_ids, batch.cond_ids, batch.token_type, batch.positions, batch.time_gaps,
-            batch.cu_seqlens, batch.max_seqlen, batch.num_queries, batch.numeric,
+            batch.cu_seqlens, batch.max_seqlen, num_queries, batch.numeric,
         )

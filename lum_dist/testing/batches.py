@@ -62,4 +62,5 @@ def random_packed_batch(
         token_budget=total,
         user_ids=[f"u{i}" for i in range(len(seq_lens))],
         numeric=torch.randn(total, num_numeric, generator=g) if num_numeric else None,
+        max_queries=max(num_queries),
     )
