@@ -213,14 +213,13 @@ def _chains(
     idx, key = idx[order], key[order]
     del order
     jump = np.r_[True, key[1:] != key[:-1]]
+    c, v = interest.ravel()[key], variant.ravel()[key]  # cluster and cycle variant of each chain behaviour
     del key
     jump[1:] |= behavior[idx[:-1]] == BUY
     jump |= rng.random(len(idx)) < p_jump
     k = np.arange(len(idx), dtype=np.int32)
     steps = k - np.maximum.accumulate(np.where(jump, k, 0))  # since the chain's last restart
     del k
-    c = interest[user[idx], slot[idx]]
-    v = variant[user[idx], slot[idx]]
     sizes, starts = cat["sizes"][c], cat["starts"][c]
     start = starts[jump] + _zipf_rank(rng.random(int(jump.sum())), sizes[jump])
     start = start[np.cumsum(jump) - 1]  # each behaviour's restart item
@@ -417,7 +416,7 @@ def generic_oracle(
         if hi > lo:
             for w, counts in _generic_chunk(a, dist, lo, hi, windows, stride, alpha).items():
                 sums[w] += counts
-    return {w: {"hr@10": s[0] / s[2], "bits": s[1] / s[2]} for w, s in sums.items()}
+    return {w: {"hr@10": float(s[0] / s[2]), "bits": float(s[1] / s[2])} for w, s in sums.items()}
 
 
 def _generic_chunk(
@@ -480,7 +479,7 @@ def _generic_chunk(
     r_before, r_first = np.searchsorted(r_pos, tt), np.searchsorted(r_pos, ustart[tt])
     r_len = a["routine_len"][user[tt]]
     r_next = a["routine"][user[tt], (r_before - r_first) % r_len][:, None] == np.arange(k_slots)
-    lap = np.where(r_before - r_len >= r_first, r_pos[np.maximum(r_before - r_len, 0)], -1)
+    lap = np.where(r_before - r_len >= r_first, np.r_[r_pos, -1][np.maximum(r_before - r_len, 0)], -1)
     q = 1.0 / mean_session
     out = {}
     for w in windows:
@@ -503,3 +502,30 @@ def _generic_chunk(
         rank = (cand > p_t[:, None]).sum(1)
         out[w] = np.array([(hit & (rank < 10)).sum(), -np.log2(p_t).sum(), len(tt)])
     return out
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
+    """Print the oracle table of the long-range generator: ``python -m lum_dist.data.synthetic``."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--num-users", type=int, default=2500, help="users generated (successor oracle: all)")
+    p.add_argument("--max-users", type=int, default=1000, help="users the generic oracle reads")
+    p.add_argument("--windows", type=int, nargs="*", default=[0, 32, 64, 128, 256, 512, 1024, 10**9])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    a = longrange_arrays(num_users=args.num_users, seed=args.seed)
+    print(f"{args.num_users} users, {len(a['user'])} behaviours in {time.perf_counter() - start:.1f} s")
+    succ, gen = successor_oracle(a, args.windows), generic_oracle(a, args.windows, max_users=args.max_users)
+    print("| window (behaviours) | successor top-1 (interest known) | generic HR@10 | generic bits |")
+    print("|---|---|---|---|")
+    for w in args.windows:
+        label = "all" if w >= 10**9 else str(w)
+        print(f"| {label} | {succ[w]:.3f} | {gen[w]['hr@10']:.3f} | {gen[w]['bits']:.2f} |")
+    return {w: {"successor": succ[w], **gen[w]} for w in args.windows}
+
+
+if __name__ == "__main__":
+    main()

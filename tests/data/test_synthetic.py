@@ -153,7 +153,7 @@ def _last_same_category(a: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
 def test_longrange_generic_oracle_gains_with_context():
     """Without any condition (the evaluation query), the process's own predictor improves with every
     doubling of its window: cross-entropy falls and HR@10 rises from 32 to 512 behaviours."""
-    r = generic_oracle(_lr(num_users=200), [0, 32, 128, 512], max_users=200)
+    r = generic_oracle(_lr(num_users=120), [0, 32, 128, 512], max_users=120)
     bits = [r[w]["bits"] for w in (0, 32, 128, 512)]
     assert bits[0] > 12 and (np.diff(bits) < -0.2).all(), bits
     assert r[0]["hr@10"] == 0 and r[512]["hr@10"] - r[32]["hr@10"] > 0.04, r
