@@ -1,6 +1,12 @@
-"""The embedded synthetic dataset: deterministic from a seed, with structure a sequence model can learn.
+"""The embedded synthetic datasets: deterministic from a seed, with structure a sequence model can learn.
 
-Items are grouped into categories (contiguous id blocks) with Zipf popularity within a category.
+:func:`synthetic_arrays` (source ``{format: synthetic}``, the default): short histories, a small catalogue.
+:func:`longrange_arrays` (``{format: synthetic, kind: longrange}``): for scaling studies, a 100k+ item
+catalogue, histories of hundreds of behaviours whose next item depends on behaviours far back, and
+oracles (:func:`successor_oracle`, :func:`generic_oracle`) that measure how much each context length can
+gain; ``python -m lum_dist.data.synthetic`` prints their table.
+
+Default generator: items are grouped into categories (contiguous id blocks) with Zipf popularity within a category.
 Each user has a few interest categories (Dirichlet weights over a small random subset) and a
 long-tailed (lognormal) number of behaviours in [min_len, max_len]. The next item is, with
 probability ``p_next``, the item right after the previous one in the same category (a sequential
@@ -340,7 +346,8 @@ def longrange_arrays(
 
 # ---------------------------------------------------------------------------------------------
 # Oracles of the long-range generator: how well the true process predicts the next item from the last
-# W behaviours only. They bound what a model with a context of W behaviours can reach.
+# W behaviours only; about the best a model with a context of W behaviours can reach (they read latent
+# labels, which behaviour is noise or which interest, that a model has to infer from the items).
 
 NEVER = np.iinfo(np.int64).max // 4  # "no such behaviour" as a distance
 
@@ -444,9 +451,11 @@ def _generic_chunk(
         m[rows + 1, slot[chain]] = values
         return op.accumulate(m, axis=0)
 
-    reveal = dist["reveal"][lo:hi][chain]
+    gap, reveal = dist["gap"][lo:hi][chain], dist["reveal"][lo:hi][chain]
     last = before(rows, -1)  # last chain behaviour of each slot
-    shown = before(np.where(reveal < NEVER, rows - reveal, -1), -1)  # variant shown by a transition from here
+    # Start of the latest transition showing the slot's variant, this behaviour's own included.
+    shown_here = np.where(reveal < NEVER, rows - reveal, -1)
+    shown = before(np.where(dist["step"][lo:hi][chain], rows - np.minimum(gap, n), shown_here), -1)
     ss = a["session_start"][lo:hi][chain]
     sessions = before(ss, 0, np.add)  # session starts of each slot
 
