@@ -6,16 +6,15 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 from lum_dist.data.ingest.amazon import amazon_5core
 from lum_dist.data.ingest.common import RawBehaviours
 from lum_dist.data.ingest.movielens import movielens_1m, movielens_100k, movielens_csv
 from lum_dist.data.ingest.s3rec import s3rec
+from lum_dist.data.ingest.synthetic import OPTIONS as SYNTHETIC_OPTIONS
 from lum_dist.data.ingest.synthetic import synthetic
 from lum_dist.data.ingest.taobao import taobao
-from lum_dist.data.synthetic import synthetic_arrays
 
 ADAPTERS: dict[str, Callable[[dict], RawBehaviours]] = {
     "movielens-100k": movielens_100k,
@@ -35,7 +34,7 @@ ADAPTER_OPTIONS: dict[str, set[str]] = {
     "amazon-5core": {"input", "meta"},
     "s3rec": {"input", "meta"},
     "taobao": {"input"},
-    "synthetic": set(inspect.signature(synthetic_arrays).parameters),
+    "synthetic": SYNTHETIC_OPTIONS,
 }
 
 
