@@ -8,16 +8,27 @@ Unknown keys are errors, so a typo in a YAML file or on the command line never p
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError ``key: message`` unless ``ok`` (the cross-field rules of each section)."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}", key)
+
+
+Split = Literal["valid", "test"]
 
 
 @dataclass
@@ -27,15 +38,23 @@ class DataConfig:
     # {"format": "synthetic"} or {"format": "s3rec", "input": "${LUM_DATA_DIR}/s3rec-seq/Beauty.txt"}.
     prepare: dict[str, Any] = field(default_factory=lambda: {"format": "synthetic"})
     max_seq_len: int = 200  # tokens per sequence (two per behaviour); the most recent are kept
-    long_sequences: str = "truncate"  # "truncate" (keep the most recent) | "window" (split into windows)
+    long_sequences: Literal["truncate", "window"] = "truncate"  # keep the most recent | split into windows
     token_budget: int = 2048  # tokens per packed row
     rows_per_batch: int = 1  # packed rows per micro-batch per rank
-    packing: str = "pack"  # "pack" (best-fit bin packing) | "pad" (one sequence per row, padded: a baseline)
+    packing: Literal["pack", "pad"] = "pack"  # best-fit bin packing | one sequence per row, padded (a baseline)
     shuffle_buffer: int = 2048  # sequences shuffled and packed together (the packing window)
     num_workers: int = 0
     seed: int = 0
     cond_dropout: float = 0.2  # P(condition fields -> MASK) per condition token, so generic queries work
     item_attributes: bool = False  # item tokens carry their item's attribute fields (e.g. category) too
+
+    def __post_init__(self) -> None:
+        check(self.max_seq_len >= 2, "max_seq_len", f"{self.max_seq_len} < 2 (one behaviour is two tokens)")
+        check(self.max_seq_len <= self.token_budget, "max_seq_len",
+              f"{self.max_seq_len} > data.token_budget={self.token_budget}: a sequence must fit in a packed row")
+        check(self.rows_per_batch >= 1 and self.shuffle_buffer >= 1 and self.num_workers >= 0, "rows_per_batch",
+              "rows_per_batch and shuffle_buffer must be >= 1, num_workers >= 0")
+        check(0.0 <= self.cond_dropout <= 1.0, "cond_dropout", f"{self.cond_dropout} is not a probability")
 
 
 @dataclass
@@ -48,8 +67,8 @@ class ModelSpec:
 class LossConfig:
     # "full": softmax over every item (exact; for catalogues whose [targets x items] logits fit in memory);
     # "in_batch": sampled softmax over the positives of every rank (+ num_random_negatives uniform ids).
-    negatives: str = "in_batch"
-    similarity: str = "cosine"  # "cosine" | "dot"
+    negatives: Literal["full", "in_batch"] = "in_batch"
+    similarity: Literal["cosine", "dot"] = "cosine"
     temperature: float = 0.05
     learnable_temperature: bool = False
     min_temperature: float = 0.01
@@ -60,16 +79,30 @@ class LossConfig:
     num_random_negatives: int = 0  # extra uniformly sampled negatives, shared by all ranks
     mask_false_negatives: bool = True  # a negative equal to the positive item is not a negative
 
+    def __post_init__(self) -> None:
+        check(0 < self.min_temperature <= self.temperature <= self.max_temperature, "temperature",
+              f"need 0 < min_temperature ({self.min_temperature}) <= temperature ({self.temperature}) <= "
+              f"max_temperature ({self.max_temperature})")
+        check(self.num_random_negatives >= 0, "num_random_negatives", "must be >= 0")
+        check(self.negatives == "in_batch" or not self.num_random_negatives, "num_random_negatives",
+              "needs loss.negatives=in_batch (the full softmax already scores every item)")
+
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio (1.0: constant after warmup)
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # on matrices only (not on embedding tables, norms, biases)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+    def __post_init__(self) -> None:
+        check(self.lr >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0, "lr",
+              "lr, weight_decay, grad_clip and warmup_steps must be >= 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"{self.min_lr_ratio} is not in [0, 1]")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", f"{self.betas}: need two in [0, 1)")
 
 
 @dataclass
@@ -79,8 +112,8 @@ class TrainConfig:
     max_epochs: float = 0.0  # > 0: train this many passes over the training tokens (wins over max_steps)
     grad_accum: int = 1
     seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    zero_stage: int = 3
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
+    zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
     cpu_adam: bool = False  # DeepSpeedCPUAdam (compiles an op on first use); torch AdamW otherwise
@@ -93,21 +126,38 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept, besides the best one
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
 
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1 and self.grad_accum >= 1 and self.log_every >= 1, "max_steps",
+              "max_steps, grad_accum and log_every must be >= 1")
+        check(min(self.max_epochs, self.eval_every, self.eval_every_epochs, self.early_stopping_patience,
+                  self.save_every, self.keep_last) >= 0, "max_epochs",
+              "max_epochs, eval_every(_epochs), early_stopping_patience, save_every and keep_last must be >= 0")
+        check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs train.zero_stage=3")
+        check(not self.early_stopping_patience or self.eval_every or self.eval_every_epochs,
+              "early_stopping_patience", "needs train.eval_every or train.eval_every_epochs (validation to stop on)")
+
 
 @dataclass
 class EvalConfig:
-    split: str = "valid"  # the split validated on during training (model selection, early stopping)
+    split: Split = "valid"  # the split validated on during training (model selection, early stopping)
     metric: str = "ndcg@10"  # the selection metric: hr@K, ndcg@K (K in ks) or mrr
-    final_splits: list[str] = field(default_factory=lambda: ["valid", "test"])  # evaluated once, at the end
+    final_splits: list[Split] = field(default_factory=lambda: ["valid", "test"])  # evaluated once, at the end
     ks: list[int] = field(default_factory=lambda: [10, 20])
     max_users: int = 0  # 0: all users
     token_budget: int = 8192
+
+    def __post_init__(self) -> None:
+        check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cutoffs >= 1")
+        metrics = ["mrr"] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in self.ks]
+        check(self.metric in metrics, "metric",
+              f"{self.metric!r} is not one of {', '.join(metrics)}{did_you_mean(self.metric, metrics)}")
+        check(self.max_users >= 0 and self.token_budget >= 2, "max_users", "max_users >= 0, token_budget >= 2")
 
 
 @dataclass
 class LoggingConfig:
     wandb_project: str = "lum-dist"
-    wandb_mode: str = "offline"  # "online" | "offline" | "disabled" ($WANDB_MODE wins)
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"  # $WANDB_MODE wins
     run_name: str = ""
 
 
@@ -121,32 +171,57 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        check(self.data.max_seq_len <= self.eval.token_budget, "eval.token_budget",
+              f"{self.eval.token_budget} < data.max_seq_len={self.data.max_seq_len}")
+
 
 # ---------------------------------------------------------------------------------------------
-# YAML + overrides
+# YAML + overrides, checked at load: unknown keys, wrong types and values outside an enum (``Literal``)
+# fail before any data is read or any process group is made, naming the key, the value and what is allowed.
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad configuration value. ``key`` is its dotted path (``train.precision``), when there is one."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def did_you_mean(value: Any, allowed: Iterable[Any]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss among ``allowed``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
+        return from_dict(tp, value, key)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}"
+                              f"{did_you_mean(value, allowed)}", key)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        return _coerce(args[0], value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
         (inner, *_) = typing.get_args(tp) or (Any,)
-        out = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
+        return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -154,49 +229,69 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected float, got {value!r}") from None
-    if tp is float and not isinstance(value, float):
-        raise ConfigError(f"{where}: expected float, got {value!r}")
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key) from None
+    if tp is float:
+        raise ConfigError(f"{key}: expected a number, got {value!r}", key)
+    if tp in (int, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}", key)
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys; ``where``: the dotted path of ``data``.
+    The dataclass's own ``__post_init__`` checks (cross-field rules) run as it is built."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            key = f"{where}.{k}" if where else str(k)
+            raise ConfigError(f"{key}: unknown key{did_you_mean(k, names)}; valid keys here: {', '.join(names)}", key)
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if where and e.key and not e.key.startswith(where + "."):  # a nested check names keys relative to itself
+            raise ConfigError(str(e).replace(e.key, f"{where}.{e.key}", 1), f"{where}.{e.key}") from None
+        raise
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"command line: {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         node = data
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
+                raise ConfigError(f"command line: {item!r}: {p} is not a section", key)
         node[leaf] = yaml.safe_load(raw)
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """``cls`` from a YAML file (optional) with ``section.key=value`` overrides, checked now. A bad key or value
+    raises ConfigError naming it and where it came from (the file, or the command line)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or cls.__name__))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    set_on_command_line = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    data = apply_overrides(data, list(overrides))  # its errors already name the command line
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        key = e.key
+        from_cli = any(key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".")
+                       for k in set_on_command_line if key)
+        source = "command line" if from_cli or path is None else str(path)
+        raise ConfigError(f"{source}: {e}", key) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

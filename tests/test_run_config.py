@@ -1,4 +1,6 @@
-"""Run configs: YAML + ``a.b=value`` overrides into dataclasses; typos and wrong types are errors."""
+"""Run configs: YAML + ``a.b=value`` overrides into dataclasses, checked at load: unknown keys, wrong types,
+values outside an enum and broken cross-field rules are errors naming the key, the value, what is allowed and
+where the value came from (the file or the command line)."""
 
 from __future__ import annotations
 
@@ -6,28 +8,70 @@ import pytest
 
 from lum_dist.config import ConfigError, PretrainConfig, load_config
 
+CONFIG = "configs/pretrain/synthetic.yaml"
+
 
 def test_overrides_reach_nested_fields_with_their_types():
     cfg = load_config(PretrainConfig, "configs/pretrain/ml100k-cpu.yaml",
-                      ["optim.lr=1e-3", "optim.betas=[0.9, 0.99]", "train.max_steps=7", "eval.ks=[5]"])
+                      ["optim.lr=1e-3", "optim.betas=[0.9, 0.99]", "train.max_steps=7", "eval.ks=[5]",
+                       "eval.metric=hr@5"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML reads "1e-3" as a string
     assert cfg.optim.betas == (0.9, 0.99) and cfg.train.max_steps == 7 and cfg.eval.ks == [5]
     assert cfg.data.long_sequences == "window"  # the file's value survives unrelated overrides
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optim.lrr=1", "unknown key"),
-    ("optim.lr=fast", "expected float"),
+    ("optim.lrr=1", "optim.lrr: unknown key \\(did you mean 'lr'\\?\\)"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
     ("train.max_steps=ten", "expected int"),
     ("train.max_steps=1.5", "expected int"),
+    ("train.max_steps=true", "expected int"),
     ("loss.logq_correction=maybe", "expected bool"),
     ("optim", "key=value"),
+    # enums
+    ("train.precision=bf61", "train.precision: 'bf61' is not one of 'auto', 'bf16', 'fp32' \\(did you mean 'bf16'\\?\\)"),
+    ("eval.split=tset", "eval.split: 'tset' is not one of 'valid', 'test' \\(did you mean 'test'\\?\\)"),
+    ("eval.final_splits=[valid, tests]", "eval.final_splits\\[1\\]: 'tests' is not one of"),
+    ("data.packing=padded", "data.packing: 'padded' is not one of 'pack', 'pad'"),
+    ("data.long_sequences=windows", "did you mean 'window'"),
+    ("loss.similarity=cos", "loss.similarity: 'cos' is not one of 'cosine', 'dot'"),
+    ("loss.negatives=sampled", "loss.negatives: 'sampled' is not one of 'full', 'in_batch'"),
+    ("train.zero_stage=4", "train.zero_stage: 4 is not one of 0, 1, 2, 3"),
+    ("logging.wandb_mode=offlin", "did you mean 'offline'"),
+    # cross-field rules
+    ("data.max_seq_len=4096", "data.max_seq_len: 4096 > data.token_budget=1024"),
+    ("eval.metric=ndcg@5", "eval.metric: 'ndcg@5' is not one of mrr, hr@10, hr@20, ndcg@10, ndcg@20"),
+    ("train.early_stopping_patience=3", "needs train.eval_every"),
+    ("loss.temperature=0", "temperature"),
 ])
-def test_bad_overrides_are_named(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "configs/pretrain/synthetic.yaml", [override])
+def test_bad_overrides_are_named_and_blamed_on_the_command_line(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(PretrainConfig, CONFIG, [override])
+    assert str(e.value).startswith("command line: ")
+
+
+def test_cross_field_rule_between_two_overrides():
+    with pytest.raises(ConfigError, match="command line: train.offload_params: needs train.zero_stage=3"):
+        load_config(PretrainConfig, CONFIG, ["train.zero_stage=2", "train.offload_params=true"])
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  precision: fp16\n")
+    with pytest.raises(ConfigError, match=f"^{bad}: train.precision: 'fp16' is not one of"):
+        load_config(PretrainConfig, bad, ["train.max_steps=3"])
+    bad.write_text("trian:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="trian: unknown key \\(did you mean 'train'\\?\\)"):
+        load_config(PretrainConfig, bad)
 
 
 def test_missing_file_is_named():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config(PretrainConfig, "nope.yaml")
+
+
+def test_every_shipped_pretrain_config_loads():
+    from pathlib import Path
+
+    for path in sorted(Path("configs/pretrain").glob("*.yaml")):
+        load_config(PretrainConfig, path)

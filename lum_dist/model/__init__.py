@@ -7,7 +7,7 @@ Both read the same packed batches and expose the same surface to training, evalu
 
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from lum_dist.model.config import ARCHS, LUMConfig, flops_per_token, load_preset, param_counts
+from lum_dist.model.config import ARCHS, LUMConfig, check_model_spec, flops_per_token, load_preset, param_counts
 from lum_dist.model.modeling import LUMModel
 from lum_dist.model.sasrec import SASRecConfig, SASRecModel
 
@@ -25,5 +25,5 @@ for _arch, _model in MODELS.items():
     AutoConfig.register(ARCHS[_arch].model_type, ARCHS[_arch], exist_ok=True)
     AutoModel.register(ARCHS[_arch], _model, exist_ok=True)
 
-__all__ = ["LUMConfig", "LUMModel", "MODELS", "SASRecConfig", "SASRecModel", "build_model", "flops_per_token",
+__all__ = ["LUMConfig", "LUMModel", "MODELS", "SASRecConfig", "SASRecModel", "build_model", "check_model_spec", "flops_per_token",
            "load_preset", "param_counts"]

@@ -15,8 +15,11 @@ import numpy as np
 import yaml
 from transformers import PretrainedConfig
 
-from lum_dist.config import REPO_ROOT, ConfigError
+from lum_dist.config import REPO_ROOT, ConfigError, did_you_mean
 from lum_dist.model.sasrec import SASRecConfig
+from lum_dist.ops.attention import BACKENDS
+
+ATTENTION_BACKENDS = ("auto", *BACKENDS)
 
 PRESET_DIR = REPO_ROOT / "configs" / "model"
 
@@ -79,6 +82,9 @@ class LUMConfig(PretrainedConfig):
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
         if (hidden_size // num_heads) % 2:
             raise ConfigError(f"LUMConfig: head dim {hidden_size // num_heads} must be even for rotary positions")
+        if attn_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"LUMConfig: attn_backend {attn_backend!r} is not one of {ATTENTION_BACKENDS}"
+                              f"{did_you_mean(attn_backend, ATTENTION_BACKENDS)}")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
@@ -154,17 +160,27 @@ def load_preset(
     path = preset_path(name_or_path)
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"model preset {name_or_path!r} not found ({path}); known presets: {known}")
+        raise ConfigError(f"model preset {name_or_path!r} not found ({path}){did_you_mean(name_or_path, known)}; "
+                          f"known presets: {', '.join(known)}")
     values = yaml.safe_load(path.read_text()) or {}
     values.update(overrides)
     arch = values.pop("arch", "lum")
     if arch not in ARCHS:
         raise ConfigError(f"{path}: arch {arch!r} is not one of {sorted(ARCHS)}")
     cls = ARCHS[arch]
-    unknown = set(values) - cls.ARCH_KEYS
+    unknown = sorted(set(values) - cls.ARCH_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown {arch} model key(s) {sorted(unknown)}; valid: {sorted(cls.ARCH_KEYS)}")
+        raise ConfigError(f"{path}: unknown {arch} model key {unknown[0]!r}{did_you_mean(unknown[0], cls.ARCH_KEYS)}; "
+                          f"valid: {', '.join(sorted(cls.ARCH_KEYS))}")
     return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, **values)
+
+
+def check_model_spec(preset: str, overrides: dict[str, Any]) -> None:
+    """Fail now, before any data is read, if the preset or its overrides are bad (tables get stand-in sizes)."""
+    try:
+        load_preset(preset, num_items=16, cond_vocab_sizes=[8], **overrides)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}", "model") from None
 
 
 def param_counts(cfg: LUMConfig | SASRecConfig) -> dict[str, int]:

@@ -27,7 +27,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from lum_dist.config import ConfigError
 from lum_dist.data.batch import ITEM_TOKEN, PackedBatch
 from lum_dist.data.schema import PAD_ID
-from lum_dist.ops.attention import varlen_attention
+from lum_dist.ops.attention import BACKENDS, varlen_attention
 
 
 class SASRecConfig(PretrainedConfig):
@@ -52,6 +52,8 @@ class SASRecConfig(PretrainedConfig):
             raise ConfigError(f"SASRecConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"SASRecConfig: dropout {dropout} must be in [0, 1)")
+        if attn_backend not in ("auto", *BACKENDS):
+            raise ConfigError(f"SASRecConfig: attn_backend {attn_backend!r} is not one of {('auto', *BACKENDS)}")
 
     @property
     def item_emb_dim(self) -> int:

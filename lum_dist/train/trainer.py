@@ -34,6 +34,7 @@ from lum_dist.model import (
     SASRecConfig,
     SASRecModel,
     build_model,
+    check_model_spec,
     flops_per_token,
     load_preset,
     param_counts,
@@ -113,6 +114,7 @@ class BestTracker:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
     rank, world, device = parallelize.init_distributed()
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
