@@ -93,7 +93,8 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio (1.0: constant after warmup)
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only (not on embedding tables, norms, biases)
+    weight_decay: float = 0.1  # on weight matrices only (not on norms, biases, and embedding tables unless:)
+    decay_embeddings: bool = False
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping

@@ -126,14 +126,18 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) 
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms, biases and the temperature are not regularised (as in nanoGPT)."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
+    """Decay weight matrices only: embedding tables (unless ``decay_embeddings``), norms, biases and the
+    temperature are not regularised. Tables are rows looked up sparsely: decaying every row every step
+    shrinks the rare items' rows that get few gradients, the opposite of what a recommender wants."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
-        (decay if len(shape) >= 2 else no_decay).append(p)
+        is_matrix = len(shape) >= 2 and (decay_embeddings or id(p) not in tables)
+        (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -150,7 +154,7 @@ def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, An
     import deepspeed
 
     o = cfg.optim
-    groups = param_groups(module, o.weight_decay)
+    groups = param_groups(module, o.weight_decay, o.decay_embeddings)
     if cfg.train.cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
