@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py                   # CUDA: bf16, paper-like shapes, --budget-s 500 by default
     python benchmarks/gpu_check.py --dry-run         # CPU: the same code paths, tiny shapes, 1-2 steps
 
-Sections, in this order (``--sections`` picks and orders them):
+Sections, in this order (``--sections`` picks and orders them; the dry run collects the GPU tests last,
+its collection started first so that it overlaps the rest):
 
   env          device, driver, memory, peak bf16 FLOP/s (lum_dist.train.monitor), library versions, commit
   pytest       ``pytest -m gpu`` over the test files that carry a GPU mark: pass/fail counts and the failed
@@ -56,7 +57,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The benchmark scripts beside this one, and this checkout's lum_dist even where it is not installed (a bare
+# GPU machine); the children (pytest, training runs, sections) get the checkout through PYTHONPATH in main().
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import attention as attention_bench  # noqa: E402
 import group_query as gq_bench  # noqa: E402
@@ -71,9 +74,11 @@ from lum_dist.ops.group_query import group_query_reference  # noqa: E402
 from lum_dist.scaling.grid import LauncherConfig  # noqa: E402
 from lum_dist.scaling.memory import GiB, TrainSetup, per_gpu_bytes, shape_from_preset  # noqa: E402
 from lum_dist.train.monitor import peak_flops  # noqa: E402
+from lum_dist.utils import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "pytest", "attention", "group_query", "train")
+DRY_ORDER = ("env", "attention", "group_query", "train", "pytest")
 CHILD_SECTIONS = ("attention", "group_query")  # run in a child process each
 ATTENTION_BACKENDS = ("flash", "torch_varlen", "flex", "sdpa")
 GQ_METHODS = ("triton", "flex", "cascade", "naive", "sdpa")
@@ -167,17 +172,34 @@ def case_fits(left: float, last_s: float | None, floor_s: float) -> bool:
     return left >= max(floor_s, last_s or 0.0)
 
 
-def run_process(cmd: list[str], timeout: float, stdout: Any = None, env: dict[str, str] | None = None) -> int | None:
-    """Run ``cmd`` in a session of its own from the repository root; past ``timeout`` seconds kill it and
-    everything it started (compile workers too). Its exit status, or None when it was killed."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+def start_process(cmd: list[str], stdout: Any = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` from the repository root in a session of its own: it can be killed with all it starts
+    (compile workers too)."""
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
                             start_new_session=True)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int | None:
+    """``proc``'s exit status, or None when it was still running after ``timeout`` seconds and was killed."""
     try:
         return proc.wait(timeout=max(timeout, 0.1))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         return None
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: the process and everything it started
+        except ProcessLookupError:  # it ended in between
+            pass
+        proc.wait()
+
+
+def run_process(cmd: list[str], timeout: float, stdout: Any = None, env: dict[str, str] | None = None) -> int | None:
+    """Run ``cmd`` (see start_process) for at most ``timeout`` seconds: its exit status, or None when killed."""
+    return wait_or_kill(start_process(cmd, stdout, env), timeout)
 
 
 def exit_text(rc: int) -> str:
@@ -230,15 +252,18 @@ class Record:
         return cls(**{k: data[k] for k in ("status", "seconds", "rows", "skipped", "errors", "meta") if k in data})
 
 
-def uniform(rows: list[dict[str, Any]], columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows with the same keys (``columns``, else every key in order of appearance; missing ones empty)."""
-    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+def uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the same keys, every key in order of first appearance (missing values and None empty)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     return [{c: "" if r.get(c) is None else r[c] for c in cols} for r in rows]
 
 
 def fmt(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, float):
-        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    """A table cell: thousands separators, three significant digits, small numbers in e-notation."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if not isinstance(v, float):
+        return str(v)
     if v != 0 and abs(v) < 0.01:
         return f"{v:.2e}"
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) >= 100 else f"{v:.3f}"
@@ -285,15 +310,8 @@ class Report:
     def write(self) -> None:
         """Rewrite both files (atomically: a reader never sees half a file)."""
         data = {"meta": self.meta, "sections": {k: r.to_dict() for k, r in self.sections.items()}}
-        _atomic_write(self.json_path, json.dumps(data, indent=2, default=str) + "\n")
-        _atomic_write(self.md_path, to_markdown(self.meta, self.sections))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_text(self.json_path, json.dumps(data, indent=2, default=str) + "\n")
+        atomic_write_text(self.md_path, to_markdown(self.meta, self.sections))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,30 +373,46 @@ def parse_pytest_output(text: str) -> dict[str, Any]:
     return counts
 
 
-def pytest_section(plan: Plan, rec: Record, limit: float) -> None:
-    files = gpu_test_files(REPO / "tests")
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", *(["--collect-only"] if plan.dry_run else []),
-           *(str(f.relative_to(REPO)) for f in files)]
-    rec.meta.update(command=" ".join(["python", *cmd[1:]]), files=len(files), collect_only=plan.dry_run)
-    if not files:
-        rec.fail("no test file carries a GPU mark")
-        return
-    with tempfile.TemporaryFile("w+") as log:
-        rc = run_process(cmd, limit, stdout=log, env=os.environ.copy())
-        log.seek(0)
-        text = log.read()
-    counts = parse_pytest_output(text)
-    rec.meta.update({k: v for k, v in counts.items() if k != "failed_ids"})
-    rec.rows = [{"test": t, "outcome": "failed"} for t in counts["failed_ids"]]
-    print(tail(text, 15), flush=True)
-    if rc is None:
-        rec.status = "timed out"
-        rec.errors.append(f"pytest killed after {limit:.0f} s")
-    elif rc != 0:
-        rec.fail(f"pytest: {exit_text(rc)}")
-    if rc != 0:
-        rec.meta["output_tail"] = tail(text, 40)
+class PytestRun:
+    """``pytest -m gpu`` over the GPU-marked test files (dry run: ``--collect-only``), started when made;
+    ``finish`` waits for it and records the outcome. The dry run starts it first, so that collection
+    (seconds of imports, no device) overlaps the other sections; the GPU run starts it at its turn."""
+
+    def __init__(self, plan: Plan):
+        self.files = gpu_test_files(REPO / "tests")
+        self.collect_only = plan.dry_run
+        self.cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+                    "--continue-on-collection-errors", *(["--collect-only"] if self.collect_only else []),
+                    *(str(f.relative_to(REPO)) for f in self.files)]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = start_process(self.cmd, self.log, os.environ.copy()) if self.files else None
+
+    def finish(self, rec: Record, limit: float) -> None:
+        rec.meta.update(command=" ".join(["python", *self.cmd[1:]]), files=len(self.files),
+                        collect_only=self.collect_only)
+        if self.proc is None:
+            rec.fail("no test file carries a GPU mark")
+            return
+        rc = wait_or_kill(self.proc, limit)
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.close()
+        counts = parse_pytest_output(text)
+        rec.meta.update({k: v for k, v in counts.items() if k != "failed_ids"})
+        rec.rows = [{"test": t, "outcome": "failed"} for t in counts["failed_ids"]]
+        print(tail(text, 15), flush=True)
+        if rc is None:
+            rec.status = "timed out"
+            rec.errors.append(f"pytest killed after {limit:.0f} s")
+        elif rc != 0:
+            rec.fail(f"pytest: {exit_text(rc)}")
+        if rc != 0:
+            rec.meta["output_tail"] = tail(text, 40)
+
+    def cancel(self) -> None:
+        if self.proc is not None:
+            kill(self.proc)
+        self.log.close()
 
 
 def backend_skip_reason(backend: str, device: torch.device) -> str:
@@ -419,6 +453,9 @@ def attention_section(plan: Plan, rec: Record, clock: Clock) -> None:
                 continue
             finally:
                 last[backend] = time.monotonic() - t0
+            if row is None:
+                rec.skip(f"{backend} {where}: over attention.py's sdpa token limit")
+                continue
             print(f"[gpu_check]   attention {backend} {where}: {row['tokens_per_s']:,.0f} tok/s", flush=True)
             rec.add(row)
         del case
@@ -579,7 +616,7 @@ CHILD_FUNCS: dict[str, Callable[[Plan, Record, Clock], None]] = {
 def child_main(section: str, plan: Plan, out: Path, seconds: float) -> int:
     """In the child: run one section, saving its record after every row and at the end."""
     rec = Record(status="running")
-    rec.on_update = lambda: _atomic_write(out, json.dumps(rec.to_dict(), default=str))
+    rec.on_update = lambda: atomic_write_text(out, json.dumps(rec.to_dict(), default=str))
     try:
         CHILD_FUNCS[section](plan, rec, Clock(seconds))
     except Exception:
@@ -630,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="the CPU with tiny shapes (no CUDA needed)")
     ap.add_argument("--budget-s", type=float, default=None, help="total seconds (default: 500 on CUDA, 300 dry)")
-    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS,
+                    help=f"default: {' '.join(SECTIONS)} (dry run: pytest last, its collection overlapping the rest)")
     ap.add_argument("--name", default=None, help="results file name (default: the device, or dry-run)")
     ap.add_argument("--work-dir", default=None, help="scratch for datasets and checkpoints (default: $TMPDIR)")
     ap.add_argument("--child", choices=CHILD_SECTIONS, help=argparse.SUPPRESS)
@@ -640,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     budget = args.budget_s if args.budget_s is not None else (300.0 if plan.dry_run else 500.0)
     clock, t_start = Clock(budget), time.monotonic()  # the budget counts from here
+    sections = args.sections or list(DRY_ORDER if plan.dry_run else SECTIONS)
     if args.child:
         return child_main(args.child, plan, args.child_out, args.child_seconds)
     if not plan.dry_run and not torch.cuda.is_available():
@@ -650,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = args.name or ("dry-run" if plan.dry_run else device_slug(torch.cuda.get_device_name()))
     meta = {**provenance(), "dry_run": plan.dry_run, "python": platform.python_version(), "versions": versions(),
-            "budget_s": budget, "sections": args.sections, "host_cpus": os.cpu_count()}
+            "budget_s": budget, "sections": sections, "host_cpus": os.cpu_count()}
     report = Report(meta, {}, RESULTS / "gpu" / f"{name}.json", RESULTS / "gpu" / f"{name}.md")
 
     def on_update(records: dict[str, Record]) -> None:
@@ -659,16 +698,19 @@ def main(argv: list[str] | None = None) -> int:
         report.write()
 
     work = Path(tempfile.mkdtemp(prefix="lum-gpu-check-", dir=args.work_dir))
+    early = PytestRun(plan) if plan.dry_run and "pytest" in sections else None  # collection only: no device
     runners: dict[str, Callable[[Record, float], None]] = {
         "env": lambda rec, limit: env_section(plan, rec, limit),
-        "pytest": lambda rec, limit: pytest_section(plan, rec, limit),
+        "pytest": lambda rec, limit: (early or PytestRun(plan)).finish(rec, limit),
         "attention": lambda rec, limit: run_in_child("attention", plan, rec, limit, work),
         "group_query": lambda rec, limit: run_in_child("group_query", plan, rec, limit, work),
         "train": lambda rec, limit: train_section(plan, rec, limit, work),
     }
     try:
-        records = run_sections(args.sections, runners, clock, plan, on_update)
+        records = run_sections(sections, runners, clock, plan, on_update)
     finally:
+        if early is not None:
+            early.cancel()  # still running only if its section was skipped or broke
         shutil.rmtree(work, ignore_errors=True)
     for sec, rec in records.items():
         if rec.rows:
