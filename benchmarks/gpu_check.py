@@ -549,6 +549,14 @@ def timed_runner(seconds: float) -> Callable[[list[str], dict[str, str], Path], 
     return runner
 
 
+def train_overrides(plan: Plan, preset: str, data: Path, out: Path) -> list[str]:
+    """One packed row of ``plan.train_tokens`` per step under ZeRO-3 (as train_throughput.py), on the plan's
+    synthetic dataset at ``data`` (prepared once for every preset)."""
+    return [*train_bench.overrides_for(preset, plan.train_seq_len, "pack", 3, plan.train_steps, plan.train_tokens,
+                                       out),
+            f"data.path={data}", f"data.prepare={json.dumps(plan.train_data)}"]
+
+
 def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
     clock = Clock(limit)
     data = work / "data"
@@ -570,9 +578,7 @@ def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
             rec.skip(f"{preset}: budget ({clock.left():.0f} s left, a run needs >= {plan.train_run_min_s:.0f} s)")
             continue
         out = work / preset
-        overrides = [*train_bench.overrides_for(preset, plan.train_seq_len, "pack", 3, plan.train_steps,
-                                                plan.train_tokens, out),
-                     f"data.path={data}", f"data.prepare={json.dumps(plan.train_data)}"]
+        overrides = train_overrides(plan, preset, data, out)
         row: dict[str, Any] = {"preset": preset, "seq_len": plan.train_seq_len, "tokens_per_step": plan.train_tokens}
         try:
             row["pred_mem_gib"] = predicted_memory_gib(preset, meta_path, plan.train_tokens, launcher.world_size)

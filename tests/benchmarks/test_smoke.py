@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lum_dist.config import PretrainConfig, load_config
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -213,3 +215,16 @@ def test_run_process_kills_what_it_started_at_its_limit(tmp_path):
     else:
         pytest.fail(f"process {grandchild} started by the command still runs")
     assert gpu_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], timeout=30) == 3
+
+
+@pytest.mark.parametrize("plan", ["GPU_PLAN", "DRY_PLAN"])
+def test_gpu_check_training_configs_load(plan, tmp_path):
+    """Every training run of the one-shot GPU check is a valid config (checked here, not on the lent GPU)."""
+    plan = getattr(gpu_check, plan)
+    for preset in plan.presets:
+        overrides = gpu_check.train_overrides(plan, preset, tmp_path / "data", tmp_path / preset)
+        cfg = load_config(PretrainConfig, REPO / plan.train_config, overrides)
+        assert (cfg.model.preset, cfg.data.prepare, cfg.data.path) == (preset, plan.train_data, str(tmp_path / "data"))
+        assert cfg.data.token_budget * cfg.data.rows_per_batch == plan.train_tokens >= cfg.data.max_seq_len
+        assert (cfg.train.zero_stage, cfg.train.max_steps, cfg.data.packing) == (3, plan.train_steps, "pack")
+        assert (REPO / "configs" / "model" / f"{preset}.yaml").is_file()
