@@ -285,6 +285,9 @@ TITLES = {"env": "Environment", "pytest": "pytest -m gpu", "attention": "Packed 
 
 def to_markdown(meta: dict[str, Any], sections: dict[str, Record]) -> str:
     out = [f"# lum-dist GPU check: {meta['device']}{' (dry run)' if meta['dry_run'] else ''}", ""]
+    if meta["dry_run"]:
+        out += ["The CPU dry run of `benchmarks/gpu_check.py`: the GPU run's code paths at tiny shapes, float32, "
+                "1-2 steps. Its numbers show that the paths work; they are not measurements of anything.", ""]
     out += [f"- {k}: {meta[k]}" for k in ("git_commit", "timestamp", "python", "budget_s", "seconds") if k in meta]
     out += ["- versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in meta.get("versions", {}).items())]
     for name, rec in sections.items():
@@ -385,6 +388,7 @@ class PytestRun:
                     "--continue-on-collection-errors", *(["--collect-only"] if self.collect_only else []),
                     *(str(f.relative_to(REPO)) for f in self.files)]
         self.log = tempfile.TemporaryFile("w+")
+        self.t0 = time.monotonic()
         self.proc = start_process(self.cmd, self.log, os.environ.copy()) if self.files else None
 
     def finish(self, rec: Record, limit: float) -> None:
@@ -394,6 +398,7 @@ class PytestRun:
             rec.fail("no test file carries a GPU mark")
             return
         rc = wait_or_kill(self.proc, limit)
+        rec.meta["process_s"] = round(time.monotonic() - self.t0, 1)  # from its start (the dry run's: early)
         self.log.seek(0)
         text = self.log.read()
         self.log.close()
