@@ -1,7 +1,7 @@
 """Every GPU figure of lum-dist in one command on one lent H100/H200 (issue #14), with a CPU dry run.
 
-    python benchmarks/gpu_check.py                   # CUDA: bf16, paper-like shapes, --budget-s 500 by default
-    python benchmarks/gpu_check.py --dry-run         # CPU: the same code paths, tiny shapes, 1-2 steps
+    python benchmarks/gpu_check.py             # CUDA: bf16, paper-like shapes, --budget-s 500 by default
+    python benchmarks/gpu_check.py --dry-run   # CPU: the same code paths, tiny shapes, 1-2 steps
 
 Sections, in this order (``--sections`` picks and orders them; the dry run collects the GPU tests last,
 its collection started first so that it overlaps the rest):
@@ -14,8 +14,8 @@ its collection started first so that it overlaps the rest):
   group_query  group-query forward per method: triton, flex, cascade, naive, dense-mask sdpa, at histories
                of ~2k tokens and 16..256 queries (benchmarks/group_query.py), checked against the float32
                reference
-  train        lum-19m .. lum-1b, a few ZeRO-3 steps each on one device through the real trainer
-               (benchmarks/train_throughput.py): tokens/s, TFLOP/s, MFU and peak memory as the trainer
+  train        lum-1b .. lum-19m (largest first), a few ZeRO-3 steps each on one device through the real
+               trainer (benchmarks/train_throughput.py): tokens/s, TFLOP/s, MFU and peak memory as the trainer
                reports them, beside the memory model's prediction (lum_dist.scaling.memory)
 
 Each section is recorded even when another fails. attention and group_query run in a child process
@@ -73,7 +73,7 @@ from lum_dist.ops.group_query import flops as gq_flops  # noqa: E402
 from lum_dist.ops.group_query import group_query_reference  # noqa: E402
 from lum_dist.scaling.grid import LauncherConfig  # noqa: E402
 from lum_dist.scaling.memory import GiB, TrainSetup, per_gpu_bytes, shape_from_preset  # noqa: E402
-from lum_dist.train.monitor import peak_flops  # noqa: E402
+from lum_dist.train.monitor import peak_flops, read_metrics  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,11 +117,13 @@ class Plan:
 
 GPU_PLAN = Plan(
     dry_run=False, dtype="bfloat16", warmup=3, iters=10,
-    # head dim 128 (lum-1b) first, 64 (lum-19m) last: each head dim costs a Flex compile, the budget may cut it
+    # head dim 128 (lum-1b) first, 64 (lum-19m) last: each head dim costs a Flex compile, which the budget
+    # may cut
     attn_cases=((8192, 16, 128), (32768, 16, 128), (8192, 8, 64)), attn_median=40, attn_max_seq_len=2048,
     gq_cases=tuple((2048, q, h, d) for h, d in ((16, 128), (8, 64)) for q in (16, 64, 256)),
     gq_row_tokens=16384, gq_max_sdpa_tokens=20000,
-    presets=("lum-19m", "lum-100m", "lum-300m", "lum-1b"), train_config="configs/pretrain/synthetic.yaml",
+    # largest first: if the budget runs short, it is the small presets that are skipped
+    presets=("lum-1b", "lum-300m", "lum-100m", "lum-19m"), train_config="configs/pretrain/synthetic.yaml",
     train_seq_len=4096, train_tokens=16384, train_steps=8,
     train_data={"format": "synthetic", "num_users": 5000, "num_items": 100000, "num_categories": 200,
                 "max_len": 2048, "median_len": 100},
@@ -161,7 +163,7 @@ class Clock:
 
 def section_limit(left: float, cap: float, min_s: float) -> float | None:
     """Seconds a section may run: its cap or the time left, whichever is smaller; None if under ``min_s`` are
-    left (or none at all). ``min_s`` 0 marks a section that always runs (env: a few queries, no device work)."""
+    left (or none at all). ``min_s`` 0 marks a section that always runs (env: queries, no device work)."""
     if min_s <= 0:
         return min(cap, max(left, 0.0))
     return None if left < min_s or left <= 0 else min(cap, left)
@@ -175,8 +177,8 @@ def case_fits(left: float, last_s: float | None, floor_s: float) -> bool:
 def start_process(cmd: list[str], stdout: Any = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` from the repository root in a session of its own: it can be killed with all it starts
     (compile workers too)."""
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
-                            start_new_session=True)
+    stderr = subprocess.STDOUT if stdout else None
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
 
 
 def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -197,8 +199,9 @@ def kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_process(cmd: list[str], timeout: float, stdout: Any = None, env: dict[str, str] | None = None) -> int | None:
-    """Run ``cmd`` (see start_process) for at most ``timeout`` seconds: its exit status, or None when killed."""
+def run_process(cmd: list[str], timeout: float, stdout: Any = None,
+                env: dict[str, str] | None = None) -> int | None:
+    """Run ``cmd`` (see start_process) for at most ``timeout`` seconds: its exit status, None when killed."""
     return wait_or_kill(start_process(cmd, stdout, env), timeout)
 
 
@@ -249,7 +252,8 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
-        return cls(**{k: data[k] for k in ("status", "seconds", "rows", "skipped", "errors", "meta") if k in data})
+        keys = ("status", "seconds", "rows", "skipped", "errors", "meta")
+        return cls(**{k: data[k] for k in keys if k in data})
 
 
 def uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -279,17 +283,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-TITLES = {"env": "Environment", "pytest": "pytest -m gpu", "attention": "Packed causal attention, forward + backward",
+TITLES = {"env": "Environment", "pytest": "pytest -m gpu",
+          "attention": "Packed causal attention, forward + backward",
           "group_query": "Group-query attention, forward", "train": "Training throughput, ZeRO-3, one device"}
 
 
 def to_markdown(meta: dict[str, Any], sections: dict[str, Record]) -> str:
     out = [f"# lum-dist GPU check: {meta['device']}{' (dry run)' if meta['dry_run'] else ''}", ""]
     if meta["dry_run"]:
-        out += ["The CPU dry run of `benchmarks/gpu_check.py`: the GPU run's code paths at tiny shapes, float32, "
-                "1-2 steps. Its numbers show that the paths work; they are not measurements of anything.", ""]
-    out += [f"- {k}: {meta[k]}" for k in ("git_commit", "timestamp", "python", "budget_s", "seconds") if k in meta]
-    out += ["- versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in meta.get("versions", {}).items())]
+        out += ["The CPU dry run of `benchmarks/gpu_check.py`: the GPU run's code paths at tiny shapes, "
+                "float32, 1-2 steps. Its numbers show that the paths work; they measure nothing.", ""]
+    keys = ("git_commit", "timestamp", "python", "budget_s", "seconds")
+    out += [f"- {k}: {meta[k]}" for k in keys if k in meta]
+    installed = meta.get("versions", {}).items()
+    out += ["- versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in installed)]
     for name, rec in sections.items():
         out += ["", f"## {TITLES.get(name, name)}: {rec.status} ({rec.seconds:.0f} s)", ""]
         out += [f"- {k}: {v}" for k, v in rec.meta.items() if k != "output_tail"]
@@ -329,8 +336,9 @@ def env_section(plan: Plan, rec: Record, limit: float) -> None:
                     lum_dist_kernels=_importable("lum_dist.kernels.group_attention"))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        rec.meta.update(gpu_memory_gib=round(props.total_memory / GiB, 1), multiprocessors=props.multi_processor_count,
-                        capability=f"{props.major}.{props.minor}")
+        rec.meta["gpu_memory_gib"] = round(props.total_memory / GiB, 1)
+        rec.meta["multiprocessors"] = props.multi_processor_count
+        rec.meta["capability"] = f"{props.major}.{props.minor}"
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
@@ -367,10 +375,10 @@ def parse_pytest_output(text: str) -> dict[str, Any]:
     collected = re.findall(r"^(\d+)(?:/\d+)? tests? collected", text, re.M)
     if collected:
         counts["collected"] = int(collected[-1])
-    summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", ln)
-               or re.search(r"\bno tests ran\b", ln)]
+    outcome = r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)"
+    summary = [ln for ln in text.splitlines() if re.search(outcome, ln) or re.search(r"\bno tests ran\b", ln)]
     if summary:
-        for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", summary[-1]):
+        for n, what in re.findall(outcome, summary[-1]):
             counts["errors" if what.startswith("error") else what] = int(n)
     counts["failed_ids"] = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
     return counts
@@ -435,8 +443,9 @@ def attention_section(plan: Plan, rec: Record, clock: Clock) -> None:
             rec.skip(f"{b}: {backend_skip_reason(b, device)}")
     args = argparse.Namespace(median=plan.attn_median, max_seq_len=plan.attn_max_seq_len, seed=0,
                               warmup=plan.warmup, iters=plan.iters, max_sdpa_tokens=math.inf)
-    rec.meta.update(flop_formula=attention_bench.FLOP_FORMULA, dtype=plan.dtype, cases="(tokens, heads, head dim) "
-                    f"{list(plan.attn_cases)}", median_behaviours=plan.attn_median, max_seq_len=plan.attn_max_seq_len,
+    rec.meta.update(flop_formula=attention_bench.FLOP_FORMULA, dtype=plan.dtype,
+                    cases=f"(tokens, heads, head dim) {list(plan.attn_cases)}",
+                    median_behaviours=plan.attn_median, max_seq_len=plan.attn_max_seq_len,
                     max_abs_diff="against the float32 reference backend")
     last: dict[str, float] = {}
     for tokens, heads, dim in plan.attn_cases:
@@ -500,13 +509,15 @@ def group_query_section(plan: Plan, rec: Record, clock: Clock) -> None:
             t0 = time.monotonic()
             try:
                 fn = gq_bench.method_fn(m, q, k, v, cu, nq, L + Q)
-                row = gq_bench.measure_method(m, fn, users * gq_flops(L, Q, heads, dim), args, device, peak, check)
+                work = users * gq_flops(L, Q, heads, dim)
+                row = gq_bench.measure_method(m, fn, work, args, device, peak, check)
             except Exception as e:
                 rec.fail(f"{m} {where}: {type(e).__name__}: {str(e)[:300]}")
                 continue
             finally:
                 last[m] = time.monotonic() - t0
-            rows.append({"method": m, **shape, **row, "agrees": row["max_abs_diff"] <= gq_bench.MAX_DIFF[dtype]})
+            agrees = row["max_abs_diff"] <= gq_bench.MAX_DIFF[dtype]
+            rows.append({"method": m, **shape, **row, "agrees": agrees})
             print(f"[gpu_check]   group_query {m} {where}: {row['ms']:.3f} ms", flush=True)
         gq_bench.add_speedup(rows)
         for r in rows:
@@ -524,15 +535,16 @@ def _free(device: torch.device) -> None:
 
 
 TRAIN_COLUMNS = ["preset", "status", "dense_params", "seq_len", "tokens_per_step", "tokens_per_s",
-                 "tflops_per_device", "model_tflops_per_s", "mfu", "data_wait", "peak_mem_gib", "pred_mem_gib",
-                 "mem_ratio", "final_loss", "seconds"]
+                 "tflops_per_device", "model_tflops_per_s", "mfu", "data_wait", "peak_mem_gib",
+                 "pred_mem_gib", "mem_ratio", "final_loss", "seconds"]
 
 
 def predicted_memory_gib(preset: str, meta_path: Path, tokens: int, world: int = 1) -> float:
     """The memory model's GPU bytes of ZeRO-3 training without its ``reserved`` allowance (CUDA context,
     fragmentation), i.e. what torch.cuda.max_memory_allocated measures, in GiB."""
     meta = DatasetMeta.load(meta_path)
-    shape = shape_from_preset(preset, meta.num_items, meta.cond_vocab_sizes(), num_numeric=len(meta.numeric_fields))
+    shape = shape_from_preset(preset, meta.num_items, meta.cond_vocab_sizes(),
+                              num_numeric=len(meta.numeric_fields))
     parts = per_gpu_bytes(shape, TrainSetup(num_gpus=world, zero_stage=3, micro_batch_tokens=tokens,
                                             activation_checkpointing=False))
     return (parts["total"] - parts["reserved"]) / GiB
@@ -554,12 +566,24 @@ def timed_runner(seconds: float) -> Callable[[list[str], dict[str, str], Path], 
     return runner
 
 
+def logged_metrics(path: Path) -> dict[str, Any]:
+    """The throughput figures a run logged before it failed (a failed final checkpoint or evaluation must
+    not lose them): train_throughput.measure's keys, from the last record with tokens/s."""
+    records = [r for _, r in sorted(read_metrics(path).items()) if "tokens_per_s" in r]
+    if not records:
+        return {}
+    m = records[-1]
+    return {"tokens_per_s": m["tokens_per_s"], "tflops_per_device": m.get("tflops_per_device"),
+            "mfu": m.get("mfu"), "data_wait": m.get("data_wait"), "peak_mem_gib": m.get("mem_gib"),
+            "final_loss": m.get("loss")}
+
+
 def train_overrides(plan: Plan, preset: str, data: Path, out: Path) -> list[str]:
     """One packed row of ``plan.train_tokens`` per step under ZeRO-3 (as train_throughput.py), on the plan's
     synthetic dataset at ``data`` (prepared once for every preset)."""
-    return [*train_bench.overrides_for(preset, plan.train_seq_len, "pack", 3, plan.train_steps, plan.train_tokens,
-                                       out),
-            f"data.path={data}", f"data.prepare={json.dumps(plan.train_data)}"]
+    run = train_bench.overrides_for(preset, plan.train_seq_len, "pack", 3, plan.train_steps,
+                                    plan.train_tokens, out)
+    return [*run, f"data.path={data}", f"data.prepare={json.dumps(plan.train_data)}"]
 
 
 def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
@@ -570,35 +594,41 @@ def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
     meta_path = data / "meta.json"
     launcher = LauncherConfig(kind="python", env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
                               if plan.dry_run else {})
-    rec.meta.update(flop_formula=train_bench.FLOP_FORMULA, base_config=plan.train_config, data=plan.train_data,
-                    data_prepare_s=round(time.monotonic() - t0, 1), steps=plan.train_steps, packing="pack",
-                    zero_stage=3, world_size=launcher.world_size,
-                    measured="tokens/s, TFLOP/s, MFU and mem_gib from the trainer's last log line (first step "
-                             "excluded); mem_gib is torch.cuda.max_memory_allocated on CUDA, the process's peak "
-                             "RSS on the CPU (so mem_ratio means nothing there)",
-                    pred_mem_gib="lum_dist.scaling.memory.per_gpu_bytes (ZeRO-3, no activation checkpointing) "
-                                 "minus its reserved allowance; mem_ratio = peak_mem_gib / pred_mem_gib")
+    rec.meta.update(
+        flop_formula=train_bench.FLOP_FORMULA, base_config=plan.train_config, data=plan.train_data,
+        data_prepare_s=round(time.monotonic() - t0, 1), steps=plan.train_steps, packing="pack", zero_stage=3,
+        world_size=launcher.world_size,
+        measured="tokens/s, TFLOP/s, MFU and mem_gib from the trainer's last log line (first step excluded); "
+                 "mem_gib is torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on the CPU (so "
+                 "mem_ratio means nothing there)",
+        pred_mem_gib="lum_dist.scaling.memory.per_gpu_bytes (ZeRO-3, no activation checkpointing) minus its "
+                     "reserved allowance; mem_ratio = peak_mem_gib / pred_mem_gib")
     for preset in plan.presets:
         if clock.left() < plan.train_run_min_s:
-            rec.skip(f"{preset}: budget ({clock.left():.0f} s left, a run needs >= {plan.train_run_min_s:.0f} s)")
+            rec.skip(f"{preset}: budget ({clock.left():.0f} s left, a run needs >= "
+                     f"{plan.train_run_min_s:.0f} s)")
             continue
         out = work / preset
         overrides = train_overrides(plan, preset, data, out)
-        row: dict[str, Any] = {"preset": preset, "seq_len": plan.train_seq_len, "tokens_per_step": plan.train_tokens}
+        row: dict[str, Any] = {"preset": preset, "seq_len": plan.train_seq_len,
+                               "tokens_per_step": plan.train_tokens}
         try:
-            row["pred_mem_gib"] = predicted_memory_gib(preset, meta_path, plan.train_tokens, launcher.world_size)
+            row["pred_mem_gib"] = predicted_memory_gib(preset, meta_path, plan.train_tokens,
+                                                       launcher.world_size)
         except Exception as e:
             rec.fail(f"{preset}: memory model: {type(e).__name__}: {e}")
         print(f"[gpu_check]   train {preset}: {plan.train_steps} steps ...", flush=True)
         t0 = time.monotonic()
-        row.update(train_bench.measure(launcher, plan.train_config, overrides, out, runner=timed_runner(clock.left())))
+        runner = timed_runner(clock.left())
+        row.update(train_bench.measure(launcher, plan.train_config, overrides, out, runner=runner))
         row["seconds"] = time.monotonic() - t0
+        if row["status"] != "ok":
+            row.update(logged_metrics(out / "metrics.jsonl"))
+            log = out / "train.log"
+            log_tail = tail(log.read_text(errors="replace"), 25) if log.is_file() else "(no log)"
+            rec.fail(f"{preset}: {row['status']}\n{log_tail}")
         if row.get("peak_mem_gib") and row.get("pred_mem_gib"):
             row["mem_ratio"] = row["peak_mem_gib"] / row["pred_mem_gib"]
-        if row["status"] != "ok":
-            log = out / "train.log"
-            rec.fail(f"{preset}: {row['status']}\n" + tail(log.read_text(errors="replace"), 25) if log.is_file()
-                     else f"{preset}: {row['status']}")
         shutil.rmtree(out, ignore_errors=True)  # a 1B ZeRO-3 checkpoint is ~17 GB
         rec.add({c: row.get(c) for c in TRAIN_COLUMNS})
 
@@ -651,7 +681,8 @@ def run_sections(names: list[str], runners: dict[str, Callable[[Record, float], 
         limit = section_limit(left, plan.caps[name], plan.min_s[name])
         if limit is None:
             rec.status = "skipped"
-            rec.skipped.append(f"budget: {max(left, 0):.0f} s left, the section needs >= {plan.min_s[name]:.0f} s")
+            rec.skipped.append(f"budget: {max(left, 0):.0f} s left, the section needs >= "
+                               f"{plan.min_s[name]:.0f} s")
             print(f"[gpu_check] {name}: skipped ({rec.skipped[-1]})", flush=True)
             on_update(records)
             continue
@@ -677,11 +708,14 @@ def device_slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="the CPU with tiny shapes (no CUDA needed)")
-    ap.add_argument("--budget-s", type=float, default=None, help="total seconds (default: 500 on CUDA, 300 dry)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="total seconds (default: 500 on CUDA, 300 in the dry run)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS,
-                    help=f"default: {' '.join(SECTIONS)} (dry run: pytest last, its collection overlapping the rest)")
+                    help=f"default: {' '.join(SECTIONS)} (dry run: pytest last, its collection overlapping "
+                         "the rest)")
     ap.add_argument("--name", default=None, help="results file name (default: the device, or dry-run)")
-    ap.add_argument("--work-dir", default=None, help="scratch for datasets and checkpoints (default: $TMPDIR)")
+    ap.add_argument("--work-dir", default=None,
+                    help="scratch for the dataset and checkpoints (default: $TMPDIR)")
     ap.add_argument("--child", choices=CHILD_SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-seconds", type=float, help=argparse.SUPPRESS)
@@ -699,8 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     name = args.name or ("dry-run" if plan.dry_run else device_slug(torch.cuda.get_device_name()))
-    meta = {**provenance(), "dry_run": plan.dry_run, "python": platform.python_version(), "versions": versions(),
-            "budget_s": budget, "sections": sections, "host_cpus": os.cpu_count()}
+    meta = {**provenance(), "dry_run": plan.dry_run, "python": platform.python_version(),
+            "versions": versions(), "budget_s": budget, "sections": sections, "host_cpus": os.cpu_count()}
     report = Report(meta, {}, RESULTS / "gpu" / f"{name}.json", RESULTS / "gpu" / f"{name}.md")
 
     def on_update(records: dict[str, Record]) -> None:

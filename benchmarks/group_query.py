@@ -93,7 +93,7 @@ def flex_fn(q, k, v, cu, nq) -> Callable[[], torch.Tensor]:
 
 
 def method_fn(name: str, q, k, v, cu, nq, max_len: int) -> Callable[[], torch.Tensor]:
-    """A zero-argument forward of ``name``; its mask / block mask is prepared here, outside the timed calls."""
+    """A zero-argument forward of ``name``; its mask / block mask is built here, outside the timed calls."""
     builders = {"sdpa": sdpa_fn, "flex": flex_fn}
     if name in builders:
         return builders[name](q, k, v, cu, nq)
@@ -139,7 +139,7 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float | None:
 
 def measure_method(name: str, fn: Callable[[], torch.Tensor], work: float, args, device: torch.device,
                    peak: float | None, check: torch.Tensor | None, out: torch.Tensor | None = None) -> dict:
-    """Time one method's forward (``out``: its output if already computed); the row without the case's shape."""
+    """Time one method's forward (``out``: its output if already computed); a row without the case's shape."""
     with torch.no_grad():
         out = fn().float() if out is None else out
         ms = time_ms(fn, device, args.warmup, args.iters)
@@ -151,7 +151,8 @@ def measure_method(name: str, fn: Callable[[], torch.Tensor], work: float, args,
 
 def disagreeing(rows: list[dict], dtype: torch.dtype) -> list[str]:
     """Methods whose output is further from the check output than ``dtype`` allows."""
-    return [r["method"] for r in rows if r["max_abs_diff"] is not None and r["max_abs_diff"] > MAX_DIFF[dtype]]
+    diffs = ((r["method"], r["max_abs_diff"]) for r in rows)
+    return [name for name, diff in diffs if diff is not None and diff > MAX_DIFF[dtype]]
 
 
 def run_case(L, Q, users, heads, dim, names, args, device, dtype, peak) -> list[dict]:

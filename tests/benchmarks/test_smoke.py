@@ -65,8 +65,8 @@ gpu_check = _load_gpu_check()
 
 def _gpu_check_run(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
     env = {**os.environ, "LUM_BENCH_RESULTS": str(tmp / "results"), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     json_path, md_path = tmp / "results" / "gpu" / "dry-run.json", tmp / "results" / "gpu" / "dry-run.md"
     assert json_path.is_file() and md_path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"wrote {json_path}" in proc.stdout
@@ -86,7 +86,8 @@ def test_gpu_check_dry_run_runs_every_section_on_the_cpu(tmp_path):
     # attention: the CUDA backends are listed as skipped, sdpa measured and equal to the reference
     assert {s.split(":")[0] for s in sec["attention"]["skipped"]} == {"flash", "torch_varlen", "flex"}
     (row,) = sec["attention"]["rows"]
-    assert row["backend"] == "sdpa" and row["tokens_per_s"] > 0 and row["tflops"] > 0 and row["max_abs_diff"] < 1e-4
+    assert row["backend"] == "sdpa" and row["max_abs_diff"] < 1e-4
+    assert row["tokens_per_s"] > 0 and row["tflops"] > 0
     # group query: every CPU method measured and agreeing with the float32 reference, triton skipped
     assert [r["method"] for r in sec["group_query"]["rows"]] == ["flex", "cascade", "naive", "sdpa"]
     assert all(r["agrees"] and r["ms"] > 0 for r in sec["group_query"]["rows"])
@@ -131,11 +132,13 @@ def test_parse_pytest_output():
 
 def test_gpu_test_files_finds_marked_modules(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "test_dec.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n")
+    marked = "import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n"
+    (tmp_path / "sub" / "test_dec.py").write_text(marked)
     (tmp_path / "test_module.py").write_text("import pytest\npytestmark = [pytest.mark.gpu]\n")
     (tmp_path / "test_cpu.py").write_text("def test_b():\n    assert 'run pytest -m gpu on the device'\n")
-    (tmp_path / "helper.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_c():\n    pass\n")
-    assert gpu_check.gpu_test_files(tmp_path) == [tmp_path / "sub" / "test_dec.py", tmp_path / "test_module.py"]
+    (tmp_path / "helper.py").write_text(marked)  # not a test module
+    want = [tmp_path / "sub" / "test_dec.py", tmp_path / "test_module.py"]
+    assert gpu_check.gpu_test_files(tmp_path) == want
 
 
 class _FakeClock:
@@ -224,7 +227,24 @@ def test_gpu_check_training_configs_load(plan, tmp_path):
     for preset in plan.presets:
         overrides = gpu_check.train_overrides(plan, preset, tmp_path / "data", tmp_path / preset)
         cfg = load_config(PretrainConfig, REPO / plan.train_config, overrides)
-        assert (cfg.model.preset, cfg.data.prepare, cfg.data.path) == (preset, plan.train_data, str(tmp_path / "data"))
+        assert (cfg.model.preset, cfg.data.prepare) == (preset, plan.train_data)
+        assert cfg.data.path == str(tmp_path / "data")
         assert cfg.data.token_budget * cfg.data.rows_per_batch == plan.train_tokens >= cfg.data.max_seq_len
         assert (cfg.train.zero_stage, cfg.train.max_steps, cfg.data.packing) == (3, plan.train_steps, "pack")
         assert (REPO / "configs" / "model" / f"{preset}.yaml").is_file()
+
+
+def test_failed_training_run_keeps_what_it_logged(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert gpu_check.logged_metrics(metrics) == {}
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 4, "loss": 9.0, "tokens_per_s": 100.0, "mem_gib": 1.0},
+        {"step": 8, "loss": 7.0, "tokens_per_s": 120.0, "tflops_per_device": 0.5, "mfu": 0.4,
+         "data_wait": 0.01, "mem_gib": 2.0},
+        {"step": 8, "valid/hr@10": 0.1}]) + "\n")
+    assert gpu_check.logged_metrics(metrics) == {"tokens_per_s": 120.0, "tflops_per_device": 0.5, "mfu": 0.4,
+                                                 "data_wait": 0.01, "peak_mem_gib": 2.0, "final_loss": 7.0}
+    log = tmp_path / "run" / "train.log"
+    runner = gpu_check.timed_runner(2)
+    assert runner([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), log) == 124
+    assert "killed: past its time limit of 2 s" in log.read_text()
