@@ -587,6 +587,9 @@ def train_overrides(plan: Plan, preset: str, data: Path, out: Path) -> list[str]
 
 
 def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
+    if not _importable("deepspeed"):  # a bare GPU machine: every run would fail the same way, slowly
+        rec.fail("deepspeed is not installed: carry its wheel (pure Python + JIT ops; pip install --no-deps)")
+        return
     clock = Clock(limit)
     data = work / "data"
     t0 = time.monotonic()

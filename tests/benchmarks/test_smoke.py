@@ -248,3 +248,11 @@ def test_failed_training_run_keeps_what_it_logged(tmp_path):
     runner = gpu_check.timed_runner(2)
     assert runner([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), log) == 124
     assert "killed: past its time limit of 2 s" in log.read_text()
+
+
+def test_training_without_deepspeed_fails_at_once_and_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_importable", lambda module: module != "deepspeed")
+    rec = gpu_check.Record()
+    gpu_check.train_section(gpu_check.DRY_PLAN, rec, 60, tmp_path)
+    assert rec.rows == [] and rec.errors == [
+        "deepspeed is not installed: carry its wheel (pure Python + JIT ops; pip install --no-deps)"]
