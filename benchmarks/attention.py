@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,20 @@ def time_backend(backend, q, k, v, cu, max_seqlen, warmup: int, iters: int) -> f
     return (time.perf_counter() - start) / iters
 
 
-def run_case(budget: int, heads: int, head_dim: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+@dataclass
+class Case:
+    """One packed row: its sequence lengths, inputs (with gradients) and the reference output."""
+
+    lens: list[int]
+    cu: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    want: torch.Tensor
+    flops: float
+
+
+def make_case(budget: int, heads: int, head_dim: int, args, device: torch.device, dtype: torch.dtype) -> Case:
     lens = packed_lengths(budget, args.median, args.max_seq_len, args.seed)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
@@ -72,20 +86,29 @@ def run_case(budget: int, heads: int, head_dim: int, args, device: torch.device,
     q, k, v = (torch.randn(budget, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         want = varlen_attention(q, k, v, cu, max(lens), backend="reference").float()
-    flops = attention_flops(lens, heads, head_dim)
-    rows = []
-    for backend in args.backends or available_backends(device):
-        if backend == "sdpa" and budget > args.max_sdpa_tokens:
-            continue  # the dense [T, T] mask and scores would not fit
-        with torch.no_grad():
-            diff = (varlen_attention(q, k, v, cu, max(lens), backend=backend).float() - want).abs().max().item()
-        seconds = time_backend(backend, q, k, v, cu, max(lens), args.warmup, args.iters)
-        rows.append({
-            "backend": backend, "tokens": budget, "seqs": len(lens), "max_len": max(lens), "heads": heads,
-            "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."), "ms_fwd_bwd": seconds * 1e3,
-            "tflops": flops / seconds / 1e12, "max_abs_diff": diff,
-        })
-    return rows
+    return Case(lens, cu, q, k, v, want, attention_flops(lens, heads, head_dim))
+
+
+def measure_backend(case: Case, backend: str, args) -> dict | None:
+    """One table row for ``backend`` on ``case``; None where the backend is skipped (sdpa above its limit)."""
+    (budget, heads, head_dim), max_len = case.q.shape, max(case.lens)
+    if backend == "sdpa" and budget > args.max_sdpa_tokens:
+        return None  # the dense [T, T] mask and scores would not fit
+    with torch.no_grad():
+        out = varlen_attention(case.q, case.k, case.v, case.cu, max_len, backend=backend)
+        diff = (out.float() - case.want).abs().max().item()
+    seconds = time_backend(backend, case.q, case.k, case.v, case.cu, max_len, args.warmup, args.iters)
+    return {
+        "backend": backend, "tokens": budget, "seqs": len(case.lens), "max_len": max_len, "heads": heads,
+        "head_dim": head_dim, "dtype": str(case.q.dtype).removeprefix("torch."), "ms_fwd_bwd": seconds * 1e3,
+        "tokens_per_s": budget / seconds, "tflops": case.flops / seconds / 1e12, "max_abs_diff": diff,
+    }
+
+
+def run_case(budget: int, heads: int, head_dim: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    case = make_case(budget, heads, head_dim, args, device, dtype)
+    rows = (measure_backend(case, backend, args) for backend in args.backends or available_backends(device))
+    return [r for r in rows if r is not None]
 
 
 def main() -> None:

@@ -40,10 +40,15 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def provenance() -> dict[str, str]:
+    """Device, git commit, torch version and a UTC timestamp: what every result's meta carries."""
+    return {"device": device_name(), "git_commit": git_commit(), "torch": torch.__version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
     """Write rows + provenance to benchmarks/results/<name>.json (atomically); return the path."""
-    full = {**meta, "device": device_name(), "git_commit": git_commit(), "torch": torch.__version__,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    full = {**meta, **provenance()}
     path = RESULTS / f"{name}.json"
     atomic_write_text(path, json.dumps({"meta": full, "rows": rows}, indent=2) + "\n")
     return path

@@ -92,12 +92,17 @@ def flex_fn(q, k, v, cu, nq) -> Callable[[], torch.Tensor]:
     return lambda: attn(_heads(q), _heads(k), _heads(v), block_mask=block)[0].transpose(0, 1)
 
 
+def method_fn(name: str, q, k, v, cu, nq, max_len: int) -> Callable[[], torch.Tensor]:
+    """A zero-argument forward of ``name``; its mask / block mask is built here, outside the timed calls."""
+    builders = {"sdpa": sdpa_fn, "flex": flex_fn}
+    if name in builders:
+        return builders[name](q, k, v, cu, nq)
+    return functools.partial(group_query_attention, q, k, v, cu, nq, max_len, backend=name)
+
+
 def methods(q, k, v, cu, nq, max_len: int, names: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> zero-argument forward; masks are prepared here, outside the timed calls."""
-    builders = {"sdpa": sdpa_fn, "flex": flex_fn}
-    return {name: builders[name](q, k, v, cu, nq) if name in builders
-            else functools.partial(group_query_attention, q, k, v, cu, nq, max_len, backend=name)
-            for name in names}
+    return {name: method_fn(name, q, k, v, cu, nq, max_len) for name in names}
 
 
 def time_ms(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
@@ -132,28 +137,48 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float | None:
     return 2 * n**3 / time_ms(lambda: a @ b, device, 10, 50) / 1e9
 
 
+def measure_method(name: str, fn: Callable[[], torch.Tensor], work: float, args, device: torch.device,
+                   peak: float | None, check: torch.Tensor | None, out: torch.Tensor | None = None) -> dict:
+    """Time one method's forward (``out``: its output if already computed); a row without the case's shape."""
+    with torch.no_grad():
+        out = fn().float() if out is None else out
+        ms = time_ms(fn, device, args.warmup, args.iters)
+        return {"method": name, "ms": ms, "tflops": work / ms / 1e9,
+                "pct_peak": None if peak is None else 100 * work / ms / 1e9 / peak,
+                "peak_mib": peak_extra_mib(fn, device),
+                "max_abs_diff": None if check is None else (out - check).abs().max().item()}
+
+
+def disagreeing(rows: list[dict], dtype: torch.dtype) -> list[str]:
+    """Methods whose output is further from the check output than ``dtype`` allows."""
+    diffs = ((r["method"], r["max_abs_diff"]) for r in rows)
+    return [name for name, diff in diffs if diff is not None and diff > MAX_DIFF[dtype]]
+
+
 def run_case(L, Q, users, heads, dim, names, args, device, dtype, peak) -> list[dict]:
     q, k, v, cu, nq = packed(L, Q, users, heads, dim, device, dtype)
     work = users * flops(L, Q, heads, dim)
     fns = methods(q, k, v, cu, nq, L + Q, names)
     with torch.no_grad():
         outs = {name: fn().float() for name, fn in fns.items()}
-        check = outs.get("sdpa", outs.get("reference"))
-        rows = []
-        for name, fn in fns.items():
-            ms = time_ms(fn, device, args.warmup, args.iters)
-            rows.append({"method": name, "L": L, "Q": Q, "users": users, "heads": heads, "head_dim": dim,
-                         "ms": ms, "tflops": work / ms / 1e9,
-                         "pct_peak": None if peak is None else 100 * work / ms / 1e9 / peak,
-                         "peak_mib": peak_extra_mib(fn, device),
-                         "max_abs_diff": None if check is None else (outs[name] - check).abs().max().item()})
-    bad = [r["method"] for r in rows if r["max_abs_diff"] is not None and r["max_abs_diff"] > MAX_DIFF[dtype]]
+    check = outs.get("sdpa", outs.get("reference"))
+    shape = {"L": L, "Q": Q, "users": users, "heads": heads, "head_dim": dim}
+    rows = []
+    for name, fn in fns.items():
+        row = measure_method(name, fn, work, args, device, peak, check, outs[name])
+        rows.append({"method": name, **shape, **row})
+    bad = disagreeing(rows, dtype)
     if bad:
         raise SystemExit(f"L={L} Q={Q} D={dim}: {bad} disagree with the dense-mask SDPA output")
+    add_speedup(rows)
+    return rows
+
+
+def add_speedup(rows: list[dict]) -> None:
+    """``speedup_vs_naive`` of every row of one case (None without a naive row)."""
     naive = next((r["ms"] for r in rows if r["method"] == "naive"), None)
     for r in rows:
         r["speedup_vs_naive"] = None if naive is None else naive / r["ms"]
-    return rows
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 
 from lum_dist.scaling.grid import LauncherConfig, launch_command, subprocess_runner  # noqa: E402
-from lum_dist.scaling.report import read_run_metrics  # noqa: E402
+from lum_dist.train.monitor import read_metrics  # noqa: E402
 
 FLOP_FORMULA = ("model FLOPs/token = lum_dist.model.flops_per_token = 6 * matmul params + 6 * layers * hidden * "
                 "seq_len (fwd + bwd, causal attention); MFU = tokens/s * FLOPs/token / (peak bf16 FLOP/s * GPUs)")
@@ -47,10 +48,12 @@ def overrides_for(preset: str, seq_len: int, packing: str, zero: int, steps: int
             "train.resume=never", "eval.max_users=8", f"train.output_dir={out}"]
 
 
-def measure(launcher: LauncherConfig, base: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """Run one configuration; its last logged throughput record, or the failure and its log's tail."""
-    rc = subprocess_runner(launch_command(launcher, base, overrides), _env(launcher), out / "train.log")
-    history = read_run_metrics(out / "metrics.jsonl")
+def measure(launcher: LauncherConfig, base: str, overrides: list[str], out: Path,
+            runner: Callable[[list[str], dict[str, str], Path], int] = subprocess_runner) -> dict[str, Any]:
+    """Run one configuration (``runner(cmd, env, log)`` -> exit status); its last logged throughput record,
+    or the failure and its log's tail."""
+    rc = runner(launch_command(launcher, base, overrides), _env(launcher), out / "train.log")
+    history = read_metrics(out / "metrics.jsonl")
     speeds = [history[s] for s in sorted(history) if "tokens_per_s" in history[s]]
     if rc != 0 or not speeds:
         last = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
@@ -59,6 +62,7 @@ def measure(launcher: LauncherConfig, base: str, overrides: list[str], out: Path
     return {"status": "ok", "dense_params": result["params"]["dense"], "tokens_per_s": m["tokens_per_s"],
             "tokens_per_s_per_device": m.get("tokens_per_s_per_device"),
             "model_tflops_per_s": m["tokens_per_s"] * result["flops_per_token"] / 1e12, "mfu": m.get("mfu"),
+            "tflops_per_device": m.get("tflops_per_device"), "data_wait": m.get("data_wait"),
             "peak_mem_gib": m.get("mem_gib"), "final_loss": m.get("loss")}
 
 

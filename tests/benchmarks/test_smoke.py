@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from lum_dist.config import PretrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,3 +48,211 @@ def test_train_throughput_smoke(tmp_path):
 @pytest.mark.parametrize("script", ["attention.py", "group_query.py", "prepare.py"])
 def test_other_smokes(tmp_path, script):
     _smoke(tmp_path, script)
+
+
+# --- benchmarks/gpu_check.py: its CPU dry run, its budget, and the pieces it is built from ---
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("_gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_gpu_check()
+
+
+def _gpu_check_run(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    env = {**os.environ, "LUM_BENCH_RESULTS": str(tmp / "results"), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    json_path, md_path = tmp / "results" / "gpu" / "dry-run.json", tmp / "results" / "gpu" / "dry-run.md"
+    assert json_path.is_file() and md_path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wrote {json_path}" in proc.stdout
+    return proc, json.loads(json_path.read_text()), md_path.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_section_on_the_cpu(tmp_path):
+    proc, data, md = _gpu_check_run(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta, sec = data["meta"], data["sections"]
+    assert meta["dry_run"] and {"device", "git_commit", "torch", "timestamp"} <= set(meta)
+    assert {"torch", "triton", "deepspeed", "flash-attn"} <= set(meta["versions"])
+    assert {k: v["status"] for k, v in sec.items()} == dict.fromkeys(gpu_check.SECTIONS, "ok")
+    # pytest: the GPU tests are collected, not run
+    assert sec["pytest"]["meta"]["collect_only"] and sec["pytest"]["meta"]["collected"] >= 1
+    # attention: the CUDA backends are listed as skipped, sdpa measured and equal to the reference
+    assert {s.split(":")[0] for s in sec["attention"]["skipped"]} == {"flash", "torch_varlen", "flex"}
+    (row,) = sec["attention"]["rows"]
+    assert row["backend"] == "sdpa" and row["max_abs_diff"] < 1e-4
+    assert row["tokens_per_s"] > 0 and row["tflops"] > 0
+    # group query: every CPU method measured and agreeing with the float32 reference, triton skipped
+    assert [r["method"] for r in sec["group_query"]["rows"]] == ["flex", "cascade", "naive", "sdpa"]
+    assert all(r["agrees"] and r["ms"] > 0 for r in sec["group_query"]["rows"])
+    assert [s.split(":")[0] for s in sec["group_query"]["skipped"]] == ["triton"]
+    # training: the real trainer's numbers beside the memory model's
+    (run,) = sec["train"]["rows"]
+    assert run["preset"] == "lum-tiny" and run["status"] == "ok"
+    assert run["tokens_per_s"] > 0 and run["peak_mem_gib"] > 0 and run["pred_mem_gib"] > 0
+    for title in gpu_check.TITLES.values():
+        assert f"## {title}: ok" in md
+
+
+def test_gpu_check_budget_skips_what_does_not_fit(tmp_path):
+    proc, data, md = _gpu_check_run(tmp_path, "--budget-s", "0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sec = data["sections"]
+    assert sec["env"]["status"] == "ok" and sec["env"]["meta"]["dry_run"]
+    for name in ("pytest", "attention", "group_query", "train"):
+        assert sec[name]["status"] == "skipped" and sec[name]["skipped"][0].startswith("budget:"), sec[name]
+        assert f"## {gpu_check.TITLES[name]}: skipped (0 s)" in md
+
+
+def test_section_limit_and_case_fits():
+    assert gpu_check.section_limit(100, cap=30, min_s=10) == 30
+    assert gpu_check.section_limit(20, cap=30, min_s=10) == 20
+    assert gpu_check.section_limit(5, cap=30, min_s=10) is None
+    assert gpu_check.section_limit(-1, cap=30, min_s=0) == 0  # min_s 0: always runs
+    assert gpu_check.case_fits(10, None, 1) and not gpu_check.case_fits(0.5, None, 1)
+    assert not gpu_check.case_fits(10, 12, 1) and gpu_check.case_fits(12, 12, 1)
+
+
+def test_parse_pytest_output():
+    run = ("....F.s\nFAILED tests/ops/test_a.py::test_x[bf16] - AssertionError: no\n"
+           "ERROR tests/ops/test_b.py::test_y - RuntimeError\n"
+           "1 failed, 4 passed, 1 skipped, 80 deselected, 1 error in 12.34s\n")
+    assert gpu_check.parse_pytest_output(run) == {
+        "failed": 1, "passed": 4, "skipped": 1, "deselected": 80, "errors": 1,
+        "failed_ids": ["tests/ops/test_a.py::test_x[bf16]", "tests/ops/test_b.py::test_y"]}
+    collect = "tests/ops/test_a.py::test_x\n\n22/102 tests collected (80 deselected) in 9.70s\n"
+    assert gpu_check.parse_pytest_output(collect) == {"collected": 22, "deselected": 80, "failed_ids": []}
+
+
+def test_gpu_test_files_finds_marked_modules(tmp_path):
+    (tmp_path / "sub").mkdir()
+    marked = "import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n"
+    (tmp_path / "sub" / "test_dec.py").write_text(marked)
+    (tmp_path / "test_module.py").write_text("import pytest\npytestmark = [pytest.mark.gpu]\n")
+    (tmp_path / "test_cpu.py").write_text("def test_b():\n    assert 'run pytest -m gpu on the device'\n")
+    (tmp_path / "helper.py").write_text(marked)  # not a test module
+    want = [tmp_path / "sub" / "test_dec.py", tmp_path / "test_module.py"]
+    assert gpu_check.gpu_test_files(tmp_path) == want
+
+
+class _FakeClock:
+    def __init__(self, lefts):
+        self.lefts = list(lefts)
+
+    def left(self):
+        return self.lefts.pop(0)
+
+
+def test_run_sections_records_each_failure_and_goes_on():
+    ran, writes = [], []
+
+    def ok(name):
+        def run(rec, limit):
+            ran.append((name, limit))
+            rec.add({"case": name})
+        return run
+
+    def boom(rec, limit):
+        ran.append(("pytest", limit))
+        raise RuntimeError("the device fell over")
+
+    def errors(rec, limit):
+        ran.append(("attention", limit))
+        rec.add({"case": "attention"})
+        rec.fail("flex T=8: compile error")
+
+    plan = gpu_check.GPU_PLAN
+    runners = {"env": ok("env"), "pytest": boom, "attention": errors, "group_query": ok("group_query"),
+               "train": ok("train")}
+    # time left before each section: the training section no longer fits
+    clock = _FakeClock([400, 390, 300, 200, plan.min_s["train"] - 1])
+    records = gpu_check.run_sections(list(gpu_check.SECTIONS), runners, clock, plan,
+                                     lambda recs: writes.append({k: r.status for k, r in recs.items()}))
+    assert [name for name, _ in ran] == ["env", "pytest", "attention", "group_query"]
+    assert dict(ran)["pytest"] == plan.caps["pytest"] and dict(ran)["group_query"] == plan.caps["group_query"]
+    assert {k: r.status for k, r in records.items()} == {
+        "env": "ok", "pytest": "failed", "attention": "failed", "group_query": "ok", "train": "skipped"}
+    assert "RuntimeError: the device fell over" in records["pytest"].errors[0]
+    assert records["attention"].rows == [{"case": "attention"}]  # rows measured before an error are kept
+    assert records["train"].skipped[0].startswith(f"budget: {plan.min_s['train'] - 1:.0f} s left")
+    assert writes[-1] == {k: r.status for k, r in records.items()}  # the report is rewritten as it goes
+    md = gpu_check.to_markdown({"device": "X", "dry_run": False, "versions": {"flash-attn": None}}, records)
+    assert "| case |" in md and "| attention |" in md and "**error**: flex T=8: compile error" in md
+    assert "flash-attn not installed" in md and "## Training throughput, ZeRO-3, one device: skipped" in md
+
+
+def test_child_failure_keeps_its_rows(tmp_path, monkeypatch):
+    def half(plan, rec, clock):
+        rec.add({"backend": "sdpa"})
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setitem(gpu_check.CHILD_FUNCS, "attention", half)
+    out = tmp_path / "child.json"
+    assert gpu_check.child_main("attention", gpu_check.DRY_PLAN, out, 10) == 1
+    got = json.loads(out.read_text())
+    assert got["status"] == "failed" and got["rows"] == [{"backend": "sdpa"}]
+    assert "RuntimeError: CUDA error: an illegal memory access" in got["errors"][0]
+
+
+def test_run_process_kills_what_it_started_at_its_limit(tmp_path):
+    pid_file = tmp_path / "pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              "time.sleep(60)\n")
+    t0 = time.monotonic()
+    assert gpu_check.run_process([sys.executable, "-c", script], timeout=3) is None
+    assert time.monotonic() - t0 < 20
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # the kill is asynchronous; a killed orphan may linger as a zombie until reaped
+        status = Path(f"/proc/{grandchild}/status")
+        if not status.exists() or "zombie" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {grandchild} started by the command still runs")
+    assert gpu_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], timeout=30) == 3
+
+
+@pytest.mark.parametrize("plan", ["GPU_PLAN", "DRY_PLAN"])
+def test_gpu_check_training_configs_load(plan, tmp_path):
+    """Every training run of the one-shot GPU check is a valid config (checked here, not on the lent GPU)."""
+    plan = getattr(gpu_check, plan)
+    for preset in plan.presets:
+        overrides = gpu_check.train_overrides(plan, preset, tmp_path / "data", tmp_path / preset)
+        cfg = load_config(PretrainConfig, REPO / plan.train_config, overrides)
+        assert (cfg.model.preset, cfg.data.prepare) == (preset, plan.train_data)
+        assert cfg.data.path == str(tmp_path / "data")
+        assert cfg.data.token_budget * cfg.data.rows_per_batch == plan.train_tokens >= cfg.data.max_seq_len
+        assert (cfg.train.zero_stage, cfg.train.max_steps, cfg.data.packing) == (3, plan.train_steps, "pack")
+        assert (REPO / "configs" / "model" / f"{preset}.yaml").is_file()
+
+
+def test_failed_training_run_keeps_what_it_logged(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert gpu_check.logged_metrics(metrics) == {}
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 4, "loss": 9.0, "tokens_per_s": 100.0, "mem_gib": 1.0},
+        {"step": 8, "loss": 7.0, "tokens_per_s": 120.0, "tflops_per_device": 0.5, "mfu": 0.4,
+         "data_wait": 0.01, "mem_gib": 2.0},
+        {"step": 8, "valid/hr@10": 0.1}]) + "\n")
+    assert gpu_check.logged_metrics(metrics) == {"tokens_per_s": 120.0, "tflops_per_device": 0.5, "mfu": 0.4,
+                                                 "data_wait": 0.01, "peak_mem_gib": 2.0, "final_loss": 7.0}
+    log = tmp_path / "run" / "train.log"
+    runner = gpu_check.timed_runner(2)
+    assert runner([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), log) == 124
+    assert "killed: past its time limit of 2 s" in log.read_text()
+
+
+def test_training_without_deepspeed_fails_at_once_and_clearly(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "_importable", lambda module: module != "deepspeed")
+    rec = gpu_check.Record()
+    gpu_check.train_section(gpu_check.DRY_PLAN, rec, 60, tmp_path)
+    assert rec.rows == [] and rec.errors == [
+        "deepspeed is not installed: carry its wheel (pure Python + JIT ops; pip install --no-deps)"]
