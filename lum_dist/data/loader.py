@@ -12,6 +12,13 @@ decreasing, or one sequence per row padded to the budget for ``packing="pad"``),
 shuffled and queued, and batches take ``rows_per_batch`` rows off the queue (rows left over wait for the next buffer). The
 stream is infinite: epochs follow one another, a buffer may straddle two.
 
+Speed: a buffer is tokenized at once, by array operations over all its users (``tokenize_block``,
+``cond_dropout_block``: numpy's per-user generators reproduced over arrays of keys, see
+``fast_random``), and batches are gathered from it (``collate_blocks``), not one user and one sequence
+at a time; the batches are exactly those of ``tokenize_train`` + ``apply_cond_dropout`` + ``collate``
+per user (``tests/data/test_fast_paths.py`` runs that plain algorithm beside the loader).
+``lum_dist.data.workers`` runs this loader in worker processes (``data.num_workers``).
+
 Exact resume: every sequence is a pure function of its key ``(epoch, user, window)``, so the state is
 small: epoch, read position, buffers made so far, and the keys of the queued rows. Loading it rebuilds
 the queue from the keys; the batches that follow equal those of the uninterrupted run.
