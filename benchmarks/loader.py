@@ -4,9 +4,11 @@ each preset's token demand at 40 % MFU on one H100.
 For each dataset and number of workers W (``data.num_workers``), a fresh ``train_loader`` is built,
 warmed up (workers started, first buffers made), then drained for ``--seconds`` with nothing else to
 do; tokens are real tokens (no padding). Each measurement is repeated ``--repeats`` times and the
-median reported, with the spread and the main process's CPU share (what the loader costs the trainer's
-process: all of it for W = 0, receiving batches for W > 0). The machine's load average is recorded:
-on a shared machine the workers compete for cores, so tokens/s with workers are a lower bound.
+median reported, with the spread, the CPU seconds per second of the main process (what the loader
+costs the trainer's process: all of it for W = 0, receiving batches for W > 0) and of the workers
+(from /proc), and real tokens per CPU second of all of them (the rate a loader process reaches on a
+core of its own). The machine's load average is recorded: on a shared machine the processes compete
+for cores, so the tokens/s are a lower bound.
 
 Datasets and loader settings: the synthetic data (20,000 users) with the data section of
 ``configs/pretrain/1gpu-1b.yaml`` (rows of 4,096 tokens, the GPU configuration), and S3-Rec Beauty
@@ -69,22 +71,38 @@ def datasets(root: Path, smoke: bool) -> list[tuple[str, Path, DataConfig]]:
     return out
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by this process's live children (the loader's workers),
+    from /proc; 0 where there is none."""
+    me, tick, total = str(os.getpid()), os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def measure(path: Path, cfg: DataConfig, seconds: float, warmup: int) -> dict[str, float]:
-    """Real tokens/s of one fresh loader drained for ``seconds`` after ``warmup`` batches."""
+    """Real tokens/s of one fresh loader drained for ``seconds`` after ``warmup`` batches, and the CPU
+    seconds the main process and the workers spent per second."""
     t0 = time.perf_counter()
     loader = train_loader(path, cfg)
     for _ in range(warmup):
         next(loader)
     setup = time.perf_counter() - t0
     tokens = batches = 0
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, w0 = time.perf_counter(), time.process_time(), children_cpu_s()
     while (elapsed := time.perf_counter() - t0) < seconds:
         batch = next(loader)
         tokens, batches = tokens + batch.num_real_tokens, batches + 1
-    cpu = time.process_time() - c0
+    main, workers = time.process_time() - c0, children_cpu_s() - w0
     if isinstance(loader, WorkerLoader):
         loader.close()
-    return {"tokens_per_s": tokens / elapsed, "batches_per_s": batches / elapsed, "main_cpu_share": cpu / elapsed,
+    return {"tokens_per_s": tokens / elapsed, "batches_per_s": batches / elapsed, "main_cpu_share": main / elapsed,
+            "workers_cpu_share": workers / elapsed, "tokens_per_cpu_s": tokens / max(main + workers, 1e-9),
             "setup_s": setup}
 
 
@@ -128,6 +146,8 @@ def main() -> None:
                          "min_tok_s": min(rates), "max_tok_s": max(rates),
                          "batches_per_s": statistics.median(r["batches_per_s"] for r in runs),
                          "main_cpu_share": statistics.median(r["main_cpu_share"] for r in runs),
+                         "workers_cpu_share": statistics.median(r["workers_cpu_share"] for r in runs),
+                         "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in runs),
                          "setup_s": statistics.median(r["setup_s"] for r in runs),
                          "batch": f"{cfg.rows_per_batch}x{cfg.token_budget}", "max_seq_len": cfg.max_seq_len,
                          "shuffle_buffer": cfg.shuffle_buffer})

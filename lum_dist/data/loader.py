@@ -120,6 +120,12 @@ class LoaderPosition:
     keys: np.ndarray  # int64 [n, 3]: (epoch, user, window) of every queued sequence, row after row
     row_sizes: np.ndarray  # int64 [rows]: sequences per queued row
 
+    def after_batch(self, rows: int) -> LoaderPosition:
+        """The position after a batch of ``rows`` rows that needed no new buffer: the queue's first rows
+        gone, nothing else changed."""
+        return LoaderPosition(self.epoch, self.pos, self.buffers, self.keys[int(self.row_sizes[:rows].sum()):],
+                              self.row_sizes[rows:])
+
     def state_dict(self, fingerprint: str, rank: int, world_size: int, seed: int) -> dict[str, Any]:
         """The PackedLoader state format (plain Python values, for checkpoints)."""
         keys = self.keys.tolist()

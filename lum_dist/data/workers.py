@@ -12,8 +12,9 @@ workers do not multiply the users held in memory. W = 1 gives the very stream of
 The main process takes batches from the workers round-robin, in order, through torch's DataLoader
 (worker processes, a bounded prefetch of ``PREFETCH`` batches per worker, workers that exit when the
 main process does, a clean shutdown when the loader is closed or dropped). Each batch comes with its
-worker's ``LoaderPosition`` after it, so ``state_dict()`` = every worker's state as of its last batch
-taken + the worker whose turn is next; loading it restarts the workers from those states, the next one
+worker's ``LoaderPosition`` after it (or, when the batch made no new buffer, the word that it only took
+rows off the queue), so ``state_dict()`` = every worker's state as of its last batch taken + the worker
+whose turn is next; loading it restarts the workers from those states, the next one
 first, and the stream continues exactly (same tensors). Resuming needs the same ``num_workers`` and
 world size (the state says which). An exception in a worker is raised again in the main process
 (same type and message, the worker's traceback chained to it).
@@ -50,7 +51,7 @@ from lum_dist.data.loader import (
 )
 from lum_dist.data.prepare import iter_user_shards, load_meta
 
-PREFETCH = 2  # batches made ahead per worker
+PREFETCH = 8  # batches made ahead per worker: absorbs a worker's pause while it fills a new buffer
 
 
 class DataWorkerError(RuntimeError):
@@ -61,7 +62,7 @@ class DataWorkerError(RuntimeError):
 class _Batch:
     worker: int
     batch: dict[str, Any]  # a PackedBatch's fields, tensors as numpy arrays (see _to_wire)
-    position: LoaderPosition  # the worker's loader after this batch
+    position: LoaderPosition | None  # the worker's loader after this batch; None: the last one minus this batch
     epochs_done: float
 
 
@@ -122,9 +123,14 @@ class _WorkerStreams(IterableDataset):
             loader = PackedLoader(self.path, replace(self.cfg, num_workers=0), rank=w * self.world_size + self.rank,
                                   world_size=self.world_size * num_workers)
             loader.load_state_dict(self.states[w])
+            buffers = -1  # the first batch carries the whole position
             while True:
                 batch = next(loader)
-                yield _Batch(w, _to_wire(batch), loader.position(), loader.epochs_done)
+                # Most batches only take rows off the queue: the main process can follow without the
+                # queue's keys, which are sent again only after a new buffer (a batch's worth of bytes).
+                position = loader.position() if loader.buffers != buffers else None
+                buffers = loader.buffers
+                yield _Batch(w, _to_wire(batch), position, loader.epochs_done)
         except Exception as exc:  # handed to the main process, which raises it
             try:
                 error = pickle.dumps(exc)
@@ -187,7 +193,8 @@ class WorkerLoader:
         if item.worker != p.next_worker:
             raise RuntimeError(f"data worker {item.worker} answered out of turn (expected {p.next_worker})")
         w = item.worker
-        self._position = WorkerPosition(p.workers[:w] + (item.position,) + p.workers[w + 1:],
+        position = item.position or p.workers[w].after_batch(self.cfg.rows_per_batch)
+        self._position = WorkerPosition(p.workers[:w] + (position,) + p.workers[w + 1:],
                                         (w + 1) % self.num_workers,
                                         p.epochs_done[:w] + (item.epochs_done,) + p.epochs_done[w + 1:])
         return _from_wire(item.batch)

@@ -98,7 +98,7 @@ def test_exact_resume(tiny, workers):
     ref = train_loader(tiny, c, rank=1, world_size=2)
     expected = take(ref, 50)  # several epochs of every worker
     close(ref)
-    for cut in (1, 6, 17):  # odd cuts: the next batch comes from worker 1
+    for cut in (1, 6, 17, 24):  # odd cuts: the next batch comes from worker 1
         first = train_loader(tiny, c, rank=1, world_size=2)
         take(first, cut)
         state = json.loads(json.dumps(first.state_dict()))  # plain values
