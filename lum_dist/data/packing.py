@@ -4,7 +4,8 @@
 row whose remaining room is the smallest that still fits, the lowest row id among equal rooms (a new
 row if none does). The open rows are kept by remaining room (a sorted list of the distinct rooms,
 searched with bisect, each with a heap of its row ids), so a placement costs a binary search and a
-heap operation, not a scan of every row. ``best_fit_reference`` is the plain quadratic version the
+heap operation, not a scan of every row; and sequences of equal length are placed a row at a time
+(the row that fits the first one best takes as many as fit: it stays the best fit for the next). ``best_fit_reference`` is the plain quadratic version the
 tests compare it with. ``pad_rows`` (one sequence per row) is the "pad" policy, for comparison:
 ``collate(..., pad=True)`` then fills each row with PAD tokens up to the budget, as a padded [B, L]
 batch would, so the model really pays for the padding.
@@ -47,24 +48,32 @@ def best_fit_decreasing(lengths: np.ndarray, budget: int) -> list[list[int]]:
     rooms: list[int] = []  # distinct remaining rooms of the open rows, sorted
     open_rows: dict[int, list[int]] = {}  # room -> heap of the row ids with that room
     order = _decreasing(lengths)
-    for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
-        k = bisect.bisect_left(rooms, n)
-        if k < len(rooms):  # the smallest room that fits, the lowest row id among those
-            room = rooms[k]
-            ids = open_rows[room]
-            r = heapq.heappop(ids)
-            if not ids:
-                del rooms[k], open_rows[room]
-        else:
-            room, r = budget, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        room -= n
-        if room > 0:
-            ids = open_rows.setdefault(room, [])
-            if not ids:
-                bisect.insort(rooms, room)
-            heapq.heappush(ids, r)
+    sizes = lengths[order]
+    starts = np.flatnonzero(np.diff(sizes, prepend=-1, append=-1)).tolist()
+    order_list = order.tolist()
+    for a, b in zip(starts[:-1], starts[1:], strict=True):  # runs of equal length n
+        n = int(sizes[a])
+        while a < b:
+            k = bisect.bisect_left(rooms, n)
+            if k < len(rooms):  # the smallest room that fits, the lowest row id among those
+                room = rooms[k]
+                ids = open_rows[room]
+                r = heapq.heappop(ids)
+                if not ids:
+                    del rooms[k], open_rows[room]
+            else:
+                room, r = budget, len(rows)
+                rows.append([])
+            # That row stays the best fit for the run's next sequences as long as they fit: its room
+            # shrinks below every other room >= n. So it takes them all at once.
+            take = min(b - a, room // n)
+            rows[r] += order_list[a:a + take]
+            a, room = a + take, room - take * n
+            if room > 0:
+                ids = open_rows.setdefault(room, [])
+                if not ids:
+                    bisect.insort(rooms, room)
+                heapq.heappush(ids, r)
     return rows
 
 
