@@ -165,7 +165,7 @@ def main() -> None:
         "datasets": {name: {"users": load_meta(path).num_users, "behaviours": load_meta(path).num_behaviours}
                      for name, path, _ in sets},
         "demand": demand,
-        "flop_formula": f"demand = {MFU} * {H100_BF16_PEAK:.0e} (H100 bf16 dense peak) / "
+        "flop_formula": f"demand = {MFU} * {H100_BF16_PEAK:.3g} FLOP/s (H100 SXM bf16 dense peak) / "
                         "lum_dist.model.flops_per_token(preset, seq_len) = 6 * matmul params + 6 * layers * "
                         "hidden * seq_len (fwd + bwd)",
     })

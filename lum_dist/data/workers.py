@@ -12,12 +12,12 @@ workers do not multiply the users held in memory. W = 1 gives the very stream of
 The main process takes batches from the workers round-robin, in order, through torch's DataLoader
 (worker processes, a bounded prefetch of ``PREFETCH`` batches per worker, workers that exit when the
 main process does, a clean shutdown when the loader is closed or dropped). Each batch comes with its
-worker's ``LoaderPosition`` after it (or, when the batch made no new buffer, the word that it only took
-rows off the queue), so ``state_dict()`` = every worker's state as of its last batch taken + the worker
-whose turn is next; loading it restarts the workers from those states, the next one
-first, and the stream continues exactly (same tensors). Resuming needs the same ``num_workers`` and
-world size (the state says which). An exception in a worker is raised again in the main process
-(same type and message, the worker's traceback chained to it).
+worker's ``LoaderPosition`` after it (None when the batch made no new buffer: the main process then
+drops the batch's rows from the worker's previous position), so ``state_dict()`` = every worker's
+state as of its last batch taken + the worker whose turn is next. Loading it restarts the workers from
+those states, the next one first, and the stream continues exactly (same tensors). Resuming needs the
+same ``num_workers`` and world size (checked). An exception in a worker is raised again in the main
+process (same type and message, the worker's traceback chained to it).
 
 **Device prefetch.** ``DevicePrefetcher`` hands the trainer host batches whose device copy was started
 one step earlier (pinned memory, ``non_blocking``, on a side CUDA stream); elsewhere it passes batches
@@ -68,8 +68,8 @@ class _Batch:
 
 def _to_wire(batch: PackedBatch) -> dict[str, Any]:
     """The batch's fields with numpy arrays for tensors. Torch would pass each tensor through shared
-    memory with its own file descriptor (~1 ms per tensor on the receiving side, over 10 ms a batch);
-    pickled arrays cross the pipe in a single write."""
+    memory with a file descriptor of its own, about a millisecond per tensor to receive here (nine a
+    batch); pickled arrays cross the pipe with the rest of the item."""
     return {f.name: _numpy(getattr(batch, f.name)) for f in fields(batch)}
 
 
@@ -126,8 +126,8 @@ class _WorkerStreams(IterableDataset):
             buffers = -1  # the first batch carries the whole position
             while True:
                 batch = next(loader)
-                # Most batches only take rows off the queue: the main process can follow without the
-                # queue's keys, which are sent again only after a new buffer (a batch's worth of bytes).
+                # A batch that made no new buffer only took rows off the queue: the main process works the
+                # position out, and the queue's keys (up to a buffer of them) cross the pipe after refills only.
                 position = loader.position() if loader.buffers != buffers else None
                 buffers = loader.buffers
                 yield _Batch(w, _to_wire(batch), position, loader.epochs_done)
@@ -173,8 +173,8 @@ class WorkerLoader:
 
     @property
     def epochs_done(self) -> float:
-        """Mean over the workers of their passes over their users, as of their last batch taken (a worker's
-        count runs ahead of the batches taken by its prefetch)."""
+        """Mean over the workers of their passes over their users, each as of its last batch taken (and, as
+        for PackedLoader, of the last buffer it filled)."""
         return float(np.mean(self._position.epochs_done))
 
     # -- iteration ----------------------------------------------------------------------------------
