@@ -262,6 +262,7 @@ def test_prefetch_ahead_state_is_that_of_the_last_batch_handed_out(tiny, workers
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_prefetch_copies_the_batches_ahead(tiny):
     c = cfg(tiny, num_workers=2)
     ref = train_loader(tiny, c)
