@@ -12,6 +12,13 @@ decreasing, or one sequence per row padded to the budget for ``packing="pad"``),
 shuffled and queued, and batches take ``rows_per_batch`` rows off the queue (rows left over wait for the next buffer). The
 stream is infinite: epochs follow one another, a buffer may straddle two.
 
+Speed: a buffer is tokenized at once, by array operations over all its users (``tokenize_block``,
+``cond_dropout_block``: numpy's per-user generators reproduced over arrays of keys, see
+``fast_random``), and batches are gathered from it (``collate_blocks``), not one user and one sequence
+at a time; the batches are exactly those of ``tokenize_train`` + ``apply_cond_dropout`` + ``collate``
+per user (``tests/data/test_fast_paths.py`` runs that plain algorithm beside the loader).
+``lum_dist.data.workers`` runs this loader in worker processes (``data.num_workers``).
+
 Exact resume: every sequence is a pure function of its key ``(epoch, user, window)``, so the state is
 small: epoch, read position, buffers made so far, and the keys of the queued rows. Loading it rebuilds
 the queue from the keys; the batches that follow equal those of the uninterrupted run.
@@ -20,6 +27,7 @@ the queue from the keys; the batches that follow equal those of the uninterrupte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,18 @@ import pyarrow as pa
 from lum_dist.config import DataConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.errors import DataError
-from lum_dist.data.packing import best_fit_decreasing, collate, pad_rows
+from lum_dist.data.packing import best_fit_decreasing, collate, collate_blocks, pad_rows
 from lum_dist.data.prepare import iter_user_shards, load_meta
 from lum_dist.data.schema import COND_PREFIX, ITEM_FIELD, NUM_PREFIX, DatasetMeta
-from lum_dist.data.tokenize import TokenSeq, apply_cond_dropout, tokenize_eval, tokenize_train
+from lum_dist.data.tokenize import (
+    TokenBlock,
+    TokenSeq,
+    cond_dropout_block,
+    segment_arange,
+    tokenize_block,
+    tokenize_eval,
+    train_windows,
+)
 
 STATE_VERSION = 1
 EVAL_CHUNK = 4096  # eval sequences packed together
@@ -88,23 +104,54 @@ class UserColumns:
         return out
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
 
 
+@dataclass(frozen=True)
+class LoaderPosition:
+    """Where a PackedLoader stands: what ``state_dict`` holds, as arrays (cheap to take after every batch
+    and to send between processes)."""
+
+    epoch: int
+    pos: int
+    buffers: int
+    keys: np.ndarray  # int64 [n, 3]: (epoch, user, window) of every queued sequence, row after row
+    row_sizes: np.ndarray  # int64 [rows]: sequences per queued row
+
+    def after_batch(self, rows: int) -> LoaderPosition:
+        """The position after a batch of ``rows`` rows that needed no new buffer: the queue's first rows
+        gone, nothing else changed."""
+        return LoaderPosition(self.epoch, self.pos, self.buffers, self.keys[int(self.row_sizes[:rows].sum()):],
+                              self.row_sizes[rows:])
+
+    def state_dict(self, fingerprint: str, rank: int, world_size: int, seed: int) -> dict[str, Any]:
+        """The PackedLoader state format (plain Python values, for checkpoints)."""
+        keys = self.keys.tolist()
+        bounds = np.concatenate([[0], np.cumsum(self.row_sizes)]).tolist()
+        return {"version": STATE_VERSION, "fingerprint": fingerprint, "rank": rank, "world_size": world_size,
+                "seed": seed, "epoch": self.epoch, "pos": self.pos, "buffers": self.buffers,
+                "queue": [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]}
+
+
+def check_data_config(data_cfg: DataConfig) -> None:
+    if data_cfg.packing not in ("pack", "pad"):
+        raise ValueError(f"data.packing={data_cfg.packing!r}: expected 'pack' or 'pad'")
+    if data_cfg.max_seq_len > data_cfg.token_budget:
+        raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} > data.token_budget={data_cfg.token_budget}")
+
+
 class PackedLoader:
-    """Infinite iterator of PackedBatch (``data_cfg.rows_per_batch`` rows each) for one rank."""
+    """Infinite iterator of PackedBatch (``data_cfg.rows_per_batch`` rows each) for one rank, made in the
+    calling process (``data.num_workers`` is applied by ``lum_dist.data.workers.train_loader``)."""
 
     def __init__(self, path: str | Path, data_cfg: DataConfig, split: str = "train", rank: int = 0,
                  world_size: int = 1):
         if split != "train":
             raise ValueError(f"PackedLoader streams the training split; use eval_batches for {split!r}")
-        _check_rank(rank, world_size)
-        if data_cfg.packing not in ("pack", "pad"):
-            raise ValueError(f"data.packing={data_cfg.packing!r}: expected 'pack' or 'pad'")
-        if data_cfg.max_seq_len > data_cfg.token_budget:
-            raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} > data.token_budget={data_cfg.token_budget}")
+        check_rank(rank, world_size)
+        check_data_config(data_cfg)
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.meta = load_meta(self.path)
         tables, total, tokens = [], 0, 0
@@ -118,8 +165,15 @@ class PackedLoader:
         self.users = UserColumns(pa.concat_tables(tables))
         if len(self.users) == 0:
             raise ValueError(f"{self.path}: rank {rank} of {world_size} gets no users ({total} in all)")
+        self._user_ids = np.array([str(u) for u in self.users.user_id], dtype=object)
+        # every training sequence of this rank's users: user (local index), behaviours [lo, hi)
+        self._seq_user, self._seq_lo, self._seq_hi = train_windows(self.users.train_end, data_cfg.max_seq_len,
+                                                                   data_cfg.long_sequences)
+        self._num_seqs = np.bincount(self._seq_user, minlength=len(self.users))
+        self._first_seq = np.cumsum(self._num_seqs) - self._num_seqs
         self.epoch, self.pos, self.buffers = 0, 0, 0
-        self._queue: list[list[tuple[tuple[int, int, int], TokenSeq]]] = []
+        # packed rows: (block, the block's keys, indices of the row's sequences in the block)
+        self._queue: list[tuple[TokenBlock, np.ndarray, np.ndarray]] = []
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
     @property
@@ -136,33 +190,54 @@ class PackedLoader:
             self._order, self._order_epoch = perm[perm % self.world_size == self.rank], epoch
         return self._order
 
-    def _user_seqs(self, epoch: int, user: int) -> list[TokenSeq]:
-        seqs = tokenize_train(self.users.row(user // self.world_size), self.meta, self.cfg.max_seq_len,
-                              self.cfg.long_sequences, self.cfg.item_attributes)
-        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, user])
-        return [apply_cond_dropout(s, self.cfg.cond_dropout, rng) for s in seqs]
+    def _block(self, keys: np.ndarray) -> TokenBlock:
+        """The sequences of ``keys`` (int64 [n, 3]: epoch, global user, window), condition dropout drawn
+        from ``default_rng([seed, epoch, rank, user])`` per user, as ``tokenize_train`` and
+        ``apply_cond_dropout`` make them one user at a time."""
+        local = keys[:, 1] // self.world_size
+        seq = self._first_seq[local] + keys[:, 2]
+        lo = self._seq_lo[seq]
+        block = tokenize_block(self.users.lists, local, lo, self._seq_hi[seq],
+                               self._user_ids[local], self.meta, self.cfg.item_attributes)
+        rng_keys = np.stack([np.full(len(keys), self.cfg.seed), keys[:, 0], np.full(len(keys), self.rank),
+                             keys[:, 1]], axis=1)
+        first_lo = self._seq_lo[self._first_seq[local]]  # a user's windows share one stream of draws
+        return cond_dropout_block(block, self.cfg.cond_dropout, rng_keys, 2 * (lo - first_lo))
 
-    def _refill(self) -> None:
-        pool: list[tuple[tuple[int, int, int], TokenSeq]] = []
-        visited = 0
-        while len(pool) < self.cfg.shuffle_buffer:
+    def _next_users(self) -> np.ndarray:
+        """int64 [n, 2] (epoch, user): the users (in epoch order) whose sequences fill the next buffer."""
+        if not self._num_seqs.any():
+            raise ValueError(f"{self.path}: rank {self.rank} has no user with a training behaviour")
+        taken, count = [], 0
+        while count < self.cfg.shuffle_buffer:
             order = self._epoch_order(self.epoch)
             if self.pos == len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 continue
-            if visited > len(order) and not pool:
-                raise ValueError(f"{self.path}: rank {self.rank} has no user with a training behaviour")
-            user = int(order[self.pos])
-            self.pos += 1
-            visited += 1
-            pool.extend(((self.epoch, user, w), s) for w, s in enumerate(self._user_seqs(self.epoch, user)))
+            need, span = self.cfg.shuffle_buffer - count, self.cfg.shuffle_buffer
+            while True:  # a window of users long enough to hold what is missing (or the epoch's rest)
+                users = order[self.pos:self.pos + span]
+                seqs = np.cumsum(self._num_seqs[users // self.world_size])
+                if seqs[-1] >= need or self.pos + span >= len(order):
+                    break
+                span *= 2
+            take = min(int(np.searchsorted(seqs, need)) + 1, len(users))
+            taken.append(np.stack([np.full(take, self.epoch), users[:take]], axis=1))
+            count += int(seqs[take - 1])
+            self.pos += take
+        return np.concatenate(taken)
+
+    def _refill(self) -> None:
+        users = self._next_users()
+        n = self._num_seqs[users[:, 1] // self.world_size]
+        keys = np.concatenate([np.repeat(users, n, axis=0), segment_arange(n)[:, None]], axis=1)
         rng = np.random.default_rng([self.cfg.seed, self.rank, self.buffers, 1])
         self.buffers += 1
-        pool = [pool[i] for i in rng.permutation(len(pool))]
-        lengths = np.array([len(s) for _, s in pool])
+        keys = keys[rng.permutation(len(keys))]
+        block = self._block(keys)
         pack = best_fit_decreasing if self.cfg.packing == "pack" else pad_rows
-        rows = pack(lengths, self.cfg.token_budget)
-        self._queue.extend([pool[i] for i in rows[r]] for r in rng.permutation(len(rows)))
+        rows = pack(np.diff(block.offsets), self.cfg.token_budget)
+        self._queue.extend((block, keys, np.array(rows[r], dtype=np.int64)) for r in rng.permutation(len(rows)))
 
     # -- iteration ----------------------------------------------------------------------------------
 
@@ -173,25 +248,28 @@ class PackedLoader:
         while len(self._queue) < self.cfg.rows_per_batch:
             self._refill()
         rows, self._queue = self._queue[:self.cfg.rows_per_batch], self._queue[self.cfg.rows_per_batch:]
-        seqs = [s for row in rows for _, s in row]
-        index, start = [], 0
-        for row in rows:
-            index.append(list(range(start, start + len(row))))
-            start += len(row)
-        return collate(seqs, index, self.cfg.token_budget, pad=self.cfg.packing == "pad")
+        return collate_blocks([(block, idx) for block, _, idx in rows], self.cfg.token_budget,
+                              pad=self.cfg.packing == "pad")
 
     # -- state --------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION, "fingerprint": self.meta.fingerprint, "rank": self.rank,
-            "world_size": self.world_size, "seed": self.cfg.seed, "epoch": self.epoch, "pos": self.pos,
-            "buffers": self.buffers, "queue": [[list(key) for key, _ in row] for row in self._queue],
-        }
+    def position(self) -> LoaderPosition:
+        keys = [keys[idx] for _, keys, idx in self._queue]
+        return LoaderPosition(self.epoch, self.pos, self.buffers,
+                              np.concatenate(keys) if keys else np.empty((0, 3), np.int64),
+                              np.array([len(idx) for _, _, idx in self._queue], dtype=np.int64))
+
+    def state_dict(self, position: LoaderPosition | None = None) -> dict[str, Any]:
+        """The state after the last batch (or at an earlier ``position``), for ``load_state_dict``."""
+        return (position or self.position()).state_dict(self.meta.fingerprint, self.rank, self.world_size,
+                                                        self.cfg.seed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state.get("num_workers", 0) != 0:
+            raise ValueError(f"loader state of data.num_workers={state['num_workers']}, this loader runs without "
+                             "workers: resume with the same data.num_workers")
         if state["fingerprint"] != self.meta.fingerprint:
             raise ValueError(f"{self.path}: dataset fingerprint {self.meta.fingerprint!r} differs from the "
                              f"checkpoint's {state['fingerprint']!r}; refusing to resume on different data")
@@ -199,16 +277,12 @@ class PackedLoader:
             if state[key] != mine:
                 raise ValueError(f"loader state has {key}={state[key]}, this loader {key}={mine}: cannot resume")
         self.epoch, self.pos, self.buffers = int(state["epoch"]), int(state["pos"]), int(state["buffers"])
-        cache: dict[tuple[int, int], list[TokenSeq]] = {}
-        queue = []
-        for row in state["queue"]:
-            entries = []
-            for epoch, user, w in row:
-                if (epoch, user) not in cache:
-                    cache[epoch, user] = self._user_seqs(epoch, user)
-                entries.append(((epoch, user, w), cache[epoch, user][w]))
-            queue.append(entries)
-        self._queue = queue
+        sizes = np.array([len(row) for row in state["queue"]], dtype=np.int64)
+        keys = np.array([key for row in state["queue"] for key in row], dtype=np.int64).reshape(-1, 3)
+        block = self._block(keys)
+        bounds = np.cumsum(sizes) - sizes
+        self._queue = [(block, keys, np.arange(a, a + n))
+                       for a, n in zip(bounds.tolist(), sizes.tolist(), strict=True)]
 
 
 def train_tokens(train_end: np.ndarray, max_seq_len: int, long_sequences: str) -> int:
@@ -235,7 +309,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
     """One packed row per batch of eval sequences (history + one query token, the last of each
     sequence). Eligible users in dataset order, the first ``max_users`` (0 = all), the i-th to rank
     ``i % world_size``."""
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     if max_seq_len > token_budget:
         raise ValueError(f"max_seq_len={max_seq_len} > token_budget={token_budget}")
     path = Path(path)

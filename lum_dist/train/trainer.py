@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
-from lum_dist.data.loader import PackedLoader
 from lum_dist.data.prepare import prepare
 from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.workers import DevicePrefetcher, train_loader
 from lum_dist.eval.ranking import evaluate, item_log_prob
 from lum_dist.losses import InfoNCE
 from lum_dist.model import (
@@ -126,7 +126,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         prepare(expand_source(cfg.data.prepare), data_path)
     dist.barrier()
     meta = DatasetMeta.load(data_path / "meta.json")
-    loader = PackedLoader(data_path, cfg.data, split="train", rank=rank, world_size=world)
+    loader = train_loader(data_path, cfg.data, rank=rank, world_size=world)  # data.num_workers processes
     max_steps, eval_every = plan_steps(cfg, loader.tokens_per_epoch, world)
 
     torch.manual_seed(cfg.train.seed)
@@ -165,12 +165,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
               f"epochs, loss: {cfg.loss.negatives} negatives")
 
     def save(step: int, best: bool = False) -> None:
-        state = {"step": step, "loader": loader.state_dict(), "selection": asdict(tracker), "stopped": stopped}
+        state = {"step": step, "loader": batches.state_dict(), "selection": asdict(tracker), "stopped": stopped}
         checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
                         die_during_save=step == die_at)
 
     die_at = int(os.environ.get("LUM_FAULT_KILL_DURING_SAVE_AT_STEP", "-1"))  # fault-injection hook for tests
-    batches = iter(loader)
+    batches = DevicePrefetcher(loader, device)  # on CUDA: the next batch's copy overlaps the step
     bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     loss_sum, steps_logged = torch.zeros((), device=device), 0
     engine.train()
@@ -184,7 +184,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             batch = next(batches)
             local_tokens += batch.num_real_tokens  # tokens/s and MFU count useful work only
             local_flops += model_cfg.train_flops(batch.real_seq_lens().numpy())
-            batch = batch.to(device, non_blocking=True)
+            batch = batches.to_device(batch)
             data_s += time.perf_counter() - t_data
             loss, stats = engine(batch)
             engine.backward(loss)

@@ -38,6 +38,13 @@ def test_packing_smoke(tmp_path):
         assert pack["model_batch_tok_s"] == pytest.approx(pack["model_real_tok_s"])
 
 
+def test_loader_smoke(tmp_path):
+    data = _smoke(tmp_path, "loader.py", "--work", str(tmp_path / "data"))
+    assert [(r["dataset"], r["workers"]) for r in data["rows"]] == [("synthetic", w) for w in (0, 1, 2)]
+    assert all(r["tokens_per_s"] > 0 for r in data["rows"])
+    assert [d["preset"] for d in data["meta"]["demand"]][::5] == ["lum-19m", "lum-7b"]
+
+
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     data = _smoke(tmp_path, "train_throughput.py", "--zero", "3")
