@@ -27,8 +27,6 @@ ENV.pop("LUM_DEBUG", None)
 HELP_PROBE = """
 import json, runpy, sys
 script = sys.argv[1]
-parser = runpy.run_path(script, run_name="probe")["build_parser"]()
-undocumented = [a.option_strings or a.dest for a in parser._actions if not a.help]
 sys.argv = [script, "--help"]
 try:
     runpy.run_path(script, run_name="__main__")
@@ -36,6 +34,8 @@ try:
 except SystemExit as e:
     code = e.code
 heavy = sorted(m for m in ("torch", "deepspeed", "transformers", "datasets") if m in sys.modules)
+build = runpy.run_path(script, run_name="probe").get("build_parser")
+undocumented = build and [a.option_strings or a.dest for a in build()._actions if not a.help]
 print(json.dumps({"code": code, "heavy": heavy, "undocumented": undocumented}))
 """
 
