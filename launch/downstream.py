@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(DownstreamConfig, args.config, args.overrides)
     result = run_downstream(cfg)
     if cli.is_rank_zero():
-        print(f"[downstream] tables: {Path(cfg.output_dir) / cfg.name}.md, {Path(cfg.output_dir) / cfg.name}.json")
+        table = Path(cfg.output_dir) / cfg.name
+        print(f"[downstream] tables: {table}.md, {table}.json")
     return result
 
 

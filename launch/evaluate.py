@@ -20,18 +20,20 @@ from lum_dist import cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint dir (checkpoints/step_N), a checkpoints/ folder or a run's output dir; a "
-                        "folder resolves to its best validation checkpoint, else its newest complete one")
+                   help="a checkpoint dir (checkpoints/step_N), a checkpoints/ folder or a run's output "
+                        "dir; a folder resolves to its best validation checkpoint, else its newest complete "
+                        "one")
     p.add_argument("--split", nargs="+", default=["valid", "test"], choices=["valid", "test"],
                    help="held-out behaviours to rank: 'valid' (second last, history before it) and/or 'test' "
                         "(last); default: both")
     p.add_argument("--max-users", type=int, default=0,
-                   help="evaluate only the first N users with a held-out behaviour, in dataset order (default 0: "
-                        "every such user)")
+                   help="evaluate only the first N users with a held-out behaviour, in dataset order "
+                        "(default 0: every such user)")
     p.add_argument("--ks", type=int, nargs="+", default=[10, 20],
                    help="cut-offs K of HR@K and NDCG@K (default: 10 20); MRR is always reported")
     p.add_argument("--out", type=Path, default=None,
-                   help="also write <out>.json (every metric, checkpoint, step, dataset) and <out>.md (the table)")
+                   help="also write <out>.json (every metric, checkpoint, step, dataset) and <out>.md (the "
+                        "table)")
     p.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     return p
 
@@ -48,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=2, sort_keys=True) + "\n")
         atomic_write_text(args.out.with_suffix(".md"), f"# Full-ranking evaluation: {result['dataset']}\n\n"
-                          f"checkpoint `{result['checkpoint']}`, preset `{result['preset']}`, query condition: "
-                          f"{result['eval_condition']}\n\n{table}\n")
+                          f"checkpoint `{result['checkpoint']}`, preset `{result['preset']}`, query "
+                          f"condition: {result['eval_condition']}\n\n{table}\n")
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
     return result
 

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint dir, a checkpoints/ folder or a run's output dir (its best validation "
                         "checkpoint, else its newest complete one)")
     p.add_argument("--split", default="test", choices=["valid", "test"],
-                   help="user embeddings from the history before this split's held-out behaviour (default: test)")
+                   help="user embeddings from the history before this split's held-out behaviour (default: "
+                        "test)")
     p.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
     p.add_argument("--max-users", type=int, default=0,
                    help="export only the first N users with a held-out behaviour (default 0: all)")

@@ -1,7 +1,8 @@
 """The whole LUM paradigm end to end, in one process: the README's main command.
 
-    python launch/pipeline.py                                  # embedded synthetic data, ~10 min on 2 CPU cores
-    python launch/pipeline.py --config configs/pretrain/ml100k-cpu.yaml --downstream configs/downstream/ml100k.yaml
+    python launch/pipeline.py                     # embedded synthetic data, ~10 min on 2 CPU cores
+    python launch/pipeline.py --config configs/pretrain/ml100k-cpu.yaml \
+        --downstream configs/downstream/ml100k.yaml
 
 1. prepare the dataset (ingest + split + vocabularies) and print the dataset and packing report;
 2. pretrain (step 1, knowledge construction) and evaluate by full ranking against the popularity baseline;
@@ -10,7 +11,8 @@
 4. train the downstream DLRMs with and without those outputs (step 3) and print the comparison table;
 5. print where every result went: everything lives in the run folder (train.output_dir).
 
-Each stage is also its own command (launch/{prepare,pretrain,query,downstream}.py); this script only chains them.
+Each stage is also its own command (launch/{prepare,pretrain,query,downstream}.py); this script only chains
+them.
 Re-running it resumes: the dataset, the finished pretraining run and finished query shards are reused. The run
 folder is locked while the pipeline runs: a second pipeline on the same folder refuses to start.
 """
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/pretrain/synthetic.yaml",
                    help="pretraining config (step 1); its train.output_dir is the run folder")
-    p.add_argument("--downstream", default="configs/downstream/synthetic.yaml", help="downstream config (step 3)")
+    p.add_argument("--downstream", default="configs/downstream/synthetic.yaml",
+                   help="downstream config (step 3)")
     p.add_argument("--skip-downstream", action="store_true", help="stop after the group query (step 2)")
     p.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     p.add_argument("overrides", nargs="*", help="pretraining overrides, section.key=value")
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(cfg.train.output_dir)
     query_dirs = {split: run_dir / f"query-{split}" for split in ("valid", "test")}
     dcfg = load_config(DownstreamConfig, args.downstream, [
-        f"data_path={cfg.data.path}", f"query_valid={query_dirs['valid']}", f"query_test={query_dirs['test']}",
-        f"output_dir={run_dir / 'downstream'}",
+        f"data_path={cfg.data.path}", f"query_valid={query_dirs['valid']}",
+        f"query_test={query_dirs['test']}", f"output_dir={run_dir / 'downstream'}",
     ])
 
     with folder_lock(run_dir):
@@ -91,10 +94,10 @@ def format_outputs(data_path: str, run_dir: Path, query_dirs: dict[str, Path], t
     lines = [f"== results (pipeline took {seconds / 60:.1f} min)",
              f"   dataset:            {data_path} (meta.json, users/, vocab/)",
              f"   run folder:         {run_dir}",
-             f"   pretraining:        {run_dir / 'result.json'} (final evaluation), {run_dir / 'metrics.jsonl'}, "
-             f"{run_dir / 'checkpoints'} (best, latest)",
-             *[f"   query ({split}):{' ' * (12 - len(split))}{out} (manifest.json, part-*.parquet, items.parquet)"
-               for split, out in query_dirs.items()]]
+             f"   pretraining:        {run_dir / 'result.json'} (final evaluation), "
+             f"{run_dir / 'metrics.jsonl'}, {run_dir / 'checkpoints'} (best, latest)",
+             *[f"   query ({split}):{' ' * (12 - len(split))}{out} (manifest.json, part-*.parquet, "
+               f"items.parquet)" for split, out in query_dirs.items()]]
     if tables is not None:
         lines.append(f"   downstream tables:  {tables}.md, {tables}.json")
     return "\n".join(lines)

@@ -21,11 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file (see configs/pretrain/)")
     p.add_argument("--resume", default=None,
-                   help="'auto' (the default: the newest intact checkpoint of train.output_dir, if any), 'never' "
-                        "(start over) or a checkpoint dir; same as train.resume=...")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+                   help="'auto' (the default: the newest intact checkpoint of train.output_dir, if any), "
+                        "'never' (start over) or a checkpoint dir; same as train.resume=...")
+    # set by the deepspeed launcher
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
-    p.add_argument("overrides", nargs="*", help="config overrides, section.key=value (e.g. train.max_steps=50)")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides, section.key=value (e.g. train.max_steps=50)")
     return p
 
 

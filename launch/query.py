@@ -18,23 +18,24 @@ from lum_dist import cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint dir, or a pretraining run's output dir (its best validation checkpoint, "
-                        "else its newest complete one)")
+                   help="a checkpoint dir, or a pretraining run's output dir (its best validation "
+                        "checkpoint, else its newest complete one)")
     p.add_argument("--out", required=True, help="output folder (created; re-used to resume the same job)")
     p.add_argument("--conditions", nargs="+", default=["*"],
                    help="one query per spec and user: '*' (generic: every condition field MASK), "
-                        "'<field>=<raw value>' (e.g. category=Books), or '<field>=ALL' (every training value of "
-                        "the field); default: '*'")
+                        "'<field>=<raw value>' (e.g. category=Books), or '<field>=ALL' (every training value "
+                        "of the field); default: '*'")
     p.add_argument("--split", default="test", choices=["valid", "test"],
                    help="history up to the test target (valid_end) or the validation target (train_end)")
     p.add_argument("--lag", type=int, default=0,
-                   help="end each history this many behaviours before the split's target (outputs that also serve "
-                        "the downstream training requests before it); default 0")
+                   help="end each history this many behaviours before the split's target (outputs that also "
+                        "serve the downstream training requests before it); default 0")
     p.add_argument("--token-budget", type=int, default=8192,
-                   help="tokens per packed row (histories plus their query tokens, many users per row); bounds "
-                        "memory per forward pass (default 8192)")
+                   help="tokens per packed row (histories plus their query tokens, many users per row); "
+                        "bounds memory per forward pass (default 8192)")
     p.add_argument("--users-per-shard", type=int, default=4096,
-                   help="users per output parquet shard, the unit of work per rank and of resume (default 4096)")
+                   help="users per output parquet shard, the unit of work per rank and of resume (default "
+                        "4096)")
     p.add_argument("--max-users", type=int, default=0,
                    help="answer only the first N users of the dataset (default 0: all)")
     p.add_argument("--device", default="auto",

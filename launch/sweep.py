@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
-    mode.add_argument("--report-only", action="store_true", help="collect finished runs and report, run nothing")
+    mode.add_argument("--report-only", action="store_true",
+                      help="collect finished runs and report, run nothing")
     p.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     p.add_argument("overrides", nargs="*", help="sweep field overrides, key=value")
     return p

@@ -1,11 +1,11 @@
-"""What every ``launch/*.py`` entry point shares: ranks that die with their launcher, and user errors as one line.
+"""What every ``launch/*.py`` entry point shares: ranks that die with their launcher, user errors as one line.
 
 Kept free of heavy imports (no torch, numpy or pyarrow): the launch scripts import it before parsing their
 arguments, so that ``--help`` and usage errors answer at once.
 
-A *user error* (bad config key or value, malformed data, a missing input path, a folder in use) prints one line,
-``<script>: error: <message>``, on rank 0 only, and exits with status 2; ``--debug`` or ``LUM_DEBUG=1`` shows
-its traceback instead. Anything else is a bug and keeps its traceback.
+A *user error* (bad config key or value, malformed data, a missing input path, a folder in use) prints one
+line, ``<script>: error: <message>``, on rank 0 only, and exits with status 2; ``--debug`` or ``LUM_DEBUG=1``
+shows its traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

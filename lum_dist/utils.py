@@ -86,7 +86,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<folder>/.lock`` for the block; raise :class:`FolderInUse`, naming the
     folder and the holder's PID, if another process holds it. The kernel drops the lock when its holder dies
     (even by SIGKILL), so a crashed run never leaves a stale lock; the file itself stays (harmless). Nested
-    uses in one process share the lock (the pipeline holds its run folder, then pretraining holds it again)."""
+    uses in one process share the lock (the pipeline holds its run folder, then pretraining holds it
+    again)."""
     folder = Path(folder).resolve()
     if folder in _held:
         fd, depth = _held[folder]
@@ -99,8 +100,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown PID"
             os.close(fd)
-            raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, or write to "
-                              f"another folder") from None
+            raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, or write "
+                              f"to another folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         _held[folder] = (fd, 1)
@@ -146,4 +147,5 @@ def expand_data_path(value: str) -> str:
 
 def expand_source(source: dict) -> dict:
     """A data source spec with its ``input``/``meta`` paths expanded (see expand_data_path)."""
-    return {k: expand_data_path(v) if k in ("input", "meta") and isinstance(v, str) else v for k, v in source.items()}
+    return {k: expand_data_path(v) if k in ("input", "meta") and isinstance(v, str) else v
+            for k, v in source.items()}

@@ -105,18 +105,20 @@ def _bad_movielens(tmp_path: Path) -> Path:
 
 def test_malformed_input_is_one_line_naming_file_line_field_and_the_flag_to_skip(tmp_path):
     raw = _bad_movielens(tmp_path)
-    proc = _run("launch/prepare.py", "--format", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o"))
+    args = ["launch/prepare.py", "--format", "movielens-100k", "--input", str(raw), "--out",
+            str(tmp_path / "o")]
+    proc = _run(*args)
     _assert_one_line_error(proc, "u.data line 2: field 'rating'", "--skip-bad")
     assert "skip_bad=True" not in proc.stderr  # a Python spelling the command line does not accept
-    again = _run("launch/prepare.py", "--format", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o"),
-                 "--skip-bad")
+    again = _run(*args, "--skip-bad")
     assert again.returncode == 0, again.stderr[-2000:]
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(tmp_path, how):
     raw = _bad_movielens(tmp_path)
-    args = ["launch/prepare.py", "--format", "movielens-100k", "--input", str(raw), "--out", str(tmp_path / "o")]
+    args = ["launch/prepare.py", "--format", "movielens-100k", "--input", str(raw), "--out",
+            str(tmp_path / "o")]
     proc = _run(*args, "--debug") if how == "flag" else _run(*args, env={**ENV, "LUM_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "DataError" in proc.stderr
 
@@ -154,7 +156,8 @@ def test_user_errors_exit_2_with_one_line_on_rank_0_only(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["tool.py"])
     with pytest.raises(SystemExit) as e:
         cli.run(_raise(bad_source), [])
-    assert e.value.code == 2 and capsys.readouterr().err == "tool.py: error: source spec needs a 'format'; got {}\n"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "tool.py: error: source spec needs a 'format'; got {}\n"
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as e:
         cli.run(_raise(bad_source), [])

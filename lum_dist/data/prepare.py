@@ -238,8 +238,8 @@ def load_meta(path: str | Path) -> DatasetMeta:
     try:
         return DatasetMeta.load(file)
     except (ValueError, TypeError) as e:  # not JSON, or not the fields DatasetMeta holds
-        raise DataError(file, None, None, f"not a valid meta.json ({e}): rebuild the dataset with lum-prepare "
-                                          f"--force") from e
+        raise DataError(file, None, None,
+                        f"not a valid meta.json ({e}): rebuild the dataset with lum-prepare --force") from e
 
 
 def shards_fingerprint(root: str | Path, shards: list[str]) -> str:
@@ -280,18 +280,20 @@ def verify_fingerprint(path: str | Path, meta: DatasetMeta) -> None:
                f"prepares it from data.prepare)" if "format" in source else "rebuild it from its raw data")
     for rel in meta.shards:
         if not (path / rel).is_file():
-            raise DataError(path / rel, None, None, f"shard {rel} of the dataset {path} is missing; {rebuild}")
+            raise DataError(path / rel, None, None,
+                            f"shard {rel} of the dataset {path} is missing; {rebuild}")
     actual = shards_fingerprint(path, meta.shards)
     if actual != meta.fingerprint:
         for rel in meta.shards:  # name the culprit when one no longer reads (random bytes rarely decode)
             try:
                 pq.read_table(path / rel)
             except (OSError, pa.ArrowException) as e:
-                raise DataError(path / rel, None, None, f"shard {rel} of the dataset {path} is damaged ({e}) and "
-                                                        f"differs from what `prepare` wrote; {rebuild}") from e
+                raise DataError(path / rel, None, None, f"shard {rel} of the dataset {path} is damaged "
+                                f"({e}) and differs from what `prepare` wrote; {rebuild}") from e
         raise DataError(path / "meta.json", None, "fingerprint",
-                        f"the shards under {path / 'users'} changed since `prepare` wrote them (sha1 {actual[:12]}, "
-                        f"meta.json says {meta.fingerprint[:12]}): the dataset is damaged or was edited; {rebuild}")
+                        f"the shards under {path / 'users'} changed since `prepare` wrote them (sha1 "
+                        f"{actual[:12]}, meta.json says {meta.fingerprint[:12]}): the dataset is damaged or "
+                        f"was edited; {rebuild}")
     _verified.add(key)
 
 
@@ -300,10 +302,12 @@ def read_parquet(file: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(file, columns=columns)
     except FileNotFoundError:
-        raise DataError(file, None, None, f"{file} is missing (rebuild the dataset with lum-prepare --force)") from None
+        raise DataError(file, None, None,
+                        f"{file} is missing (rebuild the dataset with lum-prepare --force)") from None
     except (OSError, pa.ArrowException) as e:
-        raise DataError(file, None, None, f"cannot read {file}: {e} (a damaged file: rebuild the dataset with "
-                                          f"lum-prepare --force)") from e
+        raise DataError(file, None, None,
+                        f"cannot read {file}: {e} (a damaged file: rebuild the dataset with lum-prepare "
+                        f"--force)") from e
 
 
 def iter_user_shards(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -335,14 +339,15 @@ def load_items(path: str | Path) -> pa.Table:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lum-prepare", description="Prepare a raw public dataset as a UBS dataset: "
-                                "users/part-*.parquet, vocab/, items.parquet and meta.json (written last).")
+    p = argparse.ArgumentParser(prog="lum-prepare", description="Prepare a raw public dataset as a UBS "
+                                "dataset: users/part-*.parquet, vocab/, items.parquet and meta.json (last).")
     p.add_argument("--format", required=True, choices=sorted(ADAPTERS), help="the raw format (see README)")
     p.add_argument("--input", help="raw file or folder (${LUM_DATA_DIR} is expanded)")
     p.add_argument("--meta", help="item metadata file, where the format takes one")
     p.add_argument("--out", required=True, help="the prepared dataset's folder (written atomically)")
     p.add_argument("--split", default="loo", choices=S.SPLITS,
-                   help="'loo': last behaviour = test, second last = validation; 'temporal': global time cut-offs")
+                   help="'loo': last behaviour = test, second last = validation; 'temporal': global time "
+                        "cut-offs")
     p.add_argument("--min-behaviours", type=int, default=DEFAULTS["min_behaviours"],
                    help=f"drop users with fewer behaviours (default {DEFAULTS['min_behaviours']})")
     p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"],

@@ -96,8 +96,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 def file_sizes(ckpt: Path) -> dict[str, int]:
     """What a checkpoint needs to resume: DeepSpeed's files and each rank's state, with their sizes."""
-    files = [f for f in ckpt.rglob("*") if f.is_file() and (f.parts[len(ckpt.parts)] == DS_TAG
-                                                            or f.name.startswith(("trainer_rank", "rng_rank")))]
+    files = [f for f in ckpt.rglob("*") if f.is_file()
+             and (f.parts[len(ckpt.parts)] == DS_TAG or f.name.startswith(("trainer_rank", "rng_rank")))]
     return {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in sorted(files)}
 
 
@@ -123,14 +123,15 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 
 def validate(ckpt: Path, world_size: int | None = None) -> None:
-    """Raise CheckpointError if ``ckpt`` is damaged, or (``world_size``) was written by another number of ranks."""
+    """Raise CheckpointError if ``ckpt`` is damaged or (``world_size`` given) was written by another number
+    of ranks."""
     problem = checkpoint_problem(ckpt)
     if problem is not None:
         raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
     written_by = json.loads((ckpt / INFO).read_text()).get("config", {}).get("world_size")
     if world_size is not None and written_by not in (None, world_size):
-        raise CheckpointError(f"checkpoint {ckpt} was written by {written_by} ranks and this run has {world_size}: "
-                              f"a ZeRO checkpoint resumes on the same number of ranks")
+        raise CheckpointError(f"checkpoint {ckpt} was written by {written_by} ranks and this run has "
+                              f"{world_size}: a ZeRO checkpoint resumes on the same number of ranks")
 
 
 def _warn(message: str) -> None:
@@ -154,12 +155,14 @@ def find_resume_checkpoint(root: Path) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             if problems:
-                _warn(f"resuming from {ckpt.name}, the newest intact checkpoint; skipped: " + "; ".join(problems))
+                _warn(f"resuming from {ckpt.name}, the newest intact checkpoint; skipped: "
+                      + "; ".join(problems))
             return ckpt
         problems.append(f"{ckpt.name} ({problem})")
     if problems:
-        raise CheckpointError(f"no intact checkpoint under {root}: " + "; ".join(problems) + ". Restore the "
-                              "missing files, or start over with train.resume=never (or another train.output_dir)")
+        raise CheckpointError(f"no intact checkpoint under {root}: " + "; ".join(problems) + ". Restore "
+                              "the missing files, or start over with train.resume=never (or another "
+                              "train.output_dir)")
     return None
 
 
@@ -184,7 +187,7 @@ def hold_output_dir(out_dir: Path) -> Iterator[None]:
         if rank == 0:
             try:
                 stack.enter_context(folder_lock(out_dir))
-            except Exception as e:  # every rank must learn it, or the others would wait at the next collective
+            except Exception as e:  # every rank must learn it, or the others would wait at a collective
                 refusal[0] = e
         if world > 1:
             dist.broadcast_object_list(refusal, src=0)
@@ -193,8 +196,8 @@ def hold_output_dir(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_config: dict[str, Any], keep_last: int,
-         best: bool = False, die_during_save: bool = False) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_config: dict[str, Any],
+         keep_last: int, best: bool = False, die_during_save: bool = False) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. ``trainer_state`` must be
     JSON-able. ``best``: also point ``best`` at it. Older checkpoints beyond ``keep_last`` are removed, except
     the best one."""
@@ -230,7 +233,8 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_confi
 
 
 def load_weights(engine, ckpt: Path) -> None:
-    """Collective: restore only the model weights of ``ckpt`` (the best checkpoint, for the final evaluation)."""
+    """Collective: restore only the model weights of ``ckpt`` (the best checkpoint, for the final
+    evaluation)."""
     validate(ckpt)
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_module_only=True,
                                           load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -246,8 +250,8 @@ def load(engine, ckpt: Path) -> dict[str, Any]:
     state_file = ckpt / trainer_state_file(rank)
     if not state_file.is_file():  # intact but without one: written before trainer states were JSON
         raise CheckpointError(f"checkpoint {ckpt} was written by an older lum-dist (trainer state in "
-                              f"trainer_rank{rank}.pt, which is no longer unpickled): it cannot be resumed; its "
-                              f"weights still evaluate and export. Start over with train.resume=never")
+                              f"trainer_rank{rank}.pt, which is no longer unpickled): it cannot be resumed; "
+                              f"its weights still evaluate and export. Start over with train.resume=never")
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt / DS_TAG}")

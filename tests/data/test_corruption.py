@@ -1,5 +1,5 @@
-"""A prepared dataset damaged after ``prepare``: every read error names its file (DataError), and the shards are
-checked against meta.json's fingerprint (once per process) with a message that says how to rebuild."""
+"""A prepared dataset damaged after ``prepare``: every read error names its file (DataError), and the shards
+are checked against meta.json's fingerprint (once per process) with a message that says how to rebuild."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader, eval_batches
 from lum_dist.data.report import dataset_report
 
-SYN = {"format": "synthetic", "num_users": 90, "num_items": 60, "num_categories": 5, "seed": 7, "users_per_shard": 30}
+SYN = {"format": "synthetic", "num_users": 90, "num_items": 60, "num_categories": 5, "seed": 7,
+       "users_per_shard": 30}
 
 
 def _cfg(path: Path) -> DataConfig:

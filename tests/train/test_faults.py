@@ -39,14 +39,16 @@ def _port() -> int:
 
 
 def _launch(tmp: Path, out: str, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(REPO / "launch/pretrain.py"), "--config", str(REPO / "configs/pretrain/debug-cpu.yaml"),
-           f"data.path={tmp / 'data'}", f"train.output_dir={tmp / out}", f"train.max_steps={STEPS}", *RUN_ARGS,
-           *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_port()), str(REPO / "launch/pretrain.py"), "--config",
+           str(REPO / "configs/pretrain/debug-cpu.yaml"),
+           f"data.path={tmp / 'data'}", f"train.output_dir={tmp / out}", f"train.max_steps={STEPS}",
+           *RUN_ARGS, *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "disabled"}
     log = open(tmp / f"{out}.log", "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _wait(proc: subprocess.Popen, tmp: Path, out: str, timeout: float = 300) -> int:
@@ -136,7 +138,8 @@ def test_a_second_run_on_a_live_folder_refuses_at_once(tmp_path):
         log = _log(tmp_path, "second")
         message = f"{tmp_path / 'run'} is in use by another run (PID {holder[1]} on "
         assert log.count(message) == 1, log[-3000:]  # rank 0 says it, once
-        assert "exitcode  : 2" in log and not re.search(r'File ".*/(lum_dist|launch)/', log)  # no traceback of ours
+        assert "exitcode  : 2" in log
+        assert not re.search(r'File ".*/(lum_dist|launch)/', log)  # no traceback through our code
         assert first.poll() is None and all(_alive(pid) for pid in ranks)  # the live run goes on
     finally:
         _kill_tree(first, ranks)
@@ -179,7 +182,8 @@ def test_a_damaged_checkpoint_is_named_and_auto_resume_skips_it(reference, tmp_p
     shutil.copytree(reference / "ref" / "checkpoints", root)
     latest = root / f"step_{STEPS:08d}"
     (latest / DAMAGES[damage]).unlink()
-    with pytest.raises(checkpoint.CheckpointError, match=f"is damaged: {latest / DAMAGES[damage]} is missing"):
+    missing = f"is damaged: {latest / DAMAGES[damage]} is missing"
+    with pytest.raises(checkpoint.CheckpointError, match=missing):
         checkpoint.validate(latest, world_size=2)
     assert checkpoint.find_resume_checkpoint(root) == root / "step_00000006"
     warning = capsys.readouterr().err
@@ -208,7 +212,8 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_reproduces_the_run
     """The newest checkpoint lost an optimizer file: the run resumes from the one before, with a warning, and
     ends exactly where the uninterrupted run ended."""
     run = _damaged_copy(reference, "fallback", STEPS, DAMAGES["optimizer"])
-    assert _wait(_launch(reference, "fallback"), reference, "fallback") == 0, _log(reference, "fallback")[-4000:]
+    rc = _wait(_launch(reference, "fallback"), reference, "fallback")
+    assert rc == 0, _log(reference, "fallback")[-4000:]
     log = _log(reference, "fallback")
     assert log.count("warning: resuming from step_00000006") == 1 and DAMAGES["optimizer"] in log
     assert f"resumed from {run / 'checkpoints' / 'step_00000006'} at step 6" in log
@@ -231,7 +236,8 @@ def test_an_explicit_resume_of_a_damaged_checkpoint_fails_naming_the_file(refere
     proc = _launch(reference, "explicit", f"train.resume={ckpt}")
     assert _wait(proc, reference, "explicit") != 0
     log = _log(reference, "explicit")
-    assert log.count(f"error: checkpoint {ckpt} is damaged: {ckpt / DAMAGES['model_states']} is missing") == 1, log
+    message = f"error: checkpoint {ckpt} is damaged: {ckpt / DAMAGES['model_states']} is missing"
+    assert log.count(message) == 1, log[-3000:]
     assert "AssertionError" not in log and "different number of ranks" not in log
 
 
