@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from lum_dist import cli
-from lum_dist.config import ConfigError, PretrainConfig, load_config
 from lum_dist.data.prepare import normalize_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> 
 
 def test_a_command_line_typo_is_one_line_blamed_on_the_command_line():
     proc = _run("launch/pretrain.py", "--config", "configs/pretrain/debug-cpu.yaml", "train.max_step=5")
-    line = _assert_one_line_error(proc, "pretrain.py: error: command-line override", "max_step")
+    line = _assert_one_line_error(proc, "pretrain.py: error: command line: ", "max_step")
     assert "debug-cpu.yaml" not in line  # the file is fine: the typo is on the command line
 
 
@@ -80,13 +79,6 @@ def test_a_command_line_typo_is_one_line_blamed_on_the_command_line():
 ])
 def test_bad_values_and_missing_configs_are_one_line(args, needle):
     _assert_one_line_error(_run("launch/pretrain.py", *args), needle)
-
-
-def test_a_yaml_typo_is_still_blamed_on_the_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {max_step: 5}\n")
-    with pytest.raises(ConfigError, match=f"{bad}.train: unknown key"):
-        load_config(PretrainConfig, bad, ["train.max_steps=3"])
 
 
 def test_a_missing_checkpoint_is_one_line(tmp_path):
@@ -134,7 +126,7 @@ def test_under_torchrun_the_error_is_printed_once():
                 "launch/pretrain.py", "--config", "configs/pretrain/debug-cpu.yaml", "train.max_step=5")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert out.count("error: command-line override") == 1, out
+    assert out.count("error: command line: ") == 1, out
     assert "exitcode  : 2" in out  # both ranks exit with the user-error status (torchrun adds its own report)
     assert "launch/pretrain.py\", line" not in out  # no traceback through our code
 
