@@ -4,7 +4,10 @@
     python launch/prepare.py --format synthetic --out runs/data/synthetic
 """
 
-from lum_dist.data.prepare import main
+from lum_dist import cli
+from lum_dist.data.prepare import build_parser, main
+
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,18 +14,26 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from lum_dist.scaling.grid import build_command, expand_grid, load_sweep, run_sweep
-from lum_dist.scaling.report import report_sweep
+from lum_dist import cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print each run's command and exit")
-    mode.add_argument("--report-only", action="store_true", help="collect finished runs and report, run nothing")
+    mode.add_argument("--report-only", action="store_true",
+                      help="collect finished runs and report, run nothing")
+    p.add_argument(cli.DEBUG_FLAG, action="store_true", help=cli.DEBUG_HELP)
     p.add_argument("overrides", nargs="*", help="sweep field overrides, key=value")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported after parsing for start-up time (--help answers without torch), not to dodge an import cycle.
+    from lum_dist.scaling.grid import build_command, expand_grid, load_sweep, run_sweep
+    from lum_dist.scaling.report import report_sweep
 
     sweep = load_sweep(args.config, args.overrides)
     runs = expand_grid(sweep)
@@ -42,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# How to skip malformed lines, in the words of each interface (lum-prepare flag, pretraining config).
+SKIP_BAD_HINT = "pass --skip-bad (or skip_bad: true in data.prepare) to skip such lines"
 _INT_RE = r"^\s*-?\d+\s*$"
 _FLOAT_RE = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
@@ -93,7 +95,7 @@ class RowChecker:
             return ~self.bad
         if not self.skip_bad:
             line, field_name, message, _ = min(self._first)
-            raise DataError(self.file, line, field_name, message + " (pass skip_bad=True to skip such lines)")
+            raise DataError(self.file, line, field_name, f"{message} ({SKIP_BAD_HINT})")
         for mask, reason in self._reasons:
             skipped[reason] = skipped.get(reason, 0) + int(mask.sum())
         return ~self.bad

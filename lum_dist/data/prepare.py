@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from lum_dist.cli import DEBUG_FLAG, DEBUG_HELP
 from lum_dist.data import split as S
+from lum_dist.data.errors import DataError
 from lum_dist.data.ingest import ADAPTER_OPTIONS, ADAPTERS, RawBehaviours, get_adapter
 from lum_dist.data.schema import (
     COND_PREFIX,
@@ -183,7 +186,7 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     # User shards, one at a time.
     schema = user_schema(raw.cond_fields, raw.numeric_fields)
     numeric = {g: table.column(NUM_PREFIX + g).to_numpy().astype(np.float32) for g in raw.numeric_fields}
-    shards, digest, per = [], hashlib.sha1(), int(spec["users_per_shard"])
+    shards, per = [], int(spec["users_per_shard"])
     for s, a in enumerate(range(0, num_users, per)):
         b = min(a + per, num_users)
         lo, hi = offsets[a], offsets[b]
@@ -200,7 +203,6 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
         rel = f"users/part-{s:05d}.parquet"
         with pq.ParquetWriter(root / rel, schema) as writer:
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-        digest.update((root / rel).read_bytes())
         shards.append(rel)
 
     meta = DatasetMeta(
@@ -218,7 +220,7 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
         vocab_sizes={ITEM_FIELD: item_vocab.num_rows, **{f: v.num_rows for f, v in field_vocabs.items()}},
         shards=shards,
         skipped=dict(raw.skipped),
-        fingerprint=digest.hexdigest(),
+        fingerprint=shards_fingerprint(root, shards),
         eval_condition=dict(raw.eval_condition),
     )
     meta.save(root / "meta.json")  # last: its presence marks a complete dataset
@@ -226,19 +228,94 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
 
 
 # ---------------------------------------------------------------------------------------------
-# Readers
+# Readers: every read error names its file; the shards are checked against meta.json's fingerprint
 
 
 def load_meta(path: str | Path) -> DatasetMeta:
     file = Path(path) / "meta.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not a prepared dataset (run lum-prepare first)")
-    return DatasetMeta.load(file)
+    try:
+        return DatasetMeta.load(file)
+    except (ValueError, TypeError) as e:  # not JSON, or not the fields DatasetMeta holds
+        raise DataError(file, None, None,
+                        f"not a valid meta.json ({e}): rebuild the dataset with lum-prepare --force") from e
+
+
+def shards_fingerprint(root: str | Path, shards: list[str]) -> str:
+    """sha1 of the shard files' bytes, in order: what ``meta.json`` holds as ``fingerprint``."""
+    digest = hashlib.sha1()
+    for rel in shards:
+        with open(Path(root) / rel, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rebuild_command(path: str | Path, source: dict) -> str:
+    """The ``launch/prepare.py`` command that rebuilds the dataset at ``path`` from its stored source spec."""
+    args = ["python", "launch/prepare.py", "--format", str(source["format"])]
+    args += [a for key in ("input", "meta") if source.get(key) for a in (f"--{key}", str(source[key]))]
+    args += ["--out", str(path), "--split", str(source.get("split", DEFAULTS["split"])),
+             "--min-behaviours", str(source.get("min_behaviours", DEFAULTS["min_behaviours"])),
+             "--users-per-shard", str(source.get("users_per_shard", DEFAULTS["users_per_shard"]))]
+    args += ["--skip-bad"] if source.get("skip_bad") else []
+    extra = {k: v for k, v in source.items() if k not in {"format", "input", "meta", *DEFAULTS}}
+    args += ["--set", *[f"{k}={json.dumps(v)}" for k, v in extra.items()]] if extra else []
+    return shlex.join([*args, "--force"])
+
+
+_verified: set[tuple[str, str]] = set()  # (dataset, fingerprint) already hashed by this process
+
+
+def verify_fingerprint(path: str | Path, meta: DatasetMeta) -> None:
+    """Raise DataError if a shard is missing or the shards changed since ``prepare`` wrote ``meta.json``
+    (a bit flip, a truncated copy, a hand edit). Hashed once per process and dataset (~1 s per GB)."""
+    path = Path(path)
+    key = (str(path.resolve()), meta.fingerprint)
+    if not meta.fingerprint or key in _verified:
+        return
+    source = meta.split_params.get("source", {})
+    rebuild = (f"rebuild it with `{rebuild_command(path, source)}`, or delete {path} and re-run (pretraining "
+               f"prepares it from data.prepare)" if "format" in source else "rebuild it from its raw data")
+    for rel in meta.shards:
+        if not (path / rel).is_file():
+            raise DataError(path / rel, None, None,
+                            f"shard {rel} of the dataset {path} is missing; {rebuild}")
+    actual = shards_fingerprint(path, meta.shards)
+    if actual != meta.fingerprint:
+        for rel in meta.shards:  # name the culprit when one no longer reads (random bytes rarely decode)
+            try:
+                pq.read_table(path / rel)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(path / rel, None, None, f"shard {rel} of the dataset {path} is damaged "
+                                f"({e}) and differs from what `prepare` wrote; {rebuild}") from e
+        raise DataError(path / "meta.json", None, "fingerprint",
+                        f"the shards under {path / 'users'} changed since `prepare` wrote them (sha1 "
+                        f"{actual[:12]}, meta.json says {meta.fingerprint[:12]}): the dataset is damaged or "
+                        f"was edited; {rebuild}")
+    _verified.add(key)
+
+
+def read_parquet(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """``pq.read_table`` whose errors (damaged file, missing column) name the file."""
+    try:
+        return pq.read_table(file, columns=columns)
+    except FileNotFoundError:
+        raise DataError(file, None, None,
+                        f"{file} is missing (rebuild the dataset with lum-prepare --force)") from None
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(file, None, None,
+                        f"cannot read {file}: {e} (a damaged file: rebuild the dataset with lum-prepare "
+                        f"--force)") from e
 
 
 def iter_user_shards(path: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    for rel in load_meta(path).shards:
-        yield pq.read_table(Path(path) / rel, columns=columns)
+    """The user shards in order, after a check that they are the ones ``prepare`` wrote."""
+    meta = load_meta(path)
+    verify_fingerprint(path, meta)
+    for rel in meta.shards:
+        yield read_parquet(Path(path) / rel, columns)
 
 
 def read_users(path: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -250,26 +327,31 @@ def load_vocab(path: str | Path, field: str) -> pa.Table:
     file = Path(path) / "vocab" / f"{field}.parquet"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no vocabulary for field {field!r}")
-    return pq.read_table(file)
+    return read_parquet(file)
 
 
 def load_items(path: str | Path) -> pa.Table:
-    return pq.read_table(Path(path) / "items.parquet")
+    return read_parquet(Path(path) / "items.parquet")
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
-def main(argv: list[str] | None = None) -> DatasetMeta:
-    p = argparse.ArgumentParser(prog="lum-prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", required=True, choices=sorted(ADAPTERS))
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lum-prepare", description="Prepare a raw public dataset as a UBS "
+                                "dataset: users/part-*.parquet, vocab/, items.parquet and meta.json (last).")
+    p.add_argument("--format", required=True, choices=sorted(ADAPTERS), help="the raw format (see README)")
     p.add_argument("--input", help="raw file or folder (${LUM_DATA_DIR} is expanded)")
     p.add_argument("--meta", help="item metadata file, where the format takes one")
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="loo", choices=S.SPLITS)
-    p.add_argument("--min-behaviours", type=int, default=DEFAULTS["min_behaviours"])
-    p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"])
+    p.add_argument("--out", required=True, help="the prepared dataset's folder (written atomically)")
+    p.add_argument("--split", default="loo", choices=S.SPLITS,
+                   help="'loo': last behaviour = test, second last = validation; 'temporal': global time "
+                        "cut-offs")
+    p.add_argument("--min-behaviours", type=int, default=DEFAULTS["min_behaviours"],
+                   help=f"drop users with fewer behaviours (default {DEFAULTS['min_behaviours']})")
+    p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"],
+                   help=f"users per parquet shard (default {DEFAULTS['users_per_shard']})")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in meta.skipped)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out exists")
     p.add_argument(
@@ -279,7 +361,12 @@ def main(argv: list[str] | None = None) -> DatasetMeta:
         metavar="KEY=VALUE",
         help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]",
     )
-    args = p.parse_args(argv)
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    return p
+
+
+def main(argv: list[str] | None = None) -> DatasetMeta:
+    args = build_parser().parse_args(argv)
     source = {
         "format": args.format,
         "split": args.split,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     # By module path: the attribute `deepspeed.comm.torch` is the torch package itself (star import).
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
+    # DeepSpeed calls these torch collectives by their deprecated names at every ZeRO step; the warnings are
+    # not the user's to act on and bury the progress bar (hundreds per run).
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                            r"deprecated", FutureWarning)
     if on_cpu():
         # DeepSpeed compiles a shared-memory all-reduce op on first CPU use (~40 s); gloo does not need it.
         ds_torch_comm.build_shm_op = lambda: None

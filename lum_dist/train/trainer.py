@@ -116,6 +116,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
     rank, world, device = parallelize.init_distributed()
+    # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
+    with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):
+        return _pretrain(cfg, rank, world, device, started)
+
+
+def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
+              started: float) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
     ckpt_root = out_dir / "checkpoints"
     data_path = Path(cfg.data.path)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from lum_dist.data.errors import DataError, RowChecker
+from lum_dist.data.errors import SKIP_BAD_HINT, DataError, RowChecker
 from lum_dist.data.ingest.common import (
     GENERIC_EVAL,
     RawBehaviours,
@@ -79,7 +79,7 @@ def _json_columns(data: bytes, file: str, skip_bad: bool, skipped: dict[str, int
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             if not skip_bad:
-                raise DataError(file, lineno, None, f"not valid JSON: {e.msg}") from e
+                raise DataError(file, lineno, None, f"not valid JSON: {e.msg} ({SKIP_BAD_HINT})") from e
             skipped["bad_json"] = skipped.get("bad_json", 0) + 1
             continue
         rows.append([None if obj.get(k) is None else str(obj[k]) for k in JSON_KEYS.values()])

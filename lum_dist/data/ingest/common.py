@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from lum_dist.data.errors import DataError, RowChecker
+from lum_dist.data.errors import SKIP_BAD_HINT, DataError, RowChecker
 
 GENERIC_EVAL = "MASK (generic): the held-out behaviour's value would leak information about its item"
 
@@ -123,7 +123,7 @@ def _read_lines(
                     file,
                     lineno,
                     missing,
-                    f"expected {len(names)} fields {names}, got {len(parts)} (pass skip_bad=True to skip)",
+                    f"expected {len(names)} fields {names}, got {len(parts)} ({SKIP_BAD_HINT})",
                 )
             skipped["wrong_field_count"] = skipped.get("wrong_field_count", 0) + 1
             continue
