@@ -55,8 +55,7 @@ def hf_batches(path: Path, cfg: DataConfig, batched: bool, rank: int = 0, world:
                 n = len(chunk["user_id"])
                 yield from ({k: v[i] for k, v in chunk.items()} for i in range(n))
         else:
-            for row in ds.with_format("numpy"):
-                yield row
+            yield from ds.with_format("numpy")
 
     pool, queue = [], []
     for row in rows():

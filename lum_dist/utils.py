@@ -7,6 +7,7 @@ costs seconds of start-up (the two helpers that need it import it themselves, fo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -83,11 +84,12 @@ _held: dict[Path, tuple[int, int]] = {}  # folder -> (fd, depth): re-entrant wit
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<folder>/.lock`` for the block; raise :class:`FolderInUse`, naming the
+    """Hold an exclusive lock on ``<folder>/.lock`` for the block; raise :class:`FolderInUse`, naming the
     folder and the holder's PID, if another process holds it. The kernel drops the lock when its holder dies
     (even by SIGKILL), so a crashed run never leaves a stale lock; the file itself stays (harmless). Nested
     uses in one process share the lock (the pipeline holds its run folder, then pretraining holds it
-    again)."""
+    again). A POSIX record lock (``lockf``), not ``flock``: forked children (data-loader workers) do not
+    inherit it, so they cannot keep a dead run's folder locked while they wind down."""
     folder = Path(folder).resolve()
     if folder in _held:
         fd, depth = _held[folder]
@@ -96,8 +98,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown PID"
             os.close(fd)
             raise FolderInUse(f"{folder} is in use by another run ({holder}): wait for it to end, or write "
@@ -113,7 +118,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
             _held[folder] = (fd, depth - 1)
         else:
             del _held[folder]
-            os.close(fd)  # releases the flock
+            os.close(fd)  # releases the lock
 
 
 def seed_everything(seed: int) -> None:

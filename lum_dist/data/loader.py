@@ -135,13 +135,6 @@ class LoaderPosition:
                 "queue": [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]}
 
 
-def check_data_config(data_cfg: DataConfig) -> None:
-    if data_cfg.packing not in ("pack", "pad"):
-        raise ValueError(f"data.packing={data_cfg.packing!r}: expected 'pack' or 'pad'")
-    if data_cfg.max_seq_len > data_cfg.token_budget:
-        raise ValueError(f"data.max_seq_len={data_cfg.max_seq_len} > data.token_budget={data_cfg.token_budget}")
-
-
 class PackedLoader:
     """Infinite iterator of PackedBatch (``data_cfg.rows_per_batch`` rows each) for one rank, made in the
     calling process (``data.num_workers`` is applied by ``lum_dist.data.workers.train_loader``)."""
@@ -151,7 +144,6 @@ class PackedLoader:
         if split != "train":
             raise ValueError(f"PackedLoader streams the training split; use eval_batches for {split!r}")
         check_rank(rank, world_size)
-        check_data_config(data_cfg)
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.meta = load_meta(self.path)
         tables, total, tokens = [], 0, 0
@@ -309,9 +301,7 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
     """One packed row per batch of eval sequences (history + one query token, the last of each
     sequence). Eligible users in dataset order, the first ``max_users`` (0 = all), the i-th to rank
     ``i % world_size``."""
-    check_rank(rank, world_size)
-    if max_seq_len > token_budget:
-        raise ValueError(f"max_seq_len={max_seq_len} > token_budget={token_budget}")
+    check_rank(rank, world_size)  # max_seq_len <= token_budget: PretrainConfig checks it, the packer enforces it
     path = Path(path)
     seen, pending = 0, []
     for table in _checked_shards(path, meta):

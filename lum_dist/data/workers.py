@@ -45,7 +45,6 @@ from lum_dist.data.loader import (
     STATE_VERSION,
     LoaderPosition,
     PackedLoader,
-    check_data_config,
     check_rank,
     train_tokens,
 )
@@ -156,7 +155,6 @@ class WorkerLoader:
         if data_cfg.num_workers < 1:
             raise ValueError(f"WorkerLoader needs data.num_workers >= 1, got {data_cfg.num_workers}")
         check_rank(rank, world_size)
-        check_data_config(data_cfg)
         self.path, self.cfg, self.rank, self.world_size = Path(path), data_cfg, rank, world_size
         self.num_workers = data_cfg.num_workers
         self.meta = load_meta(self.path)

@@ -7,7 +7,14 @@ Both read the same packed batches and expose the same surface to training, evalu
 
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from lum_dist.model.config import ARCHS, LUMConfig, check_model_spec, flops_per_token, load_preset, param_counts
+from lum_dist.model.config import (
+    ARCHS,
+    LUMConfig,
+    check_model_spec,
+    flops_per_token,
+    load_preset,
+    param_counts,
+)
 from lum_dist.model.modeling import LUMModel
 from lum_dist.model.sasrec import SASRecConfig, SASRecModel
 

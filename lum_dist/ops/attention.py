@@ -133,6 +133,12 @@ def length_buckets(seq_lens: list[int]) -> list[list[int]]:
     return [groups[b] for b in sorted(groups)]
 
 
+def _pad(x: torch.Tensor, src: torch.Tensor, slots: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """Tokens ``x[src]`` into the ``slots`` of a zero [rows, length] grid -> [rows, H, length, D]."""
+    grid = x.new_zeros(rows * length, *x.shape[1:]).index_copy(0, slots, x[src])
+    return grid.view(rows, length, *x.shape[1:]).transpose(1, 2)
+
+
 def _sdpa(q, k, v, cu, max_seqlen, causal, scale, dropout_p=0.0):
     """One SDPA call per length bucket on right-padded [G, H, L, D] sequences. Causal attention needs no
     mask (a real token only sees earlier, real keys), so SDPA runs its fused kernels (flash on the CPU too);
@@ -140,7 +146,7 @@ def _sdpa(q, k, v, cu, max_seqlen, causal, scale, dropout_p=0.0):
     bounds = cu.tolist()
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     heads, dim = q.shape[1:]
-    outs, srcs = [], []
+    outs, srcs = [], []  # per bucket: outputs of its real tokens, and their packed token indices
     for group in length_buckets(lens):
         longest = max(lens[s] for s in group)
         glens = torch.tensor([lens[s] for s in group], device=q.device)
@@ -150,13 +156,10 @@ def _sdpa(q, k, v, cu, max_seqlen, causal, scale, dropout_p=0.0):
         src = (starts[:, None] + col[None, :])[real]  # token index of every real slot, row-major
         slots = real.reshape(-1).nonzero().squeeze(1)
 
-        def padded(x, src=src, slots=slots, g=len(group), longest=longest):
-            grid = x.new_zeros(g * longest, heads, dim).index_copy(0, slots, x[src])
-            return grid.view(g, longest, heads, dim).transpose(1, 2)  # [G, H, L, D]
-
+        qp, kp, vp = (_pad(x, src, slots, len(group), longest) for x in (q, k, v))
         mask = None if causal else real[:, None, None, :]
-        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, is_causal=causal,
-                                           scale=scale, dropout_p=dropout_p)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale,
+                                           dropout_p=dropout_p)
         outs.append(o.transpose(1, 2).reshape(-1, heads, dim)[slots])
         srcs.append(src)
     if not outs:

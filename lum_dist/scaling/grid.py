@@ -169,9 +169,6 @@ def expand_grid(
                     f"logging.run_name={_fmt(f'{sweep.name}/{name}')}",
                 ]
                 cfg = load_config(PretrainConfig, base, overrides)
-                if cfg.data.token_budget < seq_len:
-                    raise ConfigError(f"sweep {sweep.name}, run {name}: data.token_budget={cfg.data.token_budget}"
-                                      f" < max_seq_len={seq_len}; raise data.token_budget in overrides")
                 per_step = tokens_per_step(cfg, sweep.launcher.world_size)
                 steps = cfg.train.max_steps
                 if sweep.tokens_per_run:

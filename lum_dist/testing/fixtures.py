@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lum_dist.data.prepare import shards_fingerprint
 from lum_dist.data.schema import (
     COND_PREFIX,
     ITEM_FIELD,
@@ -114,3 +115,10 @@ def write_tiny_dataset(path: str | Path, num_users: int = 50, num_items: int = 4
         )
         meta.save(tmp / "meta.json")
     return meta
+
+
+def record_shard_edit(path: str | Path, meta: DatasetMeta) -> None:
+    """Fingerprint hand-edited shards into meta.json, as a buggy writer would have: for tests of the row
+    checks that come after the fingerprint check (tests/data/test_corruption.py tests that one)."""
+    meta.fingerprint = shards_fingerprint(Path(path), meta.shards)
+    meta.save(Path(path) / "meta.json")

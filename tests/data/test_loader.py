@@ -13,9 +13,9 @@ import torch
 from lum_dist.config import DataConfig
 from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader, eval_batches
-from lum_dist.data.prepare import prepare, shards_fingerprint
+from lum_dist.data.prepare import prepare
 from lum_dist.data.schema import MASK_ID
-from lum_dist.testing.fixtures import write_tiny_dataset
+from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
 from lum_dist.utils import data_dir
 
 
@@ -208,13 +208,6 @@ def test_real_beauty_eval_and_resume(tmp_path):
         assert_same(next(resumed), want)
 
 
-def _record_edit(path, meta) -> None:
-    """Fingerprint edited shards into meta.json, as a buggy writer would have: the row checks are under test,
-    not the fingerprint check (tests/data/test_corruption.py)."""
-    meta.fingerprint = shards_fingerprint(path, meta.shards)
-    meta.save(path / "meta.json")
-
-
 def test_no_training_behaviours_is_an_error_not_a_hang(tmp_path):
     import pyarrow as pa
 
@@ -224,7 +217,7 @@ def test_no_training_behaviours_is_an_error_not_a_hang(tmp_path):
     table = table.set_column(table.schema.get_field_index("train_end"), "train_end",
                              pa.array([0] * table.num_rows, pa.int32()))
     pq.write_table(table, shard)
-    _record_edit(tmp_path / "d", meta)
+    record_shard_edit(tmp_path / "d", meta)
     with pytest.raises(ValueError, match="no user with a training behaviour"):
         next(PackedLoader(tmp_path / "d", cfg(tmp_path / "d")))
 
@@ -240,7 +233,7 @@ def test_bad_shard_row_names_file_row_and_field(tmp_path):
     table = table.set_column(table.schema.get_field_index("cond_category"), "cond_category",
                              pa.array(cats, pa.list_(pa.int32())))
     pq.write_table(table, shard)
-    _record_edit(tmp_path / "d", meta)
+    record_shard_edit(tmp_path / "d", meta)
     with pytest.raises(DataError, match=r"part-00001.parquet line 2: field 'cond_category'"):
         PackedLoader(tmp_path / "d", cfg(tmp_path / "d"))
     with pytest.raises(DataError, match="cond_category"):

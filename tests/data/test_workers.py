@@ -28,7 +28,7 @@ from lum_dist.config import DataConfig
 from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader
 from lum_dist.data.workers import DataWorkerError, DevicePrefetcher, WorkerLoader, train_loader
-from lum_dist.testing.fixtures import write_tiny_dataset
+from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
 from lum_dist.train.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,6 +175,7 @@ def test_worker_error_surfaces_with_its_message(tmp_path):
     table = table.set_column(table.schema.get_field_index("cond_category"), "cond_category",
                              pa.array(cats, pa.list_(pa.int32())))
     pq.write_table(table, shard)
+    record_shard_edit(tmp_path / "d", meta)
     before = children(os.getpid())
     loader = train_loader(tmp_path / "d", cfg(tmp_path / "d", num_workers=2))
     with pytest.raises(DataError, match=r"part-00001.parquet line 2: field 'cond_category'") as info:

@@ -9,7 +9,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 
 from lum_dist.config import ConfigError
-from lum_dist.model import LUMConfig, LUMModel, SASRecConfig, SASRecModel, flops_per_token, load_preset, param_counts
+from lum_dist.model import (
+    LUMConfig,
+    LUMModel,
+    SASRecConfig,
+    SASRecModel,
+    flops_per_token,
+    load_preset,
+    param_counts,
+)
 from lum_dist.model.config import PRESET_DIR
 from lum_dist.testing.batches import random_packed_batch
 

@@ -54,7 +54,7 @@ def test_step_count_from_budgets(tmp_path):
 
 
 def test_bad_sweeps_fail_early(tmp_path):
-    with pytest.raises(ConfigError, match="token_budget=256 < max_seq_len=512"):
+    with pytest.raises(ConfigError, match="data.max_seq_len: 512 > data.token_budget=256"):
         expand_grid(load_sweep(write_sweep(tmp_path, max_seq_lens=[512])))
     with pytest.raises(ConfigError, match="unknown key"):
         expand_grid(load_sweep(write_sweep(tmp_path, overrides=["train.nonsense=1"])))
