@@ -30,15 +30,23 @@ def die_with_parent() -> None:
     """Under a launcher (torchrun, deepspeed, accelerate: they set LOCAL_RANK), ask the kernel to SIGKILL this
     process when its launcher dies. Launchers start each rank in its own session, so without this a
     ``kill -9`` of the launcher leaves the ranks running: they finish, save and race a re-run on the same
-    folder. Linux only; elsewhere, or without a launcher (a plain ``python`` run may outlive its shell on
-    purpose, e.g. under nohup), a no-op."""
-    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+    folder. Without a launcher (a plain ``python`` run may outlive its shell on purpose, e.g. under nohup),
+    a no-op."""
+    if "LOCAL_RANK" in os.environ:
+        kill_with_parent()
+
+
+def kill_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op). Also for
+    data-loader workers: a rank killed by SIGKILL cannot stop them, and a worker blocked on a full queue
+    would otherwise live on as an orphan."""
+    if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         return  # best effort: a kernel that refuses leaves the old behaviour
-    if os.getppid() != parent:  # the launcher died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lum_dist.cli import kill_with_parent
 from lum_dist.config import DataConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.loader import (
@@ -97,6 +98,12 @@ class _Failure:
     error: bytes | None  # the pickled exception, if it pickles
     message: str
     traceback: str
+
+
+def _die_with_rank(worker_id: int) -> None:
+    """A worker dies with its rank: torch's watchdog misses a rank killed while the worker blocks on a full
+    queue (seen here: orphans of SIGKILLed ranks that never exited)."""
+    kill_with_parent()
 
 
 def _as_is(item: Any) -> Any:  # the DataLoader's collate_fn: items are whole batches already
@@ -203,7 +210,8 @@ class WorkerLoader:
         # A private generator: the DataLoader draws its workers' base seed from it, not from the global
         # torch RNG, which would shift the model's random stream after a resume.
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            prefetch_factor=PREFETCH, generator=torch.Generator().manual_seed(0))
+                            prefetch_factor=PREFETCH, generator=torch.Generator().manual_seed(0),
+                            worker_init_fn=_die_with_rank)
         return iter(loader)
 
     def close(self) -> None:
