@@ -13,7 +13,7 @@ for cores, so the tokens/s are a lower bound.
 Datasets and loader settings: the synthetic data (20,000 users) with the data section of
 ``configs/pretrain/1gpu-1b.yaml`` (rows of 4,096 tokens, the GPU configuration), and S3-Rec Beauty
 (``$LUM_DATA_DIR/s3rec-seq/Beauty.txt``, users of ~9 behaviours, the hard case for a loader: many
-short sequences per token) with the data section of ``configs/pretrain/beauty-cpu.yaml``.
+short sequences per token) with the data section of ``configs/pretrain/beauty-lum.yaml``.
 
 Token demand: ``0.4 * 989e12 / flops_per_token(preset, seq_len)`` (H100 SXM dense bf16 peak,
 ``lum_dist.model.flops_per_token``), presets lum-19m .. lum-7b at seq_len 4,096 (``max_seq_len`` of the
@@ -66,7 +66,7 @@ def datasets(root: Path, smoke: bool) -> list[tuple[str, Path, DataConfig]]:
     if raw.is_file():
         beauty = root / "beauty"
         prepare({"format": "s3rec", "input": str(raw)}, beauty)
-        cpu = load_config(PretrainConfig, REPO / "configs/pretrain/beauty-cpu.yaml").data
+        cpu = load_config(PretrainConfig, REPO / "configs/pretrain/beauty-lum.yaml").data
         out.append(("beauty", beauty, dataclasses.replace(cpu, path=str(beauty))))
     return out
 

@@ -5,7 +5,7 @@
 
 One process on the CPU from any (ZeRO-sharded) checkpoint; prints a markdown table and, with ``--out P``,
 writes ``P.json`` and ``P.md``. Each user's held-out behaviour of the split is ranked among all items, the
-user's history excluded (see :mod:`lum_dist.eval.ranking` for the protocol).
+user's history excluded (see :mod:`lum_dist.train.evaluate` for the protocol).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # Imported after parsing for start-up time (--help answers without torch), not to dodge an import cycle.
-    from lum_dist.eval.ranking import evaluate_checkpoint, format_table
+    from lum_dist.eval.metrics import format_table
+    from lum_dist.train.evaluate import evaluate_checkpoint
     from lum_dist.utils import atomic_write_text
 
     result = evaluate_checkpoint(args.checkpoint, args.split, args.max_users, args.ks)

@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # Imported after parsing for start-up time (--help answers without torch), not to dodge an import cycle.
-    from lum_dist.train.export import consolidate, export_embeddings, resolve_checkpoint
+    from lum_dist.checkpoint import load_model, resolve_checkpoint
+    from lum_dist.train.export import export_embeddings
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    model, cfg, meta = consolidate(ckpt)
+    model, cfg, meta = load_model(ckpt)
     counts = export_embeddings(model, cfg, meta, args.split, args.out, args.max_users)
     if args.hf:
         model.save_pretrained(args.out / "model", safe_serialization=True)

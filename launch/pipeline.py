@@ -1,7 +1,7 @@
 """The whole LUM paradigm end to end, in one process: the README's main command.
 
     python launch/pipeline.py                     # embedded synthetic data: ~8 min on 2 busy CPU cores
-    python launch/pipeline.py --config configs/pretrain/ml100k-cpu.yaml \
+    python launch/pipeline.py --config configs/pretrain/ml100k-lum.yaml \
         --downstream configs/downstream/ml100k.yaml
 
 1. prepare the dataset (ingest + split + vocabularies) and print the dataset and packing report;

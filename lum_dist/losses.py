@@ -125,7 +125,7 @@ class InfoNCE(nn.Module):
         )
         self.register_buffer("item_log_prob", item_log_prob.float() if item_log_prob is not None else None,
                              persistent=False)
-        self.num_calls = 0  # seeds the shared random negatives; restarts at 0 on resume (harmless)
+        self.num_calls = 0  # seeds the shared random negatives; checkpointed by the trainer (exact resume)
 
     def _counts(self, n: int, device: torch.device) -> list[int]:
         """Targets on every rank (one all-gather of a scalar)."""

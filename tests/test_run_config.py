@@ -12,7 +12,7 @@ CONFIG = "configs/pretrain/synthetic.yaml"
 
 
 def test_overrides_reach_nested_fields_with_their_types():
-    cfg = load_config(PretrainConfig, "configs/pretrain/ml100k-cpu.yaml",
+    cfg = load_config(PretrainConfig, "configs/pretrain/ml100k-lum.yaml",
                       ["optim.lr=1e-3", "optim.betas=[0.9, 0.99]", "train.max_steps=7", "eval.ks=[5]",
                        "eval.metric=hr@5"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML reads "1e-3" as a string

@@ -87,6 +87,15 @@ class PackedBatch:
         is_pad = (self.token_type == ITEM_TOKEN) & (self.item_ids == PAD_ID)
         return lens - torch.bincount(self.seq_index()[is_pad], minlength=self.num_sequences).to(lens.dtype)
 
+    def query_index(self) -> torch.Tensor:
+        """int64 [sum(num_queries)]: the query tokens, the last ``num_queries[s]`` of each sequence in order (one
+        per sequence in evaluation batches, where it is the last token)."""
+        ends = self.cu_seqlens[1:].long()
+        nq = self.num_queries.long().to(ends.device)
+        first = torch.repeat_interleave(ends - nq, nq)
+        offset = torch.arange(first.numel(), device=ends.device) - torch.repeat_interleave(torch.cumsum(nq, 0) - nq, nq)
+        return first + offset
+
     def seq_index(self) -> torch.Tensor:
         """int64 [T]: which sequence each token belongs to."""
         return torch.repeat_interleave(torch.arange(self.num_sequences), self.seq_lens().long().cpu()).to(

@@ -42,6 +42,7 @@ from lum_dist.data.schema import (
     UNK_ID,
     VOCAB_SCHEMA,
     DatasetMeta,
+    float_list_column,
     user_schema,
 )
 from lum_dist.utils import atomic_dir, expand_source
@@ -328,6 +329,26 @@ def load_vocab(path: str | Path, field: str) -> pa.Table:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no vocabulary for field {field!r}")
     return read_parquet(file)
+
+
+def item_log_prob(path: str | Path, num_items: int) -> np.ndarray:
+    """log p(item) (float32 [num_items]) from training counts: the popularity baseline and the logQ correction
+    (reserved ids get a tiny mass). numpy, not torch: under ZeRO-3's ``zero.Init`` torch's tensor constructors
+    are patched."""
+    vocab = load_vocab(path, ITEM_FIELD)
+    counts = np.full(num_items, 1e-3)
+    counts[vocab.column("id").to_numpy()] = np.maximum(vocab.column("count").to_numpy().astype(np.float64), 1e-3)
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def item_embedding_table(path: str | Path, embeddings: np.ndarray) -> pa.Table:
+    """``item_id`` (raw) and ``embedding`` of every real item (reserved ids dropped), from a ``[num_items, E]``
+    table indexed by dense id: what export and group query write beside their user outputs."""
+    vocab = load_vocab(path, ITEM_FIELD).sort_by("id")
+    ids = vocab.column("id").to_numpy()
+    keep = ids >= NUM_SPECIAL_IDS
+    return pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)),
+                     "embedding": float_list_column(np.asarray(embeddings)[ids[keep]])})
 
 
 def load_items(path: str | Path) -> pa.Table:

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lum_dist.utils import atomic_write_text
+
 # Reserved ids, shared by every vocabulary (items and condition fields).
 PAD_ID = 0  # padding / "no value" (e.g. the item slot of a condition token)
 UNK_ID = 1  # a value not in the training vocabulary
@@ -88,8 +90,6 @@ class DatasetMeta:
     eval_condition: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        from lum_dist.utils import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod

@@ -13,13 +13,12 @@ request, the user's history excluded (``lum_dist.eval.metrics.rank_of_targets``)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lum_dist.data.prepare import item_log_prob
 from lum_dist.data.schema import NUM_SPECIAL_IDS, PAD_ID
 from lum_dist.downstream.config import RetrievalConfig
 from lum_dist.downstream.samples import Requests
@@ -136,9 +135,7 @@ def retrieval_metrics(acc: RankingAccumulator, ks: list[int]) -> dict[str, float
 
 def popularity_metrics(cfg: RetrievalConfig, data_path: str, num_items: int, req: Requests) -> dict[str, float]:
     """The popularity reference: every request ranks items by training frequency, history excluded."""
-    from lum_dist.eval.ranking import item_log_prob
-
-    scores = item_log_prob(Path(data_path), num_items)
+    scores = torch.from_numpy(item_log_prob(data_path, num_items))
     scores[:NUM_SPECIAL_IDS] = -torch.inf
     acc = RankingAccumulator(cfg.ks)
     for start in range(0, len(req.target), 1024):

@@ -206,3 +206,14 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
         raise ValueError("log_loss: no samples")
     p = np.clip(probs, eps, 1.0 - eps)
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
+
+
+def format_table(metrics: dict[str, float], splits: list[str], ks: list[int]) -> str:
+    """Markdown: one row per split and scorer (LUM, popularity), HR@K, NDCG@K, MRR, users."""
+    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    lines = ["| split | model | " + " | ".join(c.upper() for c in cols) + " | users |", "|---" * (len(cols) + 3) + "|"]
+    for split in splits:
+        for name, prefix in (("LUM", ""), ("popularity", "pop_")):
+            cells = [f"{metrics[f'{split}/{prefix}{c}']:.4f}" for c in cols]
+            lines.append(f"| {split} | {name} | " + " | ".join(cells) + f" | {metrics[f'{split}/count']} |")
+    return "\n".join(lines)

@@ -33,14 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from lum_dist.checkpoint import load_model, resolve_checkpoint
 from lum_dist.data.packing import best_fit_decreasing, collate
-from lum_dist.data.prepare import load_vocab, read_users
-from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
+from lum_dist.data.prepare import item_embedding_table, load_vocab, read_users
+from lum_dist.data.schema import MASK_ID, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
 from lum_dist.data.tokenize import tokenize_group_query
-from lum_dist.model import LUMModel
-from lum_dist.utils import atomic_write_bytes, atomic_write_text
+from lum_dist.model import LUMModel, SASRecModel
+from lum_dist.utils import atomic_write_bytes, atomic_write_text, dist_info
 
 GENERIC = "*"
 
@@ -105,7 +107,7 @@ def history_ends(users: pa.Table, split: str, lag: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, ends: np.ndarray,
+def answer_users(model: LUMModel | SASRecModel, users: pa.Table, meta: DatasetMeta, queries: np.ndarray, ends: np.ndarray,
                  max_seq_len: int, token_budget: int, device: torch.device, item_attributes: bool = False) -> np.ndarray:
     """Outputs [U, Q, E] for the users of one shard, user u's history being behaviours [0, ends[u]):
     histories and queries packed many users per row."""
@@ -120,22 +122,23 @@ def answer_users(model: LUMModel, users: pa.Table, meta: DatasetMeta, queries: n
     result = np.zeros((users.num_rows, len(queries), model.config.item_emb_dim), np.float32)
     for rows in best_fit_decreasing(np.array([len(s.item) for s in seqs]), token_budget):
         batch = collate(seqs, [rows], token_budget).to(device)
-        out = model.forward_batch(batch).float().cpu().numpy()
-        ends = batch.cu_seqlens[1:].cpu().numpy()
-        for s, i in enumerate(rows):  # collate keeps the row's sequence order
+        out = model.forward_batch(batch)[batch.query_index()].float().cpu().numpy()
+        start = 0
+        for s, i in enumerate(rows):  # collate keeps the row's sequence order; query_index too
             u, q0 = owner[i]
             nq = int(batch.num_queries[s])
-            result[u, q0:q0 + nq] = out[ends[s] - nq:ends[s]]
+            result[u, q0:q0 + nq] = out[start:start + nq]
+            start += nq
     return result
 
 
 def run(job: QueryJob) -> Path:
-    from lum_dist.train.export import consolidate, resolve_checkpoint
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    ckpt = resolve_checkpoint(Path(job.checkpoint))
-    model, cfg, meta = consolidate(ckpt)
+    """Answer every user's conditions (this rank's shards of them); returns the output folder. Under torchrun
+    the ranks join a process group, so rank 0 writes the manifest once every rank's shards exist."""
     device = torch.device(job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = join_launcher_group(device)
+    ckpt = resolve_checkpoint(Path(job.checkpoint))
+    model, cfg, meta = load_model(ckpt)
     if device.type == "cuda":
         model = model.to(device, dtype=torch.bfloat16)
     data_path = Path(cfg.data.path)
@@ -168,8 +171,12 @@ def run(job: QueryJob) -> Path:
         })
         atomic_write_bytes(out / shard_name(k), _parquet_bytes(table))
 
+    if world > 1:
+        dist.barrier()  # every rank's shards are written
     if rank == 0:
-        _write_items(model, data_path, out)
+        with torch.no_grad():
+            items = item_embedding_table(data_path, model.item_embeddings(None).float().cpu().numpy())
+        atomic_write_bytes(out / "items.parquet", _parquet_bytes(items))
         shards = [shard_name(k) for k, _ in chunks]
         complete = all((out / s).is_file() for s in shards)
         manifest = {"model_version": version, "checkpoint": str(ckpt), "dataset": meta.name, "split": job.split,
@@ -178,6 +185,14 @@ def run(job: QueryJob) -> Path:
                     "job": asdict(job)}
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return out
+
+
+def join_launcher_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): started by a launcher (WORLD_SIZE > 1 in the environment), join its process group
+    (gloo on the CPU, nccl on CUDA) if nobody has; else the current group's, or (0, 1) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist_info()
 
 
 OUTPUT_FIELDS = ("conditions", "split", "lag", "max_users", "users_per_shard")  # what the shards depend on
@@ -199,16 +214,6 @@ def _record_or_check_job(out: Path, job: QueryJob, version: str) -> None:
 
 def shard_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
-
-
-def _write_items(model: LUMModel, data_path: Path, out: Path) -> None:
-    vocab = load_vocab(data_path, ITEM_FIELD).sort_by("id")
-    ids = vocab.column("id").to_numpy()
-    keep = ids >= NUM_SPECIAL_IDS
-    with torch.no_grad():
-        emb = model.item_embeddings(None).float().cpu().numpy()[ids[keep]]
-    table = pa.table({"item_id": vocab.column("raw").filter(pa.array(keep)), "embedding": float_list_column(emb)})
-    atomic_write_bytes(out / "items.parquet", _parquet_bytes(table))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

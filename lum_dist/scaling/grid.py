@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lum_dist.config import REPO_ROOT, ConfigError, PretrainConfig, apply_overrides, from_dict, load_config
+from lum_dist.model import flops_per_token, load_preset
 
 LAUNCHERS = ("python", "torchrun", "deepspeed")
 
@@ -130,8 +131,6 @@ def preset_flops_per_token(preset: PresetSpec, cfg: PretrainConfig) -> float:
 
     Vocabulary sizes do not enter the matmul FLOPs; one condition field stands in for the dataset's (it
     only widens the input projection, a negligible share), so no dataset is needed to plan a sweep."""
-    from lum_dist.model import flops_per_token, load_preset
-
     model_cfg = load_preset(preset.preset, num_items=1000, cond_vocab_sizes=[100], **preset.overrides)
     return float(flops_per_token(model_cfg, cfg.data.max_seq_len))
 

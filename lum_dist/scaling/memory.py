@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lum_dist.model import load_preset, param_counts
+
 GiB = 2**30
 H100_80GB = 80 * GiB
 ADAM_STATE_BYTES = 12  # K: fp32 master copy + Adam m + Adam v
@@ -143,8 +145,6 @@ def gpus_needed(shape: ModelShape, gpu_bytes: float, setup: TrainSetup, max_gpus
 def shape_from_preset(name: str, num_items: int, cond_vocab_sizes: list[int] = (1000,),
                       **overrides: Any) -> ModelShape:
     """The ModelShape of a preset from configs/model/ (via lum_dist.model.load_preset/param_counts)."""
-    from lum_dist.model import load_preset, param_counts
-
     cfg = load_preset(name, num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), **overrides)
     counts = param_counts(cfg)
     return ModelShape(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.item_emb_dim,

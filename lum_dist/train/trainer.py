@@ -1,8 +1,9 @@
 """The pretraining loop (step 1, knowledge construction): data -> packed batch -> loss -> step -> checkpoint.
 
 Read it top to bottom: ``pretrain(cfg)`` prepares the data (rank 0), builds the model under ZeRO,
-restores the newest complete checkpoint, then runs a flat loop of micro-steps with logging, evaluation
-(:mod:`lum_dist.eval.ranking`) and atomic checkpoints. Works under the ``deepspeed`` launcher,
+restores the newest intact checkpoint, then runs a flat loop of micro-steps with logging, validation
+(:mod:`lum_dist.train.evaluate`: model selection, early stopping) and atomic checkpoints, and finally
+evaluates the selected model. Works under the ``deepspeed`` launcher,
 ``torchrun`` or plain ``python``.
 """
 
@@ -21,25 +22,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from lum_dist import parallel
+from lum_dist.checkpoint import find_best_checkpoint, find_resume_checkpoint, model_config_for
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
-from lum_dist.data.prepare import prepare
-from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.prepare import item_log_prob, load_meta, prepare
+from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.data.workers import DevicePrefetcher, train_loader
-from lum_dist.eval.ranking import evaluate, item_log_prob
 from lum_dist.losses import InfoNCE
-from lum_dist.model import (
-    LUMConfig,
-    LUMModel,
-    SASRecConfig,
-    SASRecModel,
-    build_model,
-    check_model_spec,
-    flops_per_token,
-    load_preset,
-    param_counts,
-)
-from lum_dist.train import checkpoint, parallelize
+from lum_dist.model import LUMModel, SASRecModel, build_model, check_model_spec, flops_per_token, param_counts
+from lum_dist.train import checkpoint
+from lum_dist.train.evaluate import evaluate
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
 from lum_dist.utils import atomic_write_text, expand_source
 
@@ -57,17 +50,6 @@ class PretrainModule(nn.Module):
         has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
         return self.loss(out[has_target], target_ids, self.model.item_embeddings)
-
-
-def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig | SASRecConfig:
-    """The preset's architecture with embedding tables sized from the dataset's vocabularies."""
-    return load_preset(
-        cfg.model.preset,
-        num_items=meta.num_items,
-        cond_vocab_sizes=meta.cond_vocab_sizes(),
-        num_numeric=len(meta.numeric_fields),
-        **cfg.model.overrides,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,13 +73,13 @@ class BestTracker:
 
     metric: str
     patience: int = 0
-    best: float = -math.inf
+    best: float | None = None  # None before the first evaluation
     best_step: int = 0
     evals_since_best: int = 0
 
     def update(self, step: int, value: float) -> bool:
         """Record an evaluation; True if it is a new best."""
-        if value > self.best:
+        if self.best is None or value > self.best:
             self.best, self.best_step, self.evals_since_best = value, step, 0
             return True
         self.evals_since_best += 1
@@ -115,7 +97,7 @@ class BestTracker:
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
-    rank, world, device = parallelize.init_distributed()
+    rank, world, device = parallel.init_distributed()
     # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
     with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):
         return _pretrain(cfg, rank, world, device, started)
@@ -132,38 +114,42 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     if rank == 0:
         prepare(expand_source(cfg.data.prepare), data_path)
     dist.barrier()
-    meta = DatasetMeta.load(data_path / "meta.json")
+    meta = load_meta(data_path)
     loader = train_loader(data_path, cfg.data, rank=rank, world_size=world)  # data.num_workers processes
     max_steps, eval_every = plan_steps(cfg, loader.tokens_per_epoch, world)
 
     torch.manual_seed(cfg.train.seed)
     model_cfg = model_config_for(cfg, meta)
-    ds_config = parallelize.deepspeed_config(cfg)
+    ds_config = parallel.deepspeed_config(cfg)
     in_batch_logq = cfg.loss.negatives == "in_batch" and cfg.loss.logq_correction
 
     def make_module() -> PretrainModule:
-        log_q = item_log_prob(data_path, meta.num_items) if in_batch_logq else None
+        log_q = torch.from_numpy(item_log_prob(data_path, meta.num_items)) if in_batch_logq else None
         return PretrainModule(build_model(model_cfg), InfoNCE(cfg.loss, meta.num_items, log_q))
 
-    module = parallelize.build_model(make_module, ds_config)
+    module = parallel.build_model(make_module, ds_config)
     if cfg.train.activation_checkpointing:
         module.model.gradient_checkpointing_enable()
-    engine = parallelize.build_engine(module, cfg, ds_config, max_steps)
+    engine = parallel.build_engine(module, cfg, ds_config, max_steps)
 
     start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False
+    loss_sum, steps_logged = torch.zeros((), device=device), 0  # this rank's loss since the last log line
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
-        tracker = BestTracker(**state.get("selection", asdict(tracker)))
-        stopped = state.get("stopped", False)
+        tracker = BestTracker(**state["selection"])
+        stopped = state["stopped"]
+        loss_sum.fill_(state["log"]["loss_sum"])  # a resume between two log lines logs what the run would have
+        steps_logged = state["log"]["steps"]
+        module.loss.num_calls = state["random_negative_calls"]  # the same random negatives as without the stop
         if rank == 0:
             print(f"[lum-dist] resumed from {resume_from} at step {start_step}")
 
     logger = MetricsLogger(out_dir, run_config, cfg.logging.wandb_project, cfg.logging.wandb_mode,
                            cfg.logging.run_name, enabled=rank == 0)
-    meter = Throughput(peak_flops(device, parallelize.use_bf16(cfg)), world)
+    meter = Throughput(peak_flops(device, parallel.use_bf16(cfg)), world)
     if rank == 0:
         counts = module.model.num_parameters() if cfg.train.zero_stage != 3 else None
         print(f"[lum-dist] {world} rank(s) on {device.type}, preset {cfg.model.preset}, "
@@ -172,14 +158,15 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
               f"epochs, loss: {cfg.loss.negatives} negatives")
 
     def save(step: int, best: bool = False) -> None:
-        state = {"step": step, "loader": batches.state_dict(), "selection": asdict(tracker), "stopped": stopped}
+        state = {"step": step, "loader": batches.state_dict(), "selection": asdict(tracker), "stopped": stopped,
+                 "log": {"loss_sum": float(loss_sum), "steps": steps_logged},
+                 "random_negative_calls": module.loss.num_calls}
         checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
                         die_during_save=step == die_at)
 
     die_at = int(os.environ.get("LUM_FAULT_KILL_DURING_SAVE_AT_STEP", "-1"))  # fault-injection hook for tests
     batches = DevicePrefetcher(loader, device)  # on CUDA: the next batch's copy overlaps the step
     bar = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    loss_sum, steps_logged = torch.zeros((), device=device), 0
     engine.train()
     step = start_step
     while step < max_steps and not stopped:
@@ -227,7 +214,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     bar.close()
 
     # Final evaluation of the selected model (the best validation checkpoint, else the last weights).
-    best = checkpoint.find_best_checkpoint(ckpt_root)
+    best = find_best_checkpoint(ckpt_root)
     if best is not None and tracker.best_step not in (0, step):
         checkpoint.load_weights(engine, best)
     final_eval: dict[str, float] = {}
@@ -257,7 +244,7 @@ def _resume_path(cfg: PretrainConfig, ckpt_root: Path) -> Path | None:
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
-        return checkpoint.find_resume_checkpoint(ckpt_root)
+        return find_resume_checkpoint(ckpt_root)
     path = Path(cfg.train.resume)
     if not (path / "checkpoint.json").is_file():
         raise FileNotFoundError(f"train.resume={path}: not a complete checkpoint (no checkpoint.json)")

@@ -25,7 +25,7 @@ from lum_dist.data.tokenize import (
     tokenize_train,
     train_windows,
 )
-from lum_dist.testing.fixtures import write_tiny_dataset
+from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
 
 
 def assert_same_batch(a, b):
@@ -83,6 +83,7 @@ def tiny(tmp_path_factory):
     train_end = [0 if i % 5 == 1 else t for i, t in enumerate(table.column("train_end").to_pylist())]
     pq.write_table(table.set_column(table.schema.get_field_index("train_end"), "train_end",
                                     pa.array(train_end, pa.int32())), shard)
+    record_shard_edit(path, meta)
     return path, meta
 
 

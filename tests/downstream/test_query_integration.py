@@ -18,7 +18,6 @@ from lum_dist.testing.fixtures import write_tiny_dataset
 
 def test_query_job_output_runs_downstream(tmp_path: Path, monkeypatch):
     from lum_dist.query import job
-    from lum_dist.train import export
 
     root = tmp_path / "data"
     meta = write_tiny_dataset(root, num_users=40, num_items=40, seed=5, min_len=4, max_len=12)
@@ -30,8 +29,8 @@ def test_query_job_output_runs_downstream(tmp_path: Path, monkeypatch):
     ckpt.mkdir(parents=True)
     (ckpt / "checkpoint.json").write_text(json.dumps({"config": {}}))
     # the checkpoint is the only thing faked: a random model stands in for a consolidated trained one
-    monkeypatch.setattr(export, "resolve_checkpoint", lambda path: Path(path))
-    monkeypatch.setattr(export, "consolidate", lambda path: (model, cfg, DatasetMeta.load(root / "meta.json")))
+    monkeypatch.setattr(job, "resolve_checkpoint", lambda path: Path(path))
+    monkeypatch.setattr(job, "load_model", lambda path: (model, cfg, DatasetMeta.load(root / "meta.json")))
     dirs = {}
     for split, lag in (("valid", 2), ("test", 0)):
         dirs[split] = job.run(job.QueryJob(checkpoint=str(ckpt), out=str(tmp_path / f"query-{split}"),

@@ -6,29 +6,29 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lum_dist import parallel
 from lum_dist.config import LossConfig, PretrainConfig
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, load_preset
 from lum_dist.testing.batches import random_packed_batch
 from lum_dist.testing.distributed import run_distributed
-from lum_dist.train import parallelize
 from lum_dist.train.trainer import PretrainModule
 
 NUM_ITEMS, VOCABS = 100, [9, 5]
 
 
 def _train_zero3(negatives: str) -> dict:
-    parallelize.init_distributed()  # joins the existing gloo group
+    parallel.init_distributed()  # joins the existing gloo group
     cfg = PretrainConfig()
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
     cfg.loss = (LossConfig(learnable_temperature=True, num_random_negatives=8) if negatives == "in_batch"  # logQ
                 else LossConfig(learnable_temperature=True, negatives="full"))  # the item table gathered whole
     log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
-    ds = parallelize.deepspeed_config(cfg)
-    module = parallelize.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS, log_q)), ds)
+    ds = parallel.deepspeed_config(cfg)
+    module = parallel.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS, log_q)), ds)
     module.model.gradient_checkpointing_enable()
-    engine = parallelize.build_engine(module, cfg, ds, cfg.train.max_steps)
+    engine = parallel.build_engine(module, cfg, ds, cfg.train.max_steps)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
     losses = []
     for _ in range(cfg.train.max_steps):

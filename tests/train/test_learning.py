@@ -1,4 +1,5 @@
-"""The learning check: a small LUM trained for a few hundred steps on the CPU clearly beats popularity.
+"""The learning check: a small LUM, and the SASRec yardstick, trained for a few hundred steps on the CPU clearly
+beat popularity.
 
 Full ranking over all items on the validation split, history excluded (``trainer.evaluate``). One process,
 ZeRO stage 0 under the same DeepSpeed trainer the clusters use; seeded, a couple of minutes on 2 cores.
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _train(tmp: Path, config: str, *overrides: str) -> dict:
     cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(REPO / config),
            f"data.path={tmp / 'data'}", f"train.output_dir={tmp / 'run'}", "train.zero_stage=0",
-           "train.save_every=0", "train.eval_every=0", "eval.split=valid", *overrides]
+           "train.save_every=0", "train.eval_every=0", "train.eval_every_epochs=0", "train.max_epochs=0",
+           "train.early_stopping_patience=0", "eval.split=valid", "eval.final_splits=[valid]", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,6 +44,7 @@ def test_learns_planted_structure_of_synthetic_data(tmp_path):
 
 
 @pytest.mark.skipif(data_dir() is None or not (data_dir() / "ml-100k").is_dir(), reason="needs $LUM_DATA_DIR/ml-100k")
-def test_learns_on_movielens_100k(tmp_path):
-    ev = _train(tmp_path, "configs/pretrain/ml100k-cpu.yaml", "train.max_steps=300")
+@pytest.mark.parametrize("model", ["lum", "sasrec"])
+def test_learns_on_movielens_100k(tmp_path, model):
+    ev = _train(tmp_path, f"configs/pretrain/ml100k-{model}.yaml", "train.max_steps=300")
     _assert_beats_popularity(ev, factor=2.0)

@@ -9,7 +9,7 @@ import pytest
 from lum_dist.config import LossConfig
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, SASRecModel, load_preset
-from lum_dist.train.parallelize import lr_lambda, param_groups
+from lum_dist.parallel import lr_lambda, param_groups
 from lum_dist.train.trainer import PretrainModule
 
 

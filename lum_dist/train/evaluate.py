@@ -1,14 +1,15 @@
-"""Full-ranking evaluation of a pretrained LUM: every user's held-out item ranked among all items.
+"""Full-ranking evaluation of a trained model: every user's held-out item ranked among all items.
 
 For each user with a held-out behaviour in the split (leave-one-out or temporal, see
 :mod:`lum_dist.data.split`), the model reads the history before it plus one *generic* query token
 (every condition field MASK, time gap unknown): the query carries nothing about the held-out item.
 The output at that token is scored against the whole item table (cosine or dot, as in training);
 items of the user's whole history are excluded, the target always stays a candidate. The popularity
-baseline (training counts) is ranked the same way, over the same users and exclusions.
+baseline (training counts) is ranked the same way, over the same users and exclusions. The metrics
+themselves are pure functions of tensors (:mod:`lum_dist.eval.metrics`).
 
 ``evaluate`` runs inside the trainer (every rank, ZeRO-3 sharded or not) and also in one process on a
-consolidated checkpoint (``evaluate_checkpoint``, ``launch/evaluate.py``).
+checkpoint (``evaluate_checkpoint``, ``launch/evaluate.py``).
 """
 
 from __future__ import annotations
@@ -17,31 +18,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from lum_dist.checkpoint import INFO, load_model, resolve_checkpoint
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.loader import eval_batches
-from lum_dist.data.prepare import load_vocab
-from lum_dist.data.schema import ITEM_FIELD, MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
+from lum_dist.data.prepare import item_log_prob
+from lum_dist.data.schema import MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
-from lum_dist.model import LUMModel
+from lum_dist.model import LUMModel, SASRecModel
 from lum_dist.utils import dist_info
 
 
-def item_log_prob(data_path: Path, num_items: int) -> torch.Tensor:
-    """log p(item) from training counts: the popularity baseline and the logQ correction (reserved ids
-    get a tiny mass). In numpy: under ZeRO-3's ``zero.Init`` torch's tensor constructors are patched."""
-    vocab = load_vocab(data_path, ITEM_FIELD)
-    counts = np.full(num_items, 1e-3)
-    counts[vocab.column("id").to_numpy()] = np.maximum(vocab.column("count").to_numpy().astype(np.float64), 1e-3)
-    return torch.from_numpy(np.log(counts / counts.sum()).astype(np.float32))
-
-
 @torch.no_grad()
-def evaluate(model: LUMModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
+def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
              device: torch.device, split: str | None = None) -> dict[str, float]:
     """``{split}/hr@K``, ``ndcg@K``, ``mrr``, ``count`` and the same with ``pop_`` for popularity.
 
@@ -57,7 +49,7 @@ def evaluate(model: LUMModel, data_path: Path, meta: DatasetMeta, cfg: PretrainC
     if cfg.loss.similarity == "cosine":
         items = torch.nn.functional.normalize(items, dim=-1)
     items[:NUM_SPECIAL_IDS] = 0.0
-    popularity = item_log_prob(data_path, meta.num_items).to(device)
+    popularity = torch.from_numpy(item_log_prob(data_path, meta.num_items)).to(device)
     popularity[:NUM_SPECIAL_IDS] = -float("inf")
 
     acc, pop_acc = RankingAccumulator(cfg.eval.ks), RankingAccumulator(cfg.eval.ks)
@@ -78,7 +70,7 @@ def evaluate(model: LUMModel, data_path: Path, meta: DatasetMeta, cfg: PretrainC
         out = model.forward_batch(batch)
         if not real:
             continue
-        query_at = batch.cu_seqlens[1:].long() - 1  # the eval query is the last token of each sequence
+        query_at = batch.query_index()  # one query per sequence: its last token
         user = out[query_at].float()
         if cfg.loss.similarity == "cosine":
             user = torch.nn.functional.normalize(user, dim=-1)
@@ -105,26 +97,13 @@ def one_token_batch(num_cond_fields: int, num_numeric: int) -> PackedBatch:
 def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0,
                         ks: list[int] | None = None) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) checkpoint on the CPU and evaluate it on ``splits`` in one process."""
-    from lum_dist.train.export import consolidate, resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint)
-    model, cfg, meta = consolidate(ckpt)
+    model, cfg, meta = load_model(ckpt)
     cfg.eval.max_users = max_users
     cfg.eval.ks = list(ks or cfg.eval.ks)
     metrics: dict[str, float] = {}
     for split in splits:
         metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split))
-    step = json.loads((ckpt / "checkpoint.json").read_text()).get("step")
+    step = json.loads((ckpt / INFO).read_text()).get("step")
     return {"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
             "eval_condition": meta.eval_condition, "similarity": cfg.loss.similarity, "metrics": metrics}
-
-
-def format_table(metrics: dict[str, float], splits: list[str], ks: list[int]) -> str:
-    """Markdown: one row per split and scorer (LUM, popularity), HR@K, NDCG@K, MRR, users."""
-    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    lines = ["| split | model | " + " | ".join(c.upper() for c in cols) + " | users |", "|---" * (len(cols) + 3) + "|"]
-    for split in splits:
-        for name, prefix in (("LUM", ""), ("popularity", "pop_")):
-            cells = [f"{metrics[f'{split}/{prefix}{c}']:.4f}" for c in cols]
-            lines.append(f"| {split} | {name} | " + " | ".join(cells) + f" | {metrics[f'{split}/count']} |")
-    return "\n".join(lines)

@@ -1,6 +1,9 @@
-"""Everything DeepSpeed: process group, ZeRO config, model construction under ZeRO-3, the engine.
+"""Everything DeepSpeed: process group, ZeRO config, model construction under ZeRO-3, the engine, and reading
+the fp32 weights back out of a checkpoint's shards.
 
-This is the only module of the trainer that imports DeepSpeed; the model knows nothing of it.
+This is the only module that imports DeepSpeed; the model knows nothing of it. DeepSpeed is imported inside
+the functions that use it: it picks its accelerator when first imported, which must come after
+:func:`init_distributed` has set ``DS_ACCELERATOR`` (and keeps it out of the start-up of every command).
 On the CPU (laptops, CI) the same path runs with ``DS_ACCELERATOR=cpu``, the gloo backend and fp32.
 """
 
@@ -10,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,3 +196,14 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         if engine.global_rank == 0:
             out[name] = b.detach().cpu().clone()
     return out if engine.global_rank == 0 else None
+
+
+def fp32_state_dict(ds_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the module saved in a DeepSpeed checkpoint folder, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if zero_stage >= 1:  # sharded fp32 master weights: DeepSpeed's converter gathers them
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    # ZeRO off: one replica of the module's weights, in DeepSpeed's own (pickle) file
+    state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
