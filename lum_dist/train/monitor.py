@@ -14,31 +14,39 @@ from typing import Any
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets.
-PEAK_TFLOPS_BF16 = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A10G": 125.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "V100": 125.0,  # fp16 tensor cores (no bf16)
+# Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets: bf16 tensor cores, and fp32 without
+# tensor cores. TF32 tensor cores run at half the bf16 rate on every listed part.
+PEAK_TFLOPS = {  # name: (bf16, fp32); dict order: more specific names first
+    "H200": (989.0, 67.0),
+    "H100 SXM": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100 NVL": (835.0, 60.0),
+    "H100": (989.0, 67.0),
+    "GH200": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "A10G": (125.0, 31.2),
+    "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
 }
 
 
+def tf32_enabled() -> bool:
+    """Whether float32 matmuls may run on TF32 tensor cores (torch's default is no)."""
+    return torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+
+
 def peak_flops(device: torch.device, bf16: bool = True) -> float | None:
-    """Peak FLOP/s of ``device`` for the run's precision, or None where no honest figure exists (CPU)."""
+    """Peak FLOP/s of ``device`` for the run's matmul precision: bf16 tensor cores; fp32 on TF32 tensor cores
+    (half the bf16 rate) when TF32 is enabled, else plain fp32. None where no honest figure exists (the CPU,
+    an unlisted GPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS_BF16.items():  # dict order: more specific names first
+    for key, (bf16_tflops, fp32_tflops) in PEAK_TFLOPS.items():
         if key in name:
-            return tflops * 1e12 if bf16 else tflops * 1e12 / 2  # tf32 is half the bf16 rate
+            if bf16:
+                return bf16_tflops * 1e12
+            return (bf16_tflops / 2 if tf32_enabled() else fp32_tflops) * 1e12
     return None
 
 
