@@ -183,6 +183,40 @@ def plot_metric_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str
     return fits
 
 
+def loss_fits(rows: list[dict[str, Any]], group: str, x: str) -> dict[Any, tuple[np.ndarray, np.ndarray,
+                                                                                  PowerLawFit | None]]:
+    """Per series: (x, seed-mean final training loss, power law loss = a x^-b or None when < 2 distinct x)."""
+    return {g: (xs, ys, _fit_or_none(fit_power_law, xs, ys))
+            for g, (xs, ys) in seed_means(rows, group, x, "final_loss").items()}
+
+
+def plot_loss_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str, path: Path) -> dict[Any, tuple]:
+    """Final training loss against ``x`` (log-log), one series per ``group`` value with its power law."""
+    fits = loss_fits(rows, group, x)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for g, (xs, ys, fit) in fits.items():
+        (line,) = ax.loglog(xs, ys, "o", label=f"{group}={g}")
+        if fit is not None:
+            grid = np.geomspace(xs.min(), xs.max(), 50)
+            ax.loglog(grid, fit(grid), "--", color=line.get_color(), label=f"{fit.equation('L', 'x')}  R²={fit.r2:.3f}")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.set(xlabel=xlabel, ylabel="final training loss", title=f"loss vs {xlabel}")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, fontsize=7)
+    _save(fig, path)
+    return fits
+
+
+def _loss_fit_lines(fits: dict[Any, tuple], group: str, xname: str) -> list[str]:
+    lines = []
+    for g, (xs, ys, fit) in fits.items():
+        falls = bool(len(ys) > 1 and np.all(np.diff(ys) < 0))
+        what = (f"`{fit.equation('loss', xname)}`, R² (log-log) = {fit.r2:.3f}" if fit else "not fitted (< 2 distinct x)")
+        lines.append(f"- {group} = {g} ({len(xs)} points): {what}; falls monotonically: {'yes' if falls else 'no'}")
+    return lines
+
+
 def plot_loss_vs_compute(rows: list[dict[str, Any]], path: Path) -> PowerLawFit | None:
     c, loss, fit = compute_fit(rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -259,6 +293,10 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
                                  report_dir / "metric_vs_params.png")
     by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
                               report_dir / "metric_vs_seq_len.png")
+    loss_by_params = plot_loss_fits(rows, "max_seq_len", "dense_params", "dense parameters",
+                                    report_dir / "loss_vs_params.png")
+    loss_by_len = plot_loss_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
+                                 report_dir / "loss_vs_seq_len.png")
     loss_fit = plot_loss_vs_compute(rows, report_dir / "loss_vs_compute.png")
     plot_learning_curves(rows, curves, report_dir / "learning_curves.png")
 
@@ -269,6 +307,10 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
           *_fit_lines(by_params, "max_seq_len", "N"), "",
           "## Metric vs sequence length", "", "![metric vs seq len](metric_vs_seq_len.png)", "",
           *_fit_lines(by_len, "model", "L"), "",
+          "## Loss at equal tokens vs dense parameters", "", "![loss vs params](loss_vs_params.png)", "",
+          *_loss_fit_lines(loss_by_params, "max_seq_len", "N"), "",
+          "## Loss at equal tokens vs sequence length", "", "![loss vs seq len](loss_vs_seq_len.png)", "",
+          *_loss_fit_lines(loss_by_len, "model", "L"), "",
           "## Loss vs training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
           (f"- `{loss_fit.equation()}` (C in FLOPs = flops_per_token x tokens), R² (log-log) = {loss_fit.r2:.3f}, "
            f"{loss_fit.n} runs" if loss_fit else "- not fitted (< 2 distinct compute values)"), "",

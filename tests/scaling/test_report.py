@@ -44,7 +44,8 @@ def test_report_from_fake_runs(tmp_path):
     assert float(row["hr@10"]) == pytest.approx(expected_hr(10_000, 64))
     assert float(row["compute"]) == pytest.approx((6 * 10_000 + 6 * 64) * 8192)
 
-    for png in ("metric_vs_params", "metric_vs_seq_len", "loss_vs_compute", "learning_curves"):
+    for png in ("metric_vs_params", "metric_vs_seq_len", "loss_vs_params", "loss_vs_seq_len", "loss_vs_compute",
+                "learning_curves"):
         assert (tmp_path / "report" / f"{png}.png").read_bytes()[:8] == PNG_MAGIC
         assert f"({png}.png)" in report.read_text()
     text = report.read_text()

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lum_dist import checkpoint
 from lum_dist.train.monitor import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -176,7 +177,6 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_a_damaged_checkpoint_is_named_and_auto_resume_skips_it(reference, tmp_path, damage, capsys):
-    from lum_dist.train import checkpoint
 
     root = tmp_path / "checkpoints"
     shutil.copytree(reference / "ref" / "checkpoints", root)
@@ -191,7 +191,6 @@ def test_a_damaged_checkpoint_is_named_and_auto_resume_skips_it(reference, tmp_p
 
 
 def test_a_truncated_file_is_named_and_every_damaged_checkpoint_is_an_error(reference, tmp_path):
-    from lum_dist.train import checkpoint
 
     root = tmp_path / "checkpoints"
     shutil.copytree(reference / "ref" / "checkpoints", root)

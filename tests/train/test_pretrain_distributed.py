@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lum_dist.checkpoint import DS_TAG, find_resume_checkpoint
+from lum_dist.data.prepare import load_vocab, read_users
+from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+from lum_dist.model import LUMModel
+from lum_dist.parallel import fp32_state_dict
 from lum_dist.train.monitor import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -57,13 +62,9 @@ def _run(tmp: Path, out: str, extra_env: dict | None = None) -> int:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from lum_dist.train.checkpoint import DS_TAG, find_resume_checkpoint
-
     ckpt = find_resume_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step_{STEPS:08d}"
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    return fp32_state_dict(ckpt / DS_TAG, zero_stage=3)
 
 
 def _assert_same_run(tmp: Path, ref: str, other: str) -> None:
@@ -151,9 +152,6 @@ def test_export_ranks_like_the_evaluation_and_writes_a_consolidated_hf_model(ref
     import numpy as np
     import pyarrow.parquet as pq
 
-    from lum_dist.data.prepare import load_vocab, read_users
-    from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
-    from lum_dist.model import LUMModel
 
     out = reference / "export"
     _launch_script("export.py", "--checkpoint", str(reference / "ref"), "--split", "valid", "--max-users", "40",
