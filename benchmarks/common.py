@@ -7,43 +7,15 @@ and a UTC timestamp, so a number can always be traced to the code and machine th
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lum_dist.utils import atomic_write_text
+from lum_dist.utils import atomic_write_text, format_number, git_commit, provenance  # noqa: F401 (re-exported)
 
 # $LUM_BENCH_RESULTS redirects the output (the CI smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("LUM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def git_commit() -> str:
-    """HEAD's hash, suffixed ``-dirty`` when tracked files differ from it."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def provenance() -> dict[str, str]:
-    """Device, git commit, torch version and a UTC timestamp: what every result's meta carries."""
-    return {"device": device_name(), "git_commit": git_commit(), "torch": torch.__version__,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
@@ -54,19 +26,13 @@ def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     return path
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
-    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-
-
 def print_table(rows: list[dict[str, Any]]) -> str:
     """Print rows (dicts sharing keys) as an aligned table; return the text."""
     if not rows:
         print("(no rows)")
         return "(no rows)"
     cols = list(rows[0])
-    cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+    cells = [[format_number(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=False)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=False)) for row in cells]

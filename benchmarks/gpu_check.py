@@ -66,15 +66,17 @@ import group_query as gq_bench  # noqa: E402
 import train_throughput as train_bench  # noqa: E402
 from common import RESULTS, print_table, provenance  # noqa: E402
 
-from lum_dist.data.prepare import prepare  # noqa: E402
-from lum_dist.data.schema import DatasetMeta  # noqa: E402
+from lum_dist.data.prepare import (
+    load_meta,  # noqa: E402
+    prepare,  # noqa: E402
+)
 from lum_dist.ops.attention import available_backends  # noqa: E402
 from lum_dist.ops.group_query import flops as gq_flops  # noqa: E402
 from lum_dist.ops.group_query import group_query_reference  # noqa: E402
 from lum_dist.scaling.grid import LauncherConfig  # noqa: E402
 from lum_dist.scaling.memory import GiB, TrainSetup, per_gpu_bytes, shape_from_preset  # noqa: E402
 from lum_dist.train.monitor import peak_flops, read_metrics  # noqa: E402
-from lum_dist.utils import atomic_write_text  # noqa: E402
+from lum_dist.utils import atomic_write_text, format_number  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "pytest", "attention", "group_query", "train")
@@ -262,24 +264,13 @@ def uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{c: "" if r.get(c) is None else r[c] for c in cols} for r in rows]
 
 
-def fmt(v: Any) -> str:
-    """A table cell: thousands separators, three significant digits, small numbers in e-notation."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    if not isinstance(v, float):
-        return str(v)
-    if v != 0 and abs(v) < 0.01:
-        return f"{v:.2e}"
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) >= 100 else f"{v:.3f}"
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
     rows = uniform(rows)
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_number(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -539,10 +530,10 @@ TRAIN_COLUMNS = ["preset", "status", "dense_params", "seq_len", "tokens_per_step
                  "pred_mem_gib", "mem_ratio", "final_loss", "seconds"]
 
 
-def predicted_memory_gib(preset: str, meta_path: Path, tokens: int, world: int = 1) -> float:
+def predicted_memory_gib(preset: str, data_path: Path, tokens: int, world: int = 1) -> float:
     """The memory model's GPU bytes of ZeRO-3 training without its ``reserved`` allowance (CUDA context,
     fragmentation), i.e. what torch.cuda.max_memory_allocated measures, in GiB."""
-    meta = DatasetMeta.load(meta_path)
+    meta = load_meta(data_path)
     shape = shape_from_preset(preset, meta.num_items, meta.cond_vocab_sizes(),
                               num_numeric=len(meta.numeric_fields))
     parts = per_gpu_bytes(shape, TrainSetup(num_gpus=world, zero_stage=3, micro_batch_tokens=tokens,
@@ -594,7 +585,6 @@ def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
     data = work / "data"
     t0 = time.monotonic()
     prepare(plan.train_data, data)
-    meta_path = data / "meta.json"
     launcher = LauncherConfig(kind="python", env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
                               if plan.dry_run else {})
     rec.meta.update(
@@ -616,7 +606,7 @@ def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
         row: dict[str, Any] = {"preset": preset, "seq_len": plan.train_seq_len,
                                "tokens_per_step": plan.train_tokens}
         try:
-            row["pred_mem_gib"] = predicted_memory_gib(preset, meta_path, plan.train_tokens,
+            row["pred_mem_gib"] = predicted_memory_gib(preset, data, plan.train_tokens,
                                                        launcher.world_size)
         except Exception as e:
             rec.fail(f"{preset}: memory model: {type(e).__name__}: {e}")

@@ -105,8 +105,8 @@ def table(results: dict[tuple[str, str], list[dict]], datasets: list[str]) -> tu
             ratio = " / ".join(f"{statistics.mean(vals(lum, m)) / statistics.mean(vals(sas, m)):.3f}"
                                for m in METRICS) if lum and sas else "-"
             epochs = " / ".join(f"{statistics.mean(r['epochs'] for r in runs):.0f}" if runs else "-" for runs in (lum, sas))
-            minutes = " / ".join(f"{statistics.mean(r.get('wall_seconds', 0) for r in runs) / 60:.1f}" if runs else "-"
-                                 for runs in (lum, sas))
+            minutes = " / ".join(f"{statistics.mean(r['wall_seconds'] for r in runs) / 60:.0f}"
+                                 if runs and all("wall_seconds" in r for r in runs) else "-" for runs in (lum, sas))
             lines.append(f"| {ds} | {split} | {len(lum)} / {len(sas)} | {cells[0]} | {cells[1]} | {cells[2]} | "
                          f"{cells[3]} | {cells[4]} | {cells[5]} | {ratio} | {epochs} | {minutes} |")
             rows.append(row)

@@ -31,8 +31,9 @@ from common import print_table, write_result  # noqa: E402
 from lum_dist.scaling.grid import LauncherConfig, launch_command, subprocess_runner  # noqa: E402
 from lum_dist.train.monitor import read_metrics  # noqa: E402
 
-FLOP_FORMULA = ("model FLOPs/token = lum_dist.model.flops_per_token = 6 * matmul params + 6 * layers * hidden * "
-                "seq_len (fwd + bwd, causal attention); MFU = tokens/s * FLOPs/token / (peak bf16 FLOP/s * GPUs)")
+FLOP_FORMULA = ("per batch, the model config's train_flops over the real sequence lengths: 6 * matmul params * "
+                "tokens + 12 * layers * hidden * sum_s L_s (L_s + 1) / 2 (fwd + bwd, causal attention); MFU = "
+                "model FLOP/s / (peak FLOP/s of the precision * GPUs), evaluation and checkpoint time excluded")
 
 
 def overrides_for(preset: str, seq_len: int, packing: str, zero: int, steps: int, token_budget: int,
@@ -61,7 +62,7 @@ def measure(launcher: LauncherConfig, base: str, overrides: list[str], out: Path
     m, result = speeds[-1], json.loads((out / "result.json").read_text())
     return {"status": "ok", "dense_params": result["params"]["dense"], "tokens_per_s": m["tokens_per_s"],
             "tokens_per_s_per_device": m.get("tokens_per_s_per_device"),
-            "model_tflops_per_s": m["tokens_per_s"] * result["flops_per_token"] / 1e12, "mfu": m.get("mfu"),
+            "model_tflops_per_s": m["tflops_per_device"] * result["world_size"], "mfu": m.get("mfu"),
             "tflops_per_device": m.get("tflops_per_device"), "data_wait": m.get("data_wait"),
             "peak_mem_gib": m.get("mem_gib"), "final_loss": m.get("loss")}
 

@@ -7,15 +7,19 @@ costs seconds of start-up (the two helpers that need it import it themselves, fo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import os
+import platform
 import random
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,3 +158,45 @@ def expand_source(source: dict) -> dict:
     """A data source spec with its ``input``/``meta`` paths expanded (see expand_data_path)."""
     return {k: expand_data_path(v) if k in ("input", "meta") and isinstance(v, str) else v
             for k, v in source.items()}
+
+
+def format_number(v: Any) -> str:
+    """A table cell: ``-`` for None, thousands separators, 3 decimals below 100, e-notation below 0.01 (every
+    printed table and report uses this one rule)."""
+    if v is None:
+        return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if not isinstance(v, float):
+        return str(v)
+    if v != 0 and abs(v) < 0.01:
+        return f"{v:.2e}"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}"
+
+
+def device_name() -> str:
+    """The accelerator this process computes on, or the CPU with its core count."""
+    import torch  # see the module docstring: start-up time, not an import cycle
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    """HEAD's hash of this checkout, suffixed ``-dirty`` when tracked files differ from it; "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def provenance() -> dict[str, str]:
+    """Device, git commit, torch version and a UTC timestamp: what every result file records."""
+    import torch  # see the module docstring: start-up time, not an import cycle
+
+    return {"device": device_name(), "git_commit": git_commit(), "torch": torch.__version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

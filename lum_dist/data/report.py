@@ -19,6 +19,7 @@ from lum_dist.config import DataConfig
 from lum_dist.data.loader import PackedLoader
 from lum_dist.data.prepare import iter_user_shards, load_meta
 from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS
+from lum_dist.utils import format_number
 
 PERCENTILES = (50, 90, 99)
 
@@ -79,13 +80,9 @@ def packing_report(path: str | Path, data_cfg: DataConfig, num_batches: int = 50
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
     if isinstance(v, dict):
         return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
-    return str(v)
+    return format_number(v)
 
 
 def format_report(d: dict[str, Any]) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from lum_dist.config import REPO_ROOT, to_dict
+from lum_dist.config import to_dict
 from lum_dist.downstream import ranking, retrieval
 from lum_dist.downstream.config import DownstreamConfig
 from lum_dist.downstream.lum_features import conditional_outputs, open_query_dir, user_outputs
@@ -39,7 +37,7 @@ from lum_dist.downstream.samples import (
     load_dataset,
 )
 from lum_dist.downstream.train import split_holdout
-from lum_dist.utils import atomic_write_text
+from lum_dist.utils import atomic_write_text, device_name, git_commit
 
 
 def lum_for_ctr(data: Dataset, req: Requests, s: CTRSamples, query_dir: str, split: str,
@@ -154,7 +152,7 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
             "counts": {"users": data.users.num_rows, "items": data.num_items, "train_requests": len(train_req.target),
                        "eval_requests": len(eval_req.target), "dropped_unk_targets":
                        train_req.dropped_unk + eval_req.dropped_unk, **counts},
-            "device": _device(), "processes": PartialState().num_processes, "git_commit": _git_commit(),
+            "device": device_name(), "processes": PartialState().num_processes, "git_commit": git_commit(),
             "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -166,15 +164,3 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
         atomic_write_text(out / f"{cfg.name}.md", text)
         print(text)
     return result
-
-
-def _device() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
-
-
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip()

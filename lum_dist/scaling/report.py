@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from lum_dist.scaling.fit import LogFit, PowerLawFit, fit_log, fit_power_law  # noqa: E402
 from lum_dist.scaling.grid import Run, SweepConfig, resolve_path  # noqa: E402
 from lum_dist.scaling.memory import H100_80GB, ModelShape, TrainSetup, gpus_table, shape_from_preset  # noqa: E402
-from lum_dist.utils import atomic_write_bytes, atomic_write_text  # noqa: E402
+from lum_dist.utils import atomic_write_bytes, atomic_write_text, format_number  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10")
 FINISHED = ("ok", "skipped")  # run statuses whose result.json exists
@@ -261,18 +261,10 @@ def plot_learning_curves(rows: list[dict[str, Any]], curves: dict[str, tuple[np.
 # markdown
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
-
-
 def markdown_table(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
     cols = list(columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_number(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
