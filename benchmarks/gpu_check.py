@@ -66,10 +66,7 @@ import group_query as gq_bench  # noqa: E402
 import train_throughput as train_bench  # noqa: E402
 from common import RESULTS, print_table, provenance  # noqa: E402
 
-from lum_dist.data.prepare import (
-    load_meta,  # noqa: E402
-    prepare,  # noqa: E402
-)
+from lum_dist.data.prepare import load_meta, prepare  # noqa: E402
 from lum_dist.ops.attention import available_backends  # noqa: E402
 from lum_dist.ops.group_query import flops as gq_flops  # noqa: E402
 from lum_dist.ops.group_query import group_query_reference  # noqa: E402
