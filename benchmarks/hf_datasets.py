@@ -9,7 +9,11 @@ Side by side, on the same prepared dataset, tokenizer and packer, the real token
   ``tokenize_train`` + condition dropout + best-fit packing + ``collate`` (its ``state_dict()`` gives the resume);
 * ``hf-streaming-batched``: the same, reading rows 1,024 at a time (``.iter(batch_size)``), the fast way to read.
 
-The loader must keep up with the trainer (issue #13: adopt ``datasets`` only at >= 90 % of today's throughput).
+The loader must keep up with the trainer: ``datasets`` would replace it only at >= 90 % of its throughput. Measured
+(benchmarks/results/hf_datasets.json): 60-63 % on the synthetic data and 1-9 % on Beauty, whose short users make
+per-row work dominate; the project's loader tokenizes whole shuffle buffers with array operations, which a
+row-streaming pipeline cannot feed. So ``datasets`` is not a dependency (it stays in the ``dev`` extra for this
+script).
 
     python benchmarks/hf_datasets.py            # synthetic + Beauty (when $LUM_DATA_DIR has it)
     python benchmarks/hf_datasets.py --smoke    # tiny synthetic data, seconds

@@ -1,7 +1,7 @@
 """Evaluate a pretrained LUM by full ranking over all items, next to the popularity baseline.
 
-    python launch/evaluate.py --checkpoint runs/pretrain-ml100k --split valid test
-    python launch/evaluate.py --checkpoint runs/pretrain-ml100k --out benchmarks/results/pretrain/ml100k
+    python launch/evaluate.py --checkpoint runs/pretrain-ml100k-lum --split valid test
+    python launch/evaluate.py --checkpoint runs/pretrain-ml100k-lum --out runs/eval-ml100k
 
 One process on the CPU from any (ZeRO-sharded) checkpoint; prints a markdown table and, with ``--out P``,
 writes ``P.json`` and ``P.md``. Each user's held-out behaviour of the split is ranked among all items, the

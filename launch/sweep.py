@@ -1,8 +1,8 @@
 """Scaling-law sweep: run every (preset, max_seq_len, seed) pretraining run, then fit and report.
 
-    python launch/sweep.py --config configs/sweeps/cpu-ml100k.yaml            # run (resumable), then report
+    python launch/sweep.py --config configs/sweeps/synthetic-size.yaml            # run (resumable), then report
     python launch/sweep.py --config configs/sweeps/cluster-ladder.yaml --dry-run   # print the commands only
-    python launch/sweep.py --config configs/sweeps/cpu-ml100k.yaml --report-only   # re-collect and re-plot
+    python launch/sweep.py --config configs/sweeps/synthetic-size.yaml --report-only   # re-collect and re-plot
 
 Runs go one after another; finished runs (result.json present) are skipped, a failed run is reported
 and the sweep goes on. Sweep fields can be overridden as ``key=value`` (e.g. ``seeds=[0,1]``).

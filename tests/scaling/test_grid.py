@@ -107,9 +107,11 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
 
 
 def test_shipped_sweep_configs_expand():
-    cpu = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/cpu-ml100k.yaml"))
-    assert len(cpu) == 16 and {r.max_seq_len for r in cpu} == {32, 64, 128, 256}
-    assert {r.max_steps * r.tokens_per_step for r in cpu} == {614_400}  # one token budget for every run
+    size = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-size.yaml"))
+    assert len(size) == 5 and {r.max_seq_len for r in size} == {512}
+    assert {r.max_steps * r.tokens_per_step for r in size} == {1_572_864}  # one token budget for every run
+    context = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-context.yaml"))
+    assert {r.max_seq_len for r in context} == {64, 128, 256, 512, 1024} and len({r.model for r in context}) == 1
     ladder_sweep = load_sweep(REPO_ROOT / "configs/sweeps/cluster-ladder.yaml")
     ladder = expand_grid(ladder_sweep)
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
@@ -125,8 +127,8 @@ def test_subprocess_runner_logs_and_returns_status(tmp_path):
     assert log.read_text().strip() == "hello 42"
 
 
-def test_per_preset_run_overrides_reach_only_that_preset():
-    sweep = load_sweep(REPO_ROOT / "configs/sweeps/cpu-ml100k-lr.yaml")
-    lrs = {r.model: [o for o in r.overrides if o.startswith("optim.lr=")] for r in expand_grid(sweep)}
-    assert lrs == {"h32": ["optim.lr=4.0e-3"], "h64": ["optim.lr=2.0e-3"], "h128": ["optim.lr=1.0e-3"],
-                   "h256": ["optim.lr=5.0e-4"]}
+def test_per_preset_run_overrides_reach_only_that_preset(tmp_path):
+    path = write_sweep(tmp_path, presets=[{"name": "a", "preset": "lum-tiny", "run_overrides": ["optim.lr=4.0e-3"]},
+                                          {"name": "b", "preset": "lum-tiny"}], max_seq_lens=[32], seeds=[0])
+    lrs = {r.model: [o for o in r.overrides if o.startswith("optim.lr=")] for r in expand_grid(load_sweep(path))}
+    assert lrs == {"a": ["optim.lr=4.0e-3"], "b": []}
