@@ -38,7 +38,8 @@ class PowerLawFit:
         return self.coef * np.power(c, -self.alpha)
 
     def equation(self, y: str = "L", x: str = "C") -> str:
-        return f"{y} = {self.coef:.4g} * {x}^(-{self.alpha:.4g})"
+        # the exponent with its sign: a loss that rises with C reads C^(+0.1), never C^(--0.1)
+        return f"{y} = {self.coef:.4g} * {x}^({-self.alpha:+.4g})"
 
 
 def r_squared(y: np.ndarray, pred: np.ndarray) -> float:

@@ -211,9 +211,12 @@ def plot_loss_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str, 
 def _loss_fit_lines(fits: dict[Any, tuple], group: str, xname: str) -> list[str]:
     lines = []
     for g, (xs, ys, fit) in fits.items():
-        falls = bool(len(ys) > 1 and np.all(np.diff(ys) < 0))
-        what = (f"`{fit.equation('loss', xname)}`, R² (log-log) = {fit.r2:.3f}" if fit else "not fitted (< 2 distinct x)")
-        lines.append(f"- {group} = {g} ({len(xs)} points): {what}; falls monotonically: {'yes' if falls else 'no'}")
+        if not fit:
+            lines.append(f"- {group} = {g} ({len(xs)} points): not fitted (< 2 distinct x)")
+            continue
+        falls = "yes" if np.all(np.diff(ys) < 0) else "no"
+        lines.append(f"- {group} = {g} ({len(xs)} points): `{fit.equation('loss', xname)}`, R² (log-log) = "
+                     f"{fit.r2:.3f}; falls monotonically: {falls}")
     return lines
 
 

@@ -40,7 +40,14 @@ def test_power_law_recovers_coefficients(seed):
     fit = fit_power_law(c, coef * c ** -alpha)
     assert fit.coef == pytest.approx(coef, rel=1e-8) and fit.alpha == pytest.approx(alpha, rel=1e-8)
     assert fit.r2 == pytest.approx(1.0, abs=1e-12)
-    assert "C^(-" in fit.equation()
+    assert "C^(-" in fit.equation() and "--" not in fit.equation()  # a falling loss: one minus sign
+
+
+def test_power_law_equation_of_a_rising_loss_has_a_positive_exponent():
+    c = np.geomspace(1e3, 1e6, 4)
+    fit = fit_power_law(c, 2.0 * c ** 0.1)
+    assert fit.alpha == pytest.approx(-0.1, rel=1e-8)
+    assert "C^(+0.1)" in fit.equation()
 
 
 def test_power_law_noisy_r2_below_one():
