@@ -46,12 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # Imported after parsing for start-up time (--help answers without torch), not to dodge an import cycle.
-    from lum_dist.config import PretrainConfig, load_config
+    from lum_dist.config import GENERIC_CONDITION, PretrainConfig, QueryConfig, load_config
     from lum_dist.data.prepare import prepare
     from lum_dist.data.report import dataset_report, format_report, packing_report
     from lum_dist.downstream.config import DownstreamConfig
     from lum_dist.downstream.run import run_downstream
-    from lum_dist.query.job import GENERIC, QueryJob
     from lum_dist.query.job import run as run_query
     from lum_dist.train.trainer import pretrain
     from lum_dist.utils import expand_source, folder_lock
@@ -75,11 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = pretrain(cfg)
 
         print("== 3. step 2, knowledge querying: one pass per user answers every condition")
-        conditions = [GENERIC] + [f"{f}=ALL" for f in meta.item_cond_fields]
+        conditions = [GENERIC_CONDITION] + [f"{f}=ALL" for f in meta.item_cond_fields]
         # The validation-time outputs serve the downstream training requests: they must predate the first one.
         lags = {"valid": dcfg.train_requests_per_user - 1, "test": 0}
         for split, out in query_dirs.items():
-            run_query(QueryJob(checkpoint=str(run_dir), out=str(out), conditions=conditions, split=split,
+            run_query(QueryConfig(checkpoint=str(run_dir), out=str(out), conditions=conditions, split=split,
                                lag=lags[split]))
             print(f"   {split}: {out} ({len(conditions)} condition specs, lag {lags[split]})")
 

@@ -7,8 +7,10 @@ Unknown keys are errors, so a typo in a YAML file or on the command line never p
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -178,6 +180,85 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# The commands that read a trained model: flat configs, from flags (``--max-users 40``) over an optional YAML
+# file (``--config``). Their help texts are the ``--help`` of launch/evaluate.py, export.py and query.py.
+
+GENERIC_CONDITION = "*"  # the generic query: every condition field MASK
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_CHECKPOINT_HELP = ("a checkpoint dir (checkpoints/step_N), a checkpoints/ folder or a run's output dir; a folder "
+                    "resolves to its best validation checkpoint, else its newest complete one")
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass
+class EvaluateConfig:
+    """launch/evaluate.py: full-ranking evaluation of a checkpoint, beside the popularity baseline."""
+    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
+    split: list[Split] = field(default_factory=lambda: ["valid", "test"], metadata=_help(
+        "held-out behaviours to rank: 'valid' (second last, history before it) and/or 'test' (last)"))
+    max_users: int = field(default=0, metadata=_help(
+        "evaluate only the first N users with a held-out behaviour, in dataset order (0: every such user)"))
+    ks: list[int] = field(default_factory=lambda: [10, 20], metadata=_help(
+        "cut-offs K of HR@K and NDCG@K; MRR is always reported"))
+    out: str | None = field(default=None, metadata=_help(
+        "also write <out>.json (every metric, checkpoint, step, dataset) and <out>.md (the table)"))
+
+    def __post_init__(self) -> None:
+        check(bool(self.split), "split", "name at least one split")
+        check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cut-offs >= 1")
+        check(self.max_users >= 0, "max_users", f"{self.max_users}: need >= 0")
+
+
+@dataclass
+class ExportConfig:
+    """launch/export.py: user and item embeddings (parquet) and, optionally, a save_pretrained model."""
+    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
+    out: str = field(metadata=_help("output folder (replaced atomically)"))
+    split: Split = field(default="test", metadata=_help(
+        "user embeddings from the history before this split's held-out behaviour"))
+    max_users: int = field(default=0, metadata=_help(
+        "export only the first N users with a held-out behaviour (0: all)"))
+    hf: bool = field(default=False, metadata=_help("also write <out>/model (save_pretrained, safetensors)"))
+
+    def __post_init__(self) -> None:
+        check(self.max_users >= 0, "max_users", f"{self.max_users}: need >= 0")
+
+
+@dataclass
+class QueryConfig:
+    """launch/query.py (step 2): many condition queries per user in one pass, written as parquet for serving."""
+    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
+    out: str = field(metadata=_help("output folder (created; re-used to resume the same job)"))
+    conditions: list[str] = field(default_factory=lambda: [GENERIC_CONDITION], metadata=_help(
+        "one query per spec and user: '*' (generic: every condition field MASK), '<field>=<raw value>' "
+        "(e.g. category=Books), or '<field>=ALL' (every training value of the field)"))
+    split: Split = field(default="test", metadata=_help(
+        "history up to the test target (valid_end) or the validation target (train_end)"))
+    lag: int = field(default=0, metadata=_help(
+        "end each history this many behaviours before the split's target (outputs that also serve the "
+        "downstream training requests before it)"))
+    token_budget: int = field(default=8192, metadata=_help(
+        "tokens per packed row (histories plus their query tokens, many users per row); bounds the memory "
+        "of a forward pass"))
+    users_per_shard: int = field(default=4096, metadata=_help(
+        "users per output parquet shard, the unit of work per rank and of resume"))
+    max_users: int = field(default=0, metadata=_help("answer only the first N users of the dataset (0: all)"))
+    device: str = field(default="auto", metadata=_help(
+        "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'; bf16 on CUDA"))
+
+    def __post_init__(self) -> None:
+        check(bool(self.conditions), "conditions", "name at least one condition spec")
+        check(self.lag >= 0 and self.max_users >= 0, "lag", "lag and max_users must be >= 0")
+        check(self.token_budget >= 2 and self.users_per_shard >= 1, "token_budget",
+              f"token_budget={self.token_budget} (>= 2), users_per_shard={self.users_per_shard} (>= 1)")
+        check(bool(_DEVICE.fullmatch(self.device)), "device",
+              f"{self.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+# ---------------------------------------------------------------------------------------------
 # YAML + overrides, checked at load: unknown keys, wrong types and values outside an enum (``Literal``)
 # fail before any data is read or any process group is made, naming the key, the value and what is allowed.
 
@@ -247,6 +328,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if k not in names:
             key = f"{where}.{k}" if where else str(k)
             raise ConfigError(f"{key}: unknown key{did_you_mean(k, names)}; valid keys here: {', '.join(names)}", key)
+    for f in dataclasses.fields(cls):
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            key = f"{where}.{f.name}" if where else f.name
+            raise ConfigError(f"{key}: required, and not set", key)
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -272,9 +357,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """``cls`` from a YAML file (optional) with ``section.key=value`` overrides, checked now. A bad key or value
-    raises ConfigError naming it and where it came from (the file, or the command line)."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                flags: dict[str, Any] | None = None) -> T:
+    """``cls`` from a YAML file (optional) with ``section.key=value`` overrides and then ``flags`` (top-level
+    keys whose values argparse already parsed), checked now. A bad key or value raises ConfigError naming it
+    and where it came from (the file, or the command line)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -285,6 +372,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     set_on_command_line = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
     data = apply_overrides(data, list(overrides))  # its errors already name the command line
+    data.update(flags or {})
+    set_on_command_line |= set(flags or {})
     try:
         return from_dict(cls, data)
     except ConfigError as e:
@@ -297,3 +386,49 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# A flat config as command-line flags: one flag per field (``max_users`` -> ``--max-users``), help text and
+# allowed values from the dataclass, next to ``--config`` for a YAML file of the same keys. The dataclass keeps
+# the defaults: an unset flag is absent from the namespace (SUPPRESS), so a value comes from the flag, else the
+# file, else the dataclass, and load_config checks all of them the same way as a pretraining config.
+
+
+def _flag_kwargs(tp: Any, f: dataclasses.Field) -> dict[str, Any]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    kwargs: dict[str, Any] = {}
+    if typing.get_origin(tp) is list:
+        kwargs["nargs"] = "+"
+        (tp,) = typing.get_args(tp)
+    allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+    if tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = type(allowed[0]) if allowed else tp
+    text = f.metadata.get("help", "")
+    if allowed:
+        text += f" (one of: {', '.join(map(str, allowed))})"
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text += f"; default: {' '.join(map(str, default)) if isinstance(default, list) else default}"
+    else:
+        text += "; required"
+    return {**kwargs, "help": text}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--config`` and one flag per field of the flat dataclass ``cls``."""
+    parser.add_argument("--config", default=None, help="a YAML file of these keys (max_users: 40, ...); "
+                        "flags given on the command line override it")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                            **_flag_kwargs(hints[f.name], f))
+
+
+def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
+    """The config ``add_config_flags`` described: flags over the YAML file over the defaults, checked."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return load_config(cls, args.config, flags=flags)

@@ -4,9 +4,21 @@ where the value came from (the file or the command line)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import pytest
 
-from lum_dist.config import ConfigError, PretrainConfig, load_config
+from lum_dist.config import (
+    ConfigError,
+    EvaluateConfig,
+    ExportConfig,
+    PretrainConfig,
+    QueryConfig,
+    add_config_flags,
+    config_from_flags,
+    load_config,
+)
 
 CONFIG = "configs/pretrain/synthetic.yaml"
 
@@ -75,3 +87,56 @@ def test_every_shipped_pretrain_config_loads():
 
     for path in sorted(Path("configs/pretrain").glob("*.yaml")):
         load_config(PretrainConfig, path)
+
+
+# The commands that read a trained model (evaluate, export, query): flags over an optional YAML file over the
+# dataclass defaults, every value checked by the same load_config.
+
+@pytest.mark.parametrize("cls", [EvaluateConfig, ExportConfig, QueryConfig])
+def test_every_field_is_a_documented_flag(cls):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, cls)
+    flags = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(cls):
+        assert f.name in flags and f"--{f.name.replace('_', '-')}" in flags[f.name].option_strings
+        assert f.metadata.get("help") and flags[f.name].help.startswith(f.metadata["help"])
+
+
+def _from_flags(cls, argv):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, cls)
+    return config_from_flags(cls, parser.parse_args(argv))
+
+
+def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
+    path = tmp_path / "query.yaml"
+    path.write_text("checkpoint: runs/a\nout: runs/q\nlag: 3\ntoken_budget: 1024\n")
+    cfg = _from_flags(QueryConfig, ["--config", str(path), "--lag", "1", "--conditions", "*", "category=ALL"])
+    assert (cfg.checkpoint, cfg.lag, cfg.token_budget) == ("runs/a", 1, 1024)  # flag, flag, file
+    assert cfg.conditions == ["*", "category=ALL"] and cfg.users_per_shard == 4096  # flag, default
+    cfg = _from_flags(ExportConfig, ["--checkpoint", "c", "--out", "o", "--hf"])
+    assert cfg.hf is True and cfg.split == "test"
+    cfg = _from_flags(EvaluateConfig, ["--checkpoint", "c", "--split", "valid", "--ks", "5", "50"])
+    assert cfg.split == ["valid"] and cfg.ks == [5, 50] and cfg.out is None
+
+
+@pytest.mark.parametrize("cls,argv,message", [
+    (QueryConfig, ["--checkpoint", "c", "--out", "o", "--split", "tset"],
+     "command line: split: 'tset' is not one of 'valid', 'test' \\(did you mean 'test'\\?\\)"),
+    (EvaluateConfig, ["--checkpoint", "c", "--split", "valid", "tests"], "split\\[1\\]: 'tests' is not one of"),
+    (QueryConfig, ["--out", "o"], "checkpoint: required"),
+    (QueryConfig, ["--checkpoint", "c", "--out", "o", "--device", "gpu"], "device: 'gpu' is not one of"),
+    (QueryConfig, ["--checkpoint", "c", "--out", "o", "--token-budget", "1"], "token_budget"),
+    (EvaluateConfig, ["--checkpoint", "c", "--ks", "0"], "ks: \\[0\\]: need cut-offs >= 1"),
+    (ExportConfig, ["--checkpoint", "c", "--out", "o", "--max-users", "-1"], "max_users: -1"),
+])
+def test_bad_flags_are_named(cls, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        _from_flags(cls, argv)
+
+
+def test_a_bad_value_in_a_flat_config_file_is_blamed_on_the_file(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text("checkpoint: runs/a\nmax_user: 4\n")
+    with pytest.raises(ConfigError, match=f"{path}: max_user: unknown key \\(did you mean 'max_users'\\?\\)"):
+        _from_flags(EvaluateConfig, ["--config", str(path)])

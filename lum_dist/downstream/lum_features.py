@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lum_dist.config import GENERIC_CONDITION
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 
-GENERIC = "*"
+GENERIC = GENERIC_CONDITION
 SEP = "\x1f"  # joins user id and condition into one lookup key; never in either
 
 

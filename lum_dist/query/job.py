@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lum_dist.checkpoint import load_model, resolve_checkpoint
+from lum_dist.config import GENERIC_CONDITION, QueryConfig
 from lum_dist.data.packing import best_fit_decreasing, collate
 from lum_dist.data.prepare import item_embedding_table, load_vocab, read_users
 from lum_dist.data.schema import MASK_ID, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
@@ -44,20 +45,7 @@ from lum_dist.data.tokenize import tokenize_group_query
 from lum_dist.model import LUMModel, SASRecModel
 from lum_dist.utils import atomic_write_bytes, atomic_write_text, dist_info
 
-GENERIC = "*"
-
-
-@dataclass
-class QueryJob:
-    checkpoint: str
-    out: str
-    conditions: list[str] = field(default_factory=lambda: [GENERIC])  # "*", "field=value", "field=ALL"
-    split: str = "test"  # history ends at valid_end ("test") or train_end ("valid")
-    lag: int = 0  # ... minus this many behaviours (outputs that serve the `lag` requests before the target too)
-    token_budget: int = 8192  # tokens per packed row
-    users_per_shard: int = 4096
-    max_users: int = 0
-    device: str = "auto"
+GENERIC = GENERIC_CONDITION
 
 
 def parse_conditions(specs: list[str], meta: DatasetMeta, data_path: Path) -> tuple[list[str], np.ndarray]:
@@ -132,7 +120,7 @@ def answer_users(model: LUMModel | SASRecModel, users: pa.Table, meta: DatasetMe
     return result
 
 
-def run(job: QueryJob) -> Path:
+def run(job: QueryConfig) -> Path:
     """Answer every user's conditions (this rank's shards of them); returns the output folder. Under torchrun
     the ranks join a process group, so rank 0 writes the manifest once every rank's shards exist."""
     device = torch.device(job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -198,7 +186,7 @@ def join_launcher_group(device: torch.device) -> tuple[int, int]:
 OUTPUT_FIELDS = ("conditions", "split", "lag", "max_users", "users_per_shard")  # what the shards depend on
 
 
-def _record_or_check_job(out: Path, job: QueryJob, version: str) -> None:
+def _record_or_check_job(out: Path, job: QueryConfig, version: str) -> None:
     """Resuming into ``out`` is only safe for the same job: record it on the first run, refuse a different one."""
     spec = {"model_version": version, **{k: getattr(job, k) for k in OUTPUT_FIELDS}}
     path = out / "job.json"

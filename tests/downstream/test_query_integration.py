@@ -33,7 +33,7 @@ def test_query_job_output_runs_downstream(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(job, "load_model", lambda path: (model, cfg, DatasetMeta.load(root / "meta.json")))
     dirs = {}
     for split, lag in (("valid", 2), ("test", 0)):
-        dirs[split] = job.run(job.QueryJob(checkpoint=str(ckpt), out=str(tmp_path / f"query-{split}"),
+        dirs[split] = job.run(job.QueryConfig(checkpoint=str(ckpt), out=str(tmp_path / f"query-{split}"),
                                            conditions=["*", "category=ALL"], split=split, lag=lag, users_per_shard=16,
                                            token_budget=256, device="cpu"))
     import pyarrow.parquet as pq
@@ -46,7 +46,7 @@ def test_query_job_output_runs_downstream(tmp_path: Path, monkeypatch):
     for uid, end in zip(users.column("user_id").to_pylist(), users.column("train_end").to_pylist(), strict=True):
         assert hist[uid] == max(end - 2, 0)  # the answers saw the history up to train_end - lag
     with pytest.raises(ValueError, match="another query job"):  # resuming into it with other settings is refused
-        job.run(job.QueryJob(checkpoint=str(ckpt), out=str(dirs["valid"]), conditions=["*"], split="valid", lag=2,
+        job.run(job.QueryConfig(checkpoint=str(ckpt), out=str(dirs["valid"]), conditions=["*"], split="valid", lag=2,
                              users_per_shard=16, token_budget=256, device="cpu"))
     dcfg = load_config(DownstreamConfig, overrides=[
         f"data_path={root}", f"query_valid={dirs['valid']}", f"query_test={dirs['test']}", f"output_dir={tmp_path}",
