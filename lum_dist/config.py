@@ -189,21 +189,22 @@ _CHECKPOINT_HELP = ("a checkpoint dir (checkpoints/step_N), a checkpoints/ folde
                     "resolves to its best validation checkpoint, else its newest complete one")
 
 
-def _help(text: str) -> dict[str, Any]:
+def field_help(text: str) -> dict[str, Any]:
+    """A field's ``--help`` text (``field(metadata=field_help(...))``)."""
     return {"help": text}
 
 
 @dataclass
 class EvaluateConfig:
     """launch/evaluate.py: full-ranking evaluation of a checkpoint, beside the popularity baseline."""
-    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
-    split: list[Split] = field(default_factory=lambda: ["valid", "test"], metadata=_help(
+    checkpoint: str = field(metadata=field_help(_CHECKPOINT_HELP))
+    split: list[Split] = field(default_factory=lambda: ["valid", "test"], metadata=field_help(
         "held-out behaviours to rank: 'valid' (second last, history before it) and/or 'test' (last)"))
-    max_users: int = field(default=0, metadata=_help(
+    max_users: int = field(default=0, metadata=field_help(
         "evaluate only the first N users with a held-out behaviour, in dataset order (0: every such user)"))
-    ks: list[int] = field(default_factory=lambda: [10, 20], metadata=_help(
+    ks: list[int] = field(default_factory=lambda: [10, 20], metadata=field_help(
         "cut-offs K of HR@K and NDCG@K; MRR is always reported"))
-    out: str | None = field(default=None, metadata=_help(
+    out: str | None = field(default=None, metadata=field_help(
         "also write <out>.json (every metric, checkpoint, step, dataset) and <out>.md (the table)"))
 
     def __post_init__(self) -> None:
@@ -215,13 +216,13 @@ class EvaluateConfig:
 @dataclass
 class ExportConfig:
     """launch/export.py: user and item embeddings (parquet) and, optionally, a save_pretrained model."""
-    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
-    out: str = field(metadata=_help("output folder (replaced atomically)"))
-    split: Split = field(default="test", metadata=_help(
+    checkpoint: str = field(metadata=field_help(_CHECKPOINT_HELP))
+    out: str = field(metadata=field_help("output folder (replaced atomically)"))
+    split: Split = field(default="test", metadata=field_help(
         "user embeddings from the history before this split's held-out behaviour"))
-    max_users: int = field(default=0, metadata=_help(
+    max_users: int = field(default=0, metadata=field_help(
         "export only the first N users with a held-out behaviour (0: all)"))
-    hf: bool = field(default=False, metadata=_help("also write <out>/model (save_pretrained, safetensors)"))
+    hf: bool = field(default=False, metadata=field_help("also write <out>/model (save_pretrained, safetensors)"))
 
     def __post_init__(self) -> None:
         check(self.max_users >= 0, "max_users", f"{self.max_users}: need >= 0")
@@ -230,23 +231,23 @@ class ExportConfig:
 @dataclass
 class QueryConfig:
     """launch/query.py (step 2): many condition queries per user in one pass, written as parquet for serving."""
-    checkpoint: str = field(metadata=_help(_CHECKPOINT_HELP))
-    out: str = field(metadata=_help("output folder (created; re-used to resume the same job)"))
-    conditions: list[str] = field(default_factory=lambda: [GENERIC_CONDITION], metadata=_help(
+    checkpoint: str = field(metadata=field_help(_CHECKPOINT_HELP))
+    out: str = field(metadata=field_help("output folder (created; re-used to resume the same job)"))
+    conditions: list[str] = field(default_factory=lambda: [GENERIC_CONDITION], metadata=field_help(
         "one query per spec and user: '*' (generic: every condition field MASK), '<field>=<raw value>' "
         "(e.g. category=Books), or '<field>=ALL' (every training value of the field)"))
-    split: Split = field(default="test", metadata=_help(
+    split: Split = field(default="test", metadata=field_help(
         "history up to the test target (valid_end) or the validation target (train_end)"))
-    lag: int = field(default=0, metadata=_help(
+    lag: int = field(default=0, metadata=field_help(
         "end each history this many behaviours before the split's target (outputs that also serve the "
         "downstream training requests before it)"))
-    token_budget: int = field(default=8192, metadata=_help(
+    token_budget: int = field(default=8192, metadata=field_help(
         "tokens per packed row (histories plus their query tokens, many users per row); bounds the memory "
         "of a forward pass"))
-    users_per_shard: int = field(default=4096, metadata=_help(
+    users_per_shard: int = field(default=4096, metadata=field_help(
         "users per output parquet shard, the unit of work per rank and of resume"))
-    max_users: int = field(default=0, metadata=_help("answer only the first N users of the dataset (0: all)"))
-    device: str = field(default="auto", metadata=_help(
+    max_users: int = field(default=0, metadata=field_help("answer only the first N users of the dataset (0: all)"))
+    device: str = field(default="auto", metadata=field_help(
         "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'; bf16 on CUDA"))
 
     def __post_init__(self) -> None:
@@ -412,23 +413,27 @@ def _flag_kwargs(tp: Any, f: dataclasses.Field) -> dict[str, Any]:
         text += f" (one of: {', '.join(map(str, allowed))})"
     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text += f"; default: {' '.join(map(str, default)) if isinstance(default, list) else default}"
+        if default is not None:
+            text += f"; default: {' '.join(map(str, default)) if isinstance(default, list) else default}"
     else:
         text += "; required"
     return {**kwargs, "help": text}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """``--config`` and one flag per field of the flat dataclass ``cls``."""
-    parser.add_argument("--config", default=None, help="a YAML file of these keys (max_users: 40, ...); "
-                        "flags given on the command line override it")
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """``--config`` and one flag per field of the flat dataclass ``cls`` (but ``skip``)."""
+    parser.add_argument("--config", default=None, help="a YAML file of these settings, keyed by the flags' names "
+                        "with underscores (--max-users 40 is max_users: 40); flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                             **_flag_kwargs(hints[f.name], f))
 
 
-def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
-    """The config ``add_config_flags`` described: flags over the YAML file over the defaults, checked."""
+def config_from_flags(cls: type[T], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> T:
+    """The config ``add_config_flags`` described: flags (and ``extra`` command-line values) over the YAML file
+    over the defaults, checked."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return load_config(cls, args.config, flags=flags)
+    return load_config(cls, args.config, flags={**flags, **(extra or {})})

@@ -19,6 +19,7 @@ from lum_dist.config import (
     config_from_flags,
     load_config,
 )
+from lum_dist.data.prepare import SOURCE_DEFAULTS, PrepareConfig, build_parser, normalize_source
 
 CONFIG = "configs/pretrain/synthetic.yaml"
 
@@ -140,3 +141,16 @@ def test_a_bad_value_in_a_flat_config_file_is_blamed_on_the_file(tmp_path):
     path.write_text("checkpoint: runs/a\nmax_user: 4\n")
     with pytest.raises(ConfigError, match=f"{path}: max_user: unknown key \\(did you mean 'max_users'\\?\\)"):
         _from_flags(EvaluateConfig, ["--config", str(path)])
+
+
+def test_prepare_reads_the_same_config_style_and_builds_the_source_mapping(tmp_path):
+    path = tmp_path / "prep.yaml"
+    path.write_text("format: synthetic\nout: runs/data/x\nmin_behaviours: 5\n")
+    args = build_parser().parse_args(["--config", str(path), "--users-per-shard", "7"])
+    cfg = config_from_flags(PrepareConfig, args, extra={"options": {"num_users": 50}})
+    source = cfg.source()
+    assert source == {**SOURCE_DEFAULTS, "format": "synthetic", "min_behaviours": 5, "users_per_shard": 7,
+                      "num_users": 50}
+    assert normalize_source(source)["num_users"] == 50  # what a pretraining config's data.prepare holds
+    with pytest.raises(ConfigError, match="format: 'synthtic' is not one of .*did you mean 'synthetic'"):
+        config_from_flags(PrepareConfig, build_parser().parse_args(["--format", "synthtic", "--out", "o"]))

@@ -20,7 +20,9 @@ import json
 import shlex
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from lum_dist.cli import DEBUG_FLAG, DEBUG_HELP
+from lum_dist.config import ConfigError, add_config_flags, check, config_from_flags, did_you_mean, field_help
 from lum_dist.data import split as S
 from lum_dist.data.errors import DataError
 from lum_dist.data.ingest import ADAPTER_OPTIONS, ADAPTERS, RawBehaviours, get_adapter
@@ -47,7 +50,40 @@ from lum_dist.data.schema import (
 )
 from lum_dist.utils import atomic_dir, expand_source
 
-DEFAULTS = {"split": "loo", "min_behaviours": 3, "users_per_shard": 50000, "skip_bad": False}
+
+@dataclass
+class PrepareConfig:
+    """``launch/prepare.py``: a source (a format, its raw files and options) and where the dataset goes. A
+    pretraining config's ``data.prepare`` mapping is the same source: format, input, meta, split,
+    min_behaviours, users_per_shard, skip_bad and the adapter's own options side by side."""
+    format: str = field(metadata=field_help("the raw format (see the README's table of formats)"))
+    out: str = field(metadata=field_help("the prepared dataset's folder (written atomically)"))
+    input: str | None = field(default=None, metadata=field_help("raw file or folder (${LUM_DATA_DIR} is expanded)"))
+    meta: str | None = field(default=None, metadata=field_help("item metadata file, where the format takes one"))
+    split: Literal["loo", "temporal"] = field(default="loo", metadata=field_help(
+        "'loo': last behaviour = test, second last = validation; 'temporal': global time cut-offs"))
+    min_behaviours: int = field(default=3, metadata=field_help("drop users with fewer behaviours"))
+    users_per_shard: int = field(default=50000, metadata=field_help("users per parquet shard"))
+    skip_bad: bool = field(default=False, metadata=field_help("skip malformed lines (counted in meta.skipped)"))
+    force: bool = field(default=False, metadata=field_help("rebuild even if --out exists"))
+    options: dict[str, Any] = field(default_factory=dict, metadata=field_help(
+        "the adapter's own options (e.g. num_users, temporal_cutoffs); on the command line: --set KEY=VALUE"))
+
+    def __post_init__(self) -> None:
+        check(self.format in ADAPTERS, "format",
+              f"{self.format!r} is not one of {', '.join(sorted(ADAPTERS))}{did_you_mean(self.format, ADAPTERS)}")
+        check(self.min_behaviours >= 1 and self.users_per_shard >= 1, "min_behaviours",
+              "min_behaviours and users_per_shard must be >= 1")
+
+    def source(self) -> dict[str, Any]:
+        """The source mapping ``prepare`` takes (the form of a pretraining config's ``data.prepare``)."""
+        spec = {k: getattr(self, k) for k in SOURCE_DEFAULTS} | {"format": self.format}
+        return spec | {k: getattr(self, k) for k in ("input", "meta") if getattr(self, k)} | self.options
+
+
+# what a source spec may leave out, with the command line's defaults
+SOURCE_DEFAULTS = {f.name: f.default for f in fields(PrepareConfig)
+                   if f.name in ("split", "min_behaviours", "users_per_shard", "skip_bad")}
 
 
 def normalize_source(source: dict) -> dict:
@@ -55,8 +91,8 @@ def normalize_source(source: dict) -> dict:
     if "format" not in source:
         raise ValueError(f"source spec needs a 'format'; got {source!r}")
     get_adapter(source["format"])  # an unknown format fails here, naming the known ones
-    spec = {**DEFAULTS, **expand_source(source)}
-    valid = {"format", "temporal_cutoffs", *DEFAULTS, *ADAPTER_OPTIONS.get(source["format"], ())}
+    spec = {**SOURCE_DEFAULTS, **expand_source(source)}
+    valid = {"format", "temporal_cutoffs", *SOURCE_DEFAULTS, *ADAPTER_OPTIONS.get(source["format"], ())}
     if set(spec) - valid:
         raise ValueError(
             f"{source['format']}: unknown source key(s) {sorted(set(spec) - valid)}; valid: {sorted(valid)}"
@@ -257,11 +293,11 @@ def rebuild_command(path: str | Path, source: dict) -> str:
     """The ``launch/prepare.py`` command that rebuilds the dataset at ``path`` from its stored source spec."""
     args = ["python", "launch/prepare.py", "--format", str(source["format"])]
     args += [a for key in ("input", "meta") if source.get(key) for a in (f"--{key}", str(source[key]))]
-    args += ["--out", str(path), "--split", str(source.get("split", DEFAULTS["split"])),
-             "--min-behaviours", str(source.get("min_behaviours", DEFAULTS["min_behaviours"])),
-             "--users-per-shard", str(source.get("users_per_shard", DEFAULTS["users_per_shard"]))]
+    args += ["--out", str(path), "--split", str(source.get("split", SOURCE_DEFAULTS["split"])),
+             "--min-behaviours", str(source.get("min_behaviours", SOURCE_DEFAULTS["min_behaviours"])),
+             "--users-per-shard", str(source.get("users_per_shard", SOURCE_DEFAULTS["users_per_shard"]))]
     args += ["--skip-bad"] if source.get("skip_bad") else []
-    extra = {k: v for k, v in source.items() if k not in {"format", "input", "meta", *DEFAULTS}}
+    extra = {k: v for k, v in source.items() if k not in {"format", "input", "meta", *SOURCE_DEFAULTS}}
     args += ["--set", *[f"{k}={json.dumps(v)}" for k, v in extra.items()]] if extra else []
     return shlex.join([*args, "--force"])
 
@@ -362,47 +398,26 @@ def load_items(path: str | Path) -> pa.Table:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lum-prepare", description="Prepare a raw public dataset as a UBS "
                                 "dataset: users/part-*.parquet, vocab/, items.parquet and meta.json (last).")
-    p.add_argument("--format", required=True, choices=sorted(ADAPTERS), help="the raw format (see README)")
-    p.add_argument("--input", help="raw file or folder (${LUM_DATA_DIR} is expanded)")
-    p.add_argument("--meta", help="item metadata file, where the format takes one")
-    p.add_argument("--out", required=True, help="the prepared dataset's folder (written atomically)")
-    p.add_argument("--split", default="loo", choices=S.SPLITS,
-                   help="'loo': last behaviour = test, second last = validation; 'temporal': global time "
-                        "cut-offs")
-    p.add_argument("--min-behaviours", type=int, default=DEFAULTS["min_behaviours"],
-                   help=f"drop users with fewer behaviours (default {DEFAULTS['min_behaviours']})")
-    p.add_argument("--users-per-shard", type=int, default=DEFAULTS["users_per_shard"],
-                   help=f"users per parquet shard (default {DEFAULTS['users_per_shard']})")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted in meta.skipped)")
-    p.add_argument("--force", action="store_true", help="rebuild even if --out exists")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]",
-    )
+    add_config_flags(p, PrepareConfig, skip=("options",))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="adapter options, values parsed as YAML, e.g. num_users=500 temporal_cutoffs=[1,2]")
     p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> DatasetMeta:
     args = build_parser().parse_args(argv)
-    source = {
-        "format": args.format,
-        "split": args.split,
-        "min_behaviours": args.min_behaviours,
-        "users_per_shard": args.users_per_shard,
-        "skip_bad": args.skip_bad,
-    }
-    source.update({k: v for k, v in (("input", args.input), ("meta", args.meta)) if v})
+    options = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        source[key] = yaml.safe_load(value)
+        if "=" not in item:
+            raise ConfigError(f"command line: --set {item!r} is not of the form KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key] = yaml.safe_load(value)
+    cfg = config_from_flags(PrepareConfig, args, extra={"options": options} if options else None)
     start = time.perf_counter()
-    meta = prepare(source, args.out, force=args.force)
+    meta = prepare(cfg.source(), cfg.out, force=cfg.force)
     print(
-        f"{args.out}: {meta.num_users} users, {meta.num_behaviours} behaviours "
+        f"{cfg.out}: {meta.num_users} users, {meta.num_behaviours} behaviours "
         f"({meta.num_train_behaviours} train), vocab {meta.vocab_sizes}, skipped {meta.skipped}, "
         f"{time.perf_counter() - start:.2f} s"
     )
