@@ -141,9 +141,9 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
         start_step = state["step"]
         tracker = BestTracker(**state["selection"])
         stopped = state["stopped"]
-        loss_sum.fill_(state["log"]["loss_sum"])  # a resume between two log lines logs what the run would have
-        steps_logged = state["log"]["steps"]
-        module.loss.num_calls = state["random_negative_calls"]  # the same random negatives as without the stop
+        # a resume between two log lines logs what the run would have, with the same random negatives
+        logged_loss, steps_logged, module.loss.num_calls = resume_counters(state, resume_from, rank)
+        loss_sum.fill_(logged_loss)
         if rank == 0:
             print(f"[lum-dist] resumed from {resume_from} at step {start_step}")
 
@@ -238,6 +238,18 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
 def loader_capacity(cfg: PretrainConfig, world: int) -> int:
     """Token slots of one optimizer step: packed rows x token budget x accumulation x ranks."""
     return cfg.data.token_budget * cfg.data.rows_per_batch * cfg.train.grad_accum * world
+
+
+def resume_counters(state: dict[str, Any], ckpt: Path, rank: int = 0) -> tuple[float, int, int]:
+    """(running loss sum, steps in it, random-negative draws) of a trainer state. A checkpoint of a lum-dist
+    before exact resumes lacks them: it resumes from zero (its first log line averages fewer steps, its random
+    negatives differ from an uninterrupted run's), with a warning."""
+    if "log" not in state or "random_negative_calls" not in state:
+        if rank == 0:
+            print(f"[lum-dist] warning: {ckpt} predates exact resumes (no running loss or negative counter): "
+                  "resuming with both reset", flush=True)
+        return 0.0, 0, 0
+    return float(state["log"]["loss_sum"]), int(state["log"]["steps"]), int(state["random_negative_calls"])
 
 
 def _resume_path(cfg: PretrainConfig, ckpt_root: Path) -> Path | None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lum_dist.train.monitor import read_metrics
+from lum_dist.train.trainer import resume_counters
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ("train.max_steps=8", "train.save_every=2", "train.log_every=3", "loss.num_random_negatives=16",
         "train.zero_stage=0", "eval.max_users=20", "eval.final_splits=[valid]")
@@ -27,6 +27,7 @@ def _run(tmp: Path, name: str, kill_at: int | None = None) -> int:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600).returncode
 
 
+@pytest.mark.slow
 def test_resume_off_the_log_grid_with_random_negatives_is_exact(tmp_path):
     assert _run(tmp_path, "ref") == 0
     assert _run(tmp_path, "cut", kill_at=4) != 0  # dies while saving step 4: resumes from step 2
@@ -37,3 +38,11 @@ def test_resume_off_the_log_grid_with_random_negatives_is_exact(tmp_path):
     for step in logged:  # step 3's line averages steps 1-3: step 1-2 before the stop, step 3 after it
         assert cut[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=1e-7), step
     assert cut[8]["valid/ndcg@10"] == pytest.approx(ref[8]["valid/ndcg@10"], abs=1e-9)
+
+
+def test_a_checkpoint_from_before_exact_resumes_resumes_with_counters_reset(tmp_path, capsys):
+    state = {"step": 4, "log": {"loss_sum": 2.5, "steps": 1}, "random_negative_calls": 4}
+    assert resume_counters(state, tmp_path) == (2.5, 1, 4)
+    assert capsys.readouterr().out == ""
+    assert resume_counters({"step": 4}, tmp_path) == (0.0, 0, 0)
+    assert "predates exact resumes" in capsys.readouterr().out
