@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
 import pytest
 
@@ -20,6 +21,7 @@ from lum_dist.config import (
     load_config,
 )
 from lum_dist.data.prepare import SOURCE_DEFAULTS, PrepareConfig, build_parser, normalize_source
+from lum_dist.data.split import SPLITS
 
 CONFIG = "configs/pretrain/synthetic.yaml"
 
@@ -154,3 +156,7 @@ def test_prepare_reads_the_same_config_style_and_builds_the_source_mapping(tmp_p
     assert normalize_source(source)["num_users"] == 50  # what a pretraining config's data.prepare holds
     with pytest.raises(ConfigError, match="format: 'synthtic' is not one of .*did you mean 'synthetic'"):
         config_from_flags(PrepareConfig, build_parser().parse_args(["--format", "synthtic", "--out", "o"]))
+
+
+def test_prepare_offers_every_split_the_splitter_knows():
+    assert typing.get_args(typing.get_type_hints(PrepareConfig)["split"]) == SPLITS
