@@ -2,6 +2,9 @@
 
     python launch/query.py --checkpoint runs/pretrain --out runs/query-test --conditions '*' 'category=ALL'
     torchrun --nproc_per_node 8 launch/query.py ...      # shards are spread over ranks
+    python launch/query.py --config query.yaml --max-users 100   # the same keys in YAML; flags win
+
+Every option is a field of ``lum_dist.config.QueryConfig``, checked before anything is read.
 
 Output (in --out): part-*.parquet (user_id, history_len, condition, embedding, model_version), items.parquet
 (item_id, embedding) and manifest.json, written last. Re-running the same command after a crash resumes:
