@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         lags = {"valid": dcfg.train_requests_per_user - 1, "test": 0}
         for split, out in query_dirs.items():
             run_query(QueryConfig(checkpoint=str(run_dir), out=str(out), conditions=conditions, split=split,
-                               lag=lags[split]))
+                                  lag=lags[split]))
             print(f"   {split}: {out} ({len(conditions)} condition specs, lag {lags[split]})")
 
         result = {"pretrain": metrics, "query": {k: str(v) for k, v in query_dirs.items()}}
