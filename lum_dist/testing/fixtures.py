@@ -10,6 +10,7 @@ Vocabulary and items tables hold one row per id, reserved ids included, so ``id 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,23 @@ def write_tiny_dataset(path: str | Path, num_users: int = 50, num_items: int = 4
         )
         meta.save(tmp / "meta.json")
     return meta
+
+
+def edit_shard_column(path: str | Path, meta: DatasetMeta, shard: int, column: str,
+                      edit: Callable[[list], list]) -> None:
+    """Rewrite ``column`` of shard ``shard`` as ``edit(its values)`` (same Arrow type), then fingerprint the
+    shards (:func:`record_shard_edit`): a dataset that still reads but holds the rows a test needs."""
+    file = Path(path) / meta.shards[shard]
+    table = pq.read_table(file)
+    index = table.schema.get_field_index(column)
+    values = pa.array(edit(table.column(column).to_pylist()), table.schema.field(index).type)
+    pq.write_table(table.set_column(index, column, values), file)
+    record_shard_edit(path, meta)
+
+
+def drop_last_category_of_row_1(categories: list) -> list:
+    """For :func:`edit_shard_column`: the second user's category list one short of its behaviours."""
+    return [c[:-1] if i == 1 else c for i, c in enumerate(categories)]
 
 
 def record_shard_edit(path: str | Path, meta: DatasetMeta) -> None:

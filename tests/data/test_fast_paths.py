@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
@@ -25,7 +23,7 @@ from lum_dist.data.tokenize import (
     tokenize_train,
     train_windows,
 )
-from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
+from lum_dist.testing.fixtures import edit_shard_column, write_tiny_dataset
 
 
 def assert_same_batch(a, b):
@@ -78,12 +76,8 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("fast") / "ds"
     meta = write_tiny_dataset(path, num_users=40, num_items=30, cond_fields=("category", "brand"), num_shards=2,
                               numeric_fields=("rating",), max_len=25)
-    shard = path / meta.shards[0]  # users without a training behaviour make no sequence
-    table = pq.read_table(shard)
-    train_end = [0 if i % 5 == 1 else t for i, t in enumerate(table.column("train_end").to_pylist())]
-    pq.write_table(table.set_column(table.schema.get_field_index("train_end"), "train_end",
-                                    pa.array(train_end, pa.int32())), shard)
-    record_shard_edit(path, meta)
+    # users without a training behaviour make no sequence
+    edit_shard_column(path, meta, 0, "train_end", lambda ends: [0 if i % 5 == 1 else t for i, t in enumerate(ends)])
     return path, meta
 
 

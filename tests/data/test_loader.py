@@ -15,7 +15,7 @@ from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader, eval_batches
 from lum_dist.data.prepare import prepare
 from lum_dist.data.schema import MASK_ID
-from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
+from lum_dist.testing.fixtures import drop_last_category_of_row_1, edit_shard_column, write_tiny_dataset
 from lum_dist.utils import data_dir
 
 
@@ -209,31 +209,15 @@ def test_real_beauty_eval_and_resume(tmp_path):
 
 
 def test_no_training_behaviours_is_an_error_not_a_hang(tmp_path):
-    import pyarrow as pa
-
     meta = write_tiny_dataset(tmp_path / "d", num_users=6)
-    shard = tmp_path / "d" / meta.shards[0]
-    table = pq.read_table(shard)
-    table = table.set_column(table.schema.get_field_index("train_end"), "train_end",
-                             pa.array([0] * table.num_rows, pa.int32()))
-    pq.write_table(table, shard)
-    record_shard_edit(tmp_path / "d", meta)
+    edit_shard_column(tmp_path / "d", meta, 0, "train_end", lambda ends: [0] * len(ends))
     with pytest.raises(ValueError, match="no user with a training behaviour"):
         next(PackedLoader(tmp_path / "d", cfg(tmp_path / "d")))
 
 
 def test_bad_shard_row_names_file_row_and_field(tmp_path):
-    import pyarrow as pa
-
     meta = write_tiny_dataset(tmp_path / "d", num_users=6, num_shards=2)
-    shard = tmp_path / "d" / meta.shards[1]
-    table = pq.read_table(shard)
-    cats = table.column("cond_category").to_pylist()
-    cats[1] = cats[1][:-1]
-    table = table.set_column(table.schema.get_field_index("cond_category"), "cond_category",
-                             pa.array(cats, pa.list_(pa.int32())))
-    pq.write_table(table, shard)
-    record_shard_edit(tmp_path / "d", meta)
+    edit_shard_column(tmp_path / "d", meta, 1, "cond_category", drop_last_category_of_row_1)
     with pytest.raises(DataError, match=r"part-00001.parquet line 2: field 'cond_category'"):
         PackedLoader(tmp_path / "d", cfg(tmp_path / "d"))
     with pytest.raises(DataError, match="cond_category"):

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -28,7 +26,7 @@ from lum_dist.config import DataConfig
 from lum_dist.data.errors import DataError
 from lum_dist.data.loader import PackedLoader
 from lum_dist.data.workers import DataWorkerError, DevicePrefetcher, WorkerLoader, train_loader
-from lum_dist.testing.fixtures import record_shard_edit, write_tiny_dataset
+from lum_dist.testing.fixtures import drop_last_category_of_row_1, edit_shard_column, write_tiny_dataset
 from lum_dist.train.monitor import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,17 +63,22 @@ def close(loader) -> None:
         loader.close()
 
 
-def children(pid: int) -> set[int]:
-    """Live (not zombie) child processes of ``pid``, from /proc."""
+def live_processes(field: int, value: int) -> set[int]:
+    """Live (not zombie) processes whose /proc stat field ``field`` (after the name: 0 state, 1 parent,
+    3 session) is ``value``."""
     out = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] not in "ZX":
+        if int(fields[field]) == value and fields[0] not in "ZX":
             out.add(int(stat.parent.name))
     return out
+
+
+def children(pid: int) -> set[int]:
+    return live_processes(1, pid)
 
 
 def alive(pid: int) -> bool:
@@ -168,14 +171,7 @@ def test_rng_of_the_main_process_untouched(tiny):
 
 def test_worker_error_surfaces_with_its_message(tmp_path):
     meta = write_tiny_dataset(tmp_path / "d", num_users=6, num_shards=2)
-    shard = tmp_path / "d" / meta.shards[1]
-    table = pq.read_table(shard)
-    cats = table.column("cond_category").to_pylist()
-    cats[1] = cats[1][:-1]
-    table = table.set_column(table.schema.get_field_index("cond_category"), "cond_category",
-                             pa.array(cats, pa.list_(pa.int32())))
-    pq.write_table(table, shard)
-    record_shard_edit(tmp_path / "d", meta)
+    edit_shard_column(tmp_path / "d", meta, 1, "cond_category", drop_last_category_of_row_1)
     before = children(os.getpid())
     loader = train_loader(tmp_path / "d", cfg(tmp_path / "d", num_workers=2))
     with pytest.raises(DataError, match=r"part-00001.parquet line 2: field 'cond_category'") as info:
@@ -316,15 +312,7 @@ def _wait(proc: subprocess.Popen, tmp: Path, out: str) -> int:
 
 def session(sid: int) -> set[int]:
     """Live processes of session ``sid`` (a run and every process it started)."""
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] not in "ZX":
-            out.add(int(stat.parent.name))
-    return out
+    return live_processes(3, sid)
 
 
 @pytest.mark.slow
