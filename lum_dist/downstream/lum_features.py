@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from lum_dist.config import GENERIC_CONDITION
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 
-GENERIC = GENERIC_CONDITION
 SEP = "\x1f"  # joins user id and condition into one lookup key; never in either
 
 
@@ -104,7 +103,7 @@ class UserOutputs:
 
 def user_outputs(path: str | Path, manifest: dict, user_ids: list[str], positions: np.ndarray,
                  item_raw: list[str]) -> UserOutputs:
-    generic, found = lookup(path, manifest, user_ids, [GENERIC] * len(user_ids), positions)
+    generic, found = lookup(path, manifest, user_ids, [GENERIC_CONDITION] * len(user_ids), positions)
     if not found.all():
         missing = [u for u, f in zip(user_ids, found, strict=True) if not f]
         raise ValueError(f"{path}: no '*' output for {len(missing)} user(s), e.g. {missing[:3]}; re-run the "
@@ -117,9 +116,9 @@ def conditional_outputs(path: str | Path, manifest: dict, user_ids: list[str], p
                         generic: np.ndarray) -> tuple[np.ndarray, float]:
     """Per sample, the output for "<attr_field>=<candidate's value>", falling back to the user's "*" output;
     and the fraction of samples that had their conditional output (a low one: the query job lacked the field)."""
-    conds = [f"{attr_field}={attr_raw[a]}" if a >= NUM_SPECIAL_IDS else GENERIC for a in cand_attr]
+    conds = [f"{attr_field}={attr_raw[a]}" if a >= NUM_SPECIAL_IDS else GENERIC_CONDITION for a in cand_attr]
     emb, found = lookup(path, manifest, user_ids, conds, positions)
-    found &= np.array([c != GENERIC for c in conds], bool)
+    found &= np.array([c != GENERIC_CONDITION for c in conds], bool)
     return np.where(found[:, None], emb, generic), float(found.mean()) if len(found) else 0.0
 
 

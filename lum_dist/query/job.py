@@ -45,8 +45,6 @@ from lum_dist.data.tokenize import tokenize_group_query
 from lum_dist.model import LUMModel, SASRecModel
 from lum_dist.utils import atomic_write_bytes, atomic_write_text, dist_info
 
-GENERIC = GENERIC_CONDITION
-
 
 def parse_conditions(specs: list[str], meta: DatasetMeta, data_path: Path) -> tuple[list[str], np.ndarray]:
     """Condition specs -> (names, cond ids [Q, F]). Unspecified fields are MASK (the generic value).
@@ -55,8 +53,8 @@ def parse_conditions(specs: list[str], meta: DatasetMeta, data_path: Path) -> tu
     names: list[str] = []
     rows: list[np.ndarray] = []
     for spec in specs:
-        if spec == GENERIC:
-            names.append(GENERIC)
+        if spec == GENERIC_CONDITION:
+            names.append(GENERIC_CONDITION)
             rows.append(np.full(len(meta.cond_fields), MASK_ID, np.int64))
             continue
         if "=" not in spec:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lum_dist import parallel
-from lum_dist.checkpoint import find_best_checkpoint, find_resume_checkpoint, model_config_for
+from lum_dist.checkpoint import INFO, find_best_checkpoint, find_resume_checkpoint, model_config_for
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.prepare import item_log_prob, load_meta, prepare
@@ -258,8 +258,8 @@ def _resume_path(cfg: PretrainConfig, ckpt_root: Path) -> Path | None:
     if cfg.train.resume == "auto":
         return find_resume_checkpoint(ckpt_root)
     path = Path(cfg.train.resume)
-    if not (path / "checkpoint.json").is_file():
-        raise FileNotFoundError(f"train.resume={path}: not a complete checkpoint (no checkpoint.json)")
+    if not (path / INFO).is_file():
+        raise FileNotFoundError(f"train.resume={path}: not a complete checkpoint (no {INFO})")
     return path
 
 
