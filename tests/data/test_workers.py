@@ -58,6 +58,15 @@ def take(loader, n: int) -> list:
     return list(itertools.islice(loader, n))
 
 
+def assert_resumes(path, config, state, expected) -> None:
+    """A new loader restored from ``state`` yields exactly ``expected`` next."""
+    resumed = train_loader(path, config)
+    resumed.load_state_dict(state)
+    for want in expected:
+        assert_same(next(resumed), want)
+    close(resumed)
+
+
 def close(loader) -> None:
     if isinstance(loader, WorkerLoader):
         loader.close()
@@ -251,11 +260,7 @@ def test_prefetch_ahead_state_is_that_of_the_last_batch_handed_out(tiny, workers
     state = batches.state_dict()
     assert state != loader.state_dict()  # the loader itself is two batches further
     close(loader)
-    resumed = train_loader(tiny, c)
-    resumed.load_state_dict(state)
-    for want in expected[7:]:
-        assert_same(next(resumed), want)
-    close(resumed)
+    assert_resumes(tiny, c, state, expected[7:])
 
 
 @pytest.mark.gpu
@@ -275,11 +280,7 @@ def test_cuda_prefetch_copies_the_batches_ahead(tiny):
         assert_same(on_device.to("cpu"), want)
     state = batches.state_dict()
     close(loader)
-    resumed = train_loader(tiny, c)
-    resumed.load_state_dict(state)
-    for want in expected[6:]:
-        assert_same(next(resumed), want)
-    close(resumed)
+    assert_resumes(tiny, c, state, expected[6:])
 
 
 # -- the trainer, killed and resumed, with 2 ranks x 2 workers ------------------------------------------
