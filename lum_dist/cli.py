@@ -15,6 +15,7 @@ import linecache
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ USER_ERROR_EXIT = 2
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "on a user error, show the full traceback instead of one line (also: LUM_DEBUG=1)"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+OTHER_RANKS_WAIT_S = 10.0  # how long a non-zero rank waits for rank 0 to report a user error
 _OUR_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "launch")
 
 
@@ -96,5 +98,9 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
             prog = Path(sys.argv[0]).name or "lum-dist"
             message = " ".join(str(exc).split("\n"))
             print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        else:
+            # Exiting at once could make the launcher stop rank 0 before it printed; waiting, this rank is
+            # stopped by the launcher once rank 0 has said it and exited.
+            time.sleep(OTHER_RANKS_WAIT_S)
         raise SystemExit(USER_ERROR_EXIT) from None
     raise SystemExit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

@@ -151,6 +151,7 @@ def test_user_errors_exit_2_with_one_line_on_rank_0_only(capsys, monkeypatch):
     assert e.value.code == 2
     assert capsys.readouterr().err == "tool.py: error: source spec needs a 'format'; got {}\n"
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "OTHER_RANKS_WAIT_S", 0.0)  # alone here: no launcher stops this rank
     with pytest.raises(SystemExit) as e:
         cli.run(_raise(bad_source), [])
     assert e.value.code == 2 and capsys.readouterr().err == ""
