@@ -28,9 +28,11 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from lum_dist import parallel
 from lum_dist.config import PretrainConfig, from_dict
-from lum_dist.data.prepare import load_meta
+from lum_dist.data.prepare import item_attribute_ids, load_meta
 from lum_dist.data.schema import DatasetMeta
 from lum_dist.model import LUMConfig, LUMModel, SASRecConfig, SASRecModel, build_model, load_preset
 from lum_dist.utils import dist_info
@@ -167,7 +169,19 @@ def load_run_config(ckpt: Path) -> PretrainConfig:
 def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig | SASRecConfig:
     """The preset's architecture with embedding tables sized from the dataset's vocabularies."""
     return load_preset(cfg.model.preset, num_items=meta.num_items, cond_vocab_sizes=meta.cond_vocab_sizes(),
-                       num_numeric=len(meta.numeric_fields), **cfg.model.overrides)
+                       num_numeric=len(meta.numeric_fields),
+                       item_attr_vocab_sizes=[meta.vocab_sizes[f] for f in meta.item_cond_fields],
+                       **cfg.model.overrides)
+
+
+def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
+                    meta: DatasetMeta) -> LUMModel | SASRecModel:
+    """A run's model (``model_config_for``), freshly initialised, with what it reads from its dataset besides
+    table sizes (each item's attributes, for ``attribute_targets``)."""
+    model = build_model(model_cfg)
+    if isinstance(model, LUMModel) and model.config.attribute_targets:
+        model.set_item_attributes(torch.from_numpy(item_attribute_ids(data_path, meta)))
+    return model
 
 
 def load_model(ckpt: Path) -> tuple[LUMModel | SASRecModel, PretrainConfig, DatasetMeta]:
@@ -176,7 +190,7 @@ def load_model(ckpt: Path) -> tuple[LUMModel | SASRecModel, PretrainConfig, Data
     validate(ckpt)
     cfg = load_run_config(ckpt)
     meta = load_meta(cfg.data.path)
-    model = build_model(model_config_for(cfg, meta))
+    model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta)
     state = parallel.fp32_state_dict(ckpt / DS_TAG, cfg.train.zero_stage)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)

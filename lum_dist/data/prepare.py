@@ -391,6 +391,15 @@ def load_items(path: str | Path) -> pa.Table:
     return read_parquet(Path(path) / "items.parquet")
 
 
+def item_attribute_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
+    """int64 ``[num_items, len(meta.item_cond_fields)]``: each item's attribute ids, by dense item id."""
+    items = load_items(path).sort_by("id")
+    if items.num_rows != meta.num_items:
+        raise ValueError(f"{Path(path) / 'items.parquet'}: {items.num_rows} rows, meta.json has {meta.num_items} items")
+    columns = [items.column(f).to_numpy().astype(np.int64) for f in meta.item_cond_fields]
+    return np.stack(columns, axis=1) if columns else np.zeros((meta.num_items, 0), np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

@@ -56,6 +56,10 @@ class LUMConfig(PretrainedConfig):
         attention_dropout: float = 0.0,  # on the attention probabilities
         residual_dropout: float = 0.0,  # on every residual branch (attention and MLP outputs)
         attn_backend: str = "auto",  # see lum_dist.ops.attention.varlen_attention
+        # An item's InfoNCE target (and scoring row) is its id embedding plus one embedding per attribute of the
+        # item (e.g. its category), so the many rarely seen items share what their attribute learned:
+        attribute_targets: bool = False,
+        item_attr_vocab_sizes: list[int] | None = None,  # vocabulary size of each item-attribute field (dataset)
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -77,6 +81,8 @@ class LUMConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.residual_dropout = residual_dropout
         self.attn_backend = attn_backend
+        self.attribute_targets = attribute_targets
+        self.item_attr_vocab_sizes = list(item_attr_vocab_sizes or [])
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -85,6 +91,9 @@ class LUMConfig(PretrainedConfig):
         if attn_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"LUMConfig: attn_backend {attn_backend!r} is not one of {ATTENTION_BACKENDS}"
                               f"{did_you_mean(attn_backend, ATTENTION_BACKENDS)}")
+        if attribute_targets and not self.item_attr_vocab_sizes:
+            raise ConfigError("LUMConfig: attribute_targets needs a dataset whose items have attributes "
+                              "(meta.item_cond_fields is empty)")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
@@ -103,12 +112,14 @@ class LUMConfig(PretrainedConfig):
     ARCH_KEYS = frozenset({  # what a preset file or a run's ``model.overrides`` may set (data sets the tables)
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
-        "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend",
+        "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
     })
 
     @classmethod
-    def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0, **arch: Any) -> LUMConfig:
-        return cls(num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), num_numeric=num_numeric, **arch)
+    def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
+                    item_attr_vocab_sizes: list[int] | None = None, **arch: Any) -> LUMConfig:
+        return cls(num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), num_numeric=num_numeric,
+                   item_attr_vocab_sizes=item_attr_vocab_sizes, **arch)
 
     def matmul_params(self) -> int:
         """Weights of every matrix multiply per token: input projection, blocks, output projection."""
@@ -124,6 +135,7 @@ class LUMConfig(PretrainedConfig):
             self.num_items * self.item_emb_dim
             + (sum(self.cond_vocab_sizes) + self.num_time_buckets) * self.cond_emb_dim
             + 2 * h  # token-type embedding
+            + (sum(self.item_attr_vocab_sizes) * self.item_emb_dim if self.attribute_targets else 0)
         )
         return {"dense": dense, "embedding": embedding, "total": dense + embedding}
 
@@ -152,7 +164,8 @@ ARCHS: dict[str, type[PretrainedConfig]] = {"lum": LUMConfig, "sasrec": SASRecCo
 
 
 def load_preset(
-    name_or_path: str | Path, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0, **overrides: Any
+    name_or_path: str | Path, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
+    item_attr_vocab_sizes: list[int] | None = None, **overrides: Any
 ) -> LUMConfig | SASRecConfig:
     """The preset's architecture (``configs/model/<name>.yaml`` or a YAML path) sized for a dataset.
 
@@ -172,13 +185,13 @@ def load_preset(
     if unknown:
         raise ConfigError(f"{path}: unknown {arch} model key {unknown[0]!r}{did_you_mean(unknown[0], cls.ARCH_KEYS)}; "
                           f"valid: {', '.join(sorted(cls.ARCH_KEYS))}")
-    return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, **values)
+    return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, item_attr_vocab_sizes, **values)
 
 
 def check_model_spec(preset: str, overrides: dict[str, Any]) -> None:
     """Fail now, before any data is read, if the preset or its overrides are bad (tables get stand-in sizes)."""
     try:
-        load_preset(preset, num_items=16, cond_vocab_sizes=[8], **overrides)
+        load_preset(preset, num_items=16, cond_vocab_sizes=[8], item_attr_vocab_sizes=[8], **overrides)
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}", "model") from None
 

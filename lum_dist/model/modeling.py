@@ -12,7 +12,9 @@ about DeepSpeed or process groups; the trainer shards it from outside.
   pretraining; small datasets need it) acts on the token features, the attention probabilities and each
   residual branch, each with its own rate.
 * The output lives in the item embedding space: InfoNCE compares it with rows of the SAME
-  ``item_emb`` table that item tokens read (see :class:`LUMConfig`).
+  ``item_emb`` table that item tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's
+  row is its id embedding plus an embedding of each of its attributes (e.g. its category): most items are
+  seen a handful of times, and an attribute shared by hundreds of items learns from all of them.
 """
 
 from __future__ import annotations
@@ -135,6 +137,13 @@ class LUMModel(PreTrainedModel):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.item_emb_dim, bias=False)
+        self.attr_targets = nn.ModuleList(
+            nn.Embedding(v, config.item_emb_dim, padding_idx=PAD_ID) for v in config.item_attr_vocab_sizes
+        ) if config.attribute_targets else nn.ModuleList()
+        # Each item's attribute ids. The dataset is their source of truth (set_item_attributes), so they are not
+        # saved with the weights.
+        self.register_buffer("item_attrs", torch.zeros(config.num_items, len(self.attr_targets), dtype=torch.long),
+                             persistent=False)
         self.post_init()
 
     @torch.no_grad()
@@ -164,14 +173,26 @@ class LUMModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.tokens.item_emb
 
-    def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of the item table (the InfoNCE targets); ``None`` = all ``num_items`` rows.
+    def set_item_attributes(self, item_attrs: torch.Tensor) -> None:
+        """Each item's attribute ids, ``[num_items, len(item_attr_vocab_sizes)]`` (``attribute_targets``)."""
+        if item_attrs.shape != self.item_attrs.shape:
+            raise ValueError(f"LUMModel: item attributes of shape {tuple(item_attrs.shape)}, the model expects "
+                             f"{tuple(self.item_attrs.shape)} (num_items x item-attribute fields)")
+        self.item_attrs.copy_(item_attrs)
 
-        Always calls the module, so under ZeRO-3 the table is gathered (``.weight`` is a placeholder).
+    def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item table's
+        rows, plus each item's attribute embeddings with ``attribute_targets``.
+
+        Always calls the modules, so under ZeRO-3 the tables are gathered (``.weight`` is a placeholder).
         """
         if ids is None:
-            ids = torch.arange(self.config.num_items, device=self.head.weight.device)
-        return self.tokens.item_emb(ids)
+            ids = torch.arange(self.config.num_items, device=self.item_attrs.device)
+        emb = self.tokens.item_emb(ids)
+        attrs = self.item_attrs[ids]
+        for f, table in enumerate(self.attr_targets):
+            emb = emb + table(attrs[:, f])
+        return emb
 
     def forward(
         self,

@@ -63,8 +63,9 @@ class SASRecConfig(PretrainedConfig):
     ARCH_KEYS = frozenset({"hidden_size", "num_layers", "num_heads", "max_position", "dropout", "attn_backend"})
 
     @classmethod
-    def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0, **arch) -> SASRecConfig:
-        """Item ids only: the dataset's condition fields and numeric features are not read."""
+    def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
+                    item_attr_vocab_sizes: list[int] | None = None, **arch) -> SASRecConfig:
+        """Item ids only: the dataset's condition fields, item attributes and numeric features are not read."""
         return cls(num_items=num_items, **arch)
 
     def matmul_params(self) -> int:

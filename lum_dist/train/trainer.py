@@ -23,14 +23,20 @@ from torch import nn
 from tqdm import tqdm
 
 from lum_dist import parallel
-from lum_dist.checkpoint import INFO, find_best_checkpoint, find_resume_checkpoint, model_config_for
+from lum_dist.checkpoint import (
+    INFO,
+    build_run_model,
+    find_best_checkpoint,
+    find_resume_checkpoint,
+    model_config_for,
+)
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.prepare import item_log_prob, load_meta, prepare
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.data.workers import DevicePrefetcher, train_loader
 from lum_dist.losses import InfoNCE
-from lum_dist.model import LUMModel, SASRecModel, build_model, check_model_spec, flops_per_token, param_counts
+from lum_dist.model import LUMModel, SASRecModel, check_model_spec, flops_per_token, param_counts
 from lum_dist.train import checkpoint
 from lum_dist.train.evaluate import evaluate
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
@@ -125,7 +131,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
 
     def make_module() -> PretrainModule:
         log_q = torch.from_numpy(item_log_prob(data_path, meta.num_items)) if in_batch_logq else None
-        return PretrainModule(build_model(model_cfg), InfoNCE(cfg.loss, meta.num_items, log_q))
+        return PretrainModule(build_run_model(model_cfg, data_path, meta), InfoNCE(cfg.loss, meta.num_items, log_q))
 
     module = parallel.build_model(make_module, ds_config)
     if cfg.train.activation_checkpointing:

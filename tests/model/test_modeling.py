@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lum_dist.config import ConfigError
 from lum_dist.data.batch import PackedBatch
 from lum_dist.model import LUMModel, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
@@ -106,6 +107,29 @@ def test_item_embeddings_is_the_input_table_and_pad_rows_are_zero():
     assert model.item_embeddings(torch.tensor([0])).abs().sum() == 0
     for emb in model.tokens.cond_embs:
         assert emb.weight[0].abs().sum() == 0
+
+
+def test_attribute_targets_add_each_items_attribute_embeddings():
+    torch.manual_seed(0)
+    model = LUMModel(load_preset("lum-tiny", 60, VOCABS, item_attr_vocab_sizes=[7, 4], attribute_targets=True)).eval()
+    attrs = torch.randint(3, 7, (60, 2)) % torch.tensor([7, 4])
+    attrs[:3] = 0  # reserved item ids have no attributes (PAD)
+    model.set_item_attributes(attrs)
+    ids = torch.tensor([0, 4, 59, 4])
+    want = (model.tokens.item_emb.weight[ids] + model.attr_targets[0].weight[attrs[ids, 0]]
+            + model.attr_targets[1].weight[attrs[ids, 1]])
+    torch.testing.assert_close(model.item_embeddings(ids), want)
+    torch.testing.assert_close(model.item_embeddings(None)[ids], want)
+    assert model.item_embeddings(torch.tensor([0])).abs().sum() == 0  # PAD item, PAD attributes
+    # Two items of one category share that row: a gradient through one item's target reaches the other's score.
+    model.item_embeddings(torch.tensor([5]))[0].sum().backward()
+    assert model.attr_targets[0].weight.grad[attrs[5, 0]].abs().sum() > 0
+    with pytest.raises(ValueError, match="num_items x item-attribute fields"):
+        model.set_item_attributes(attrs[:, :1])
+    with pytest.raises(ConfigError, match="attribute_targets needs a dataset whose items have attributes"):
+        load_preset("lum-tiny", 60, VOCABS, attribute_targets=True)
+    # Off (the default), the scoring rows are the item table's and the attribute map is empty.
+    assert tiny().item_attrs.shape == (60, 0)
 
 
 def test_init_weights_reinitialises_every_module():

@@ -24,9 +24,18 @@ def _train_zero3(negatives: str) -> dict:
     cfg.loss = (LossConfig(learnable_temperature=True, num_random_negatives=8) if negatives == "in_batch"  # logQ
                 else LossConfig(learnable_temperature=True, negatives="full"))  # the item table gathered whole
     log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
-    model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
+    # The full softmax also scores items with their attribute embeddings (extra tables and a buffer under ZeRO-3).
+    model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, item_attr_vocab_sizes=VOCABS[:1],
+                            attribute_targets=negatives == "full")
+    item_attrs = torch.arange(NUM_ITEMS)[:, None] % VOCABS[0] if negatives == "full" else torch.zeros(NUM_ITEMS, 0)
+
+    def make_module() -> PretrainModule:
+        model = LUMModel(model_cfg)
+        model.set_item_attributes(item_attrs.long())
+        return PretrainModule(model, InfoNCE(cfg.loss, NUM_ITEMS, log_q))
+
     ds = parallel.deepspeed_config(cfg)
-    module = parallel.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS, log_q)), ds)
+    module = parallel.build_model(make_module, ds)
     module.model.gradient_checkpointing_enable()
     engine = parallel.build_engine(module, cfg, ds, cfg.train.max_steps)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
@@ -39,7 +48,9 @@ def _train_zero3(negatives: str) -> dict:
     with torch.no_grad():
         table = module.model.item_embeddings(None)
     return {"losses": losses, "count": float(stats["count"]), "shape": tuple(table.shape),
-            "pad_norm": float(table[0].abs().sum()), "temperature": float(stats["temperature"])}
+            "pad_norm": float(table[0].abs().sum()), "temperature": float(stats["temperature"]),
+            "attr_rows": sum(t.ds_numel if hasattr(t, "ds_numel") else t.numel()
+                             for t in module.model.attr_targets.parameters())}
 
 
 @pytest.mark.parametrize("negatives", ["in_batch", "full"])
@@ -51,3 +62,4 @@ def test_model_and_loss_train_under_zero3(monkeypatch, negatives):
         assert r["shape"] == (NUM_ITEMS, 64) and r["pad_norm"] == 0.0
         assert r["losses"][-1] < r["losses"][0]  # the same batch every step: the loss falls
         assert r["temperature"] != 0.05  # the learnable temperature is a trained ZeRO-3 parameter
+        assert r["attr_rows"] == (VOCABS[0] * 64 if negatives == "full" else 0)

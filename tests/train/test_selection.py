@@ -58,8 +58,9 @@ def _train(tmp: Path, name: str, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_best_checkpoint_is_kept_selected_and_evaluated(tmp_path):
+    # Attribute targets: evaluate.py below must rebuild each item's attributes from the dataset to score alike.
     result = _train(tmp_path, "sel", "train.max_steps=12", "train.eval_every=2", "optim.lr=3e-2",
-                    "optim.warmup_steps=1")
+                    "optim.warmup_steps=1", "model.overrides.attribute_targets=true")
     logged = read_metrics(tmp_path / "sel" / "metrics.jsonl")
     evals = {s: m["valid/ndcg@10"] for s, m in logged.items() if "valid/ndcg@10" in m and s < result["steps"]}
     evals[result["steps"]] = [json.loads(line) for line in (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()
