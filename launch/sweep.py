@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = expand_grid(sweep)
     if args.dry_run:
         for run in runs:
-            print(f"# {run.name}: {run.max_steps} steps x {run.tokens_per_step} tokens"
+            length = f"{run.max_epochs:g} epochs" if run.max_epochs else f"{run.max_steps} steps"
+            print(f"# {run.name}: {length} x {run.tokens_per_step} tokens per step"
                   f"{' (finished)' if run.finished() else ''}\n{shlex.join(build_command(sweep, run))}")
         return 0
     statuses = {} if args.report_only else {s.run.name: s.status for s in run_sweep(sweep, runs)}

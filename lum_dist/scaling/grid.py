@@ -6,7 +6,8 @@ its own output directory; a run whose ``result.json`` exists is finished and ski
 sweep resumes it (an interrupted run itself resumes from its newest checkpoint: ``train.resume=auto``).
 
 Run length is set so that every run sees the same number of tokens (``tokens_per_run``) or spends the
-same training compute (``compute_budget`` FLOPs = flops_per_token x tokens), else the base max_steps.
+same training compute (``compute_budget`` FLOPs = flops_per_token x tokens), else it is the base config's:
+its ``train.max_epochs`` (each run trained to convergence, with early stopping) or its ``max_steps``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Run:
     tokens_per_step: int
     overrides: list[str]  # passed to launch/pretrain.py after the base config
     output_dir: Path
+    max_epochs: float = 0.0  # > 0 (and max_steps 0): the run's length is the base config's epochs
 
     @property
     def result_path(self) -> Path:
@@ -174,9 +176,14 @@ def expand_grid(
                     steps = math.ceil(sweep.tokens_per_run / per_step)
                 elif sweep.compute_budget:
                     steps = math.ceil(sweep.compute_budget / (flops_fn(preset, cfg) * per_step))
-                steps = max(1, steps)
-                runs.append(Run(name, preset.name, seq_len, seed, steps, per_step,
-                                [*overrides, f"train.max_steps={steps}"], out))
+                steps, epochs = max(1, steps), 0.0
+                budget = [f"train.max_steps={steps}"]
+                if sweep.tokens_per_run or sweep.compute_budget:
+                    budget.append("train.max_epochs=0")  # the sweep's budget, not the base config's epochs
+                elif cfg.train.max_epochs > 0:  # the base config's epochs (and early stopping) set the length
+                    steps, epochs, budget = 0, cfg.train.max_epochs, []
+                runs.append(Run(name, preset.name, seq_len, seed, steps, per_step, [*overrides, *budget], out,
+                                epochs))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep {sweep.name}: duplicate run names (two presets share a name?)")

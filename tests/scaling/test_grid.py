@@ -53,6 +53,17 @@ def test_step_count_from_budgets(tmp_path):
     assert {(r.tokens_per_step, r.max_steps) for r in expand_grid(sweep)} == {(512, 4)}
 
 
+def test_epoch_budget_of_the_base_config_or_the_sweeps_tokens(tmp_path):
+    # A base config in epochs (early stopping): each run keeps them, trained to convergence.
+    runs = expand_grid(load_sweep(write_sweep(tmp_path, overrides=["train.max_epochs=3"])))
+    cfg = load_config(PretrainConfig, REPO_ROOT / BASE, runs[0].overrides)
+    assert {(r.max_epochs, r.max_steps) for r in runs} == {(3.0, 0)} and cfg.train.max_epochs == 3
+    # A token budget wins over the base config's epochs (the trainer lets epochs win over steps).
+    runs = expand_grid(load_sweep(write_sweep(tmp_path, tokens_per_run=1000, overrides=["train.max_epochs=3"])))
+    cfg = load_config(PretrainConfig, REPO_ROOT / BASE, runs[0].overrides)
+    assert cfg.train.max_epochs == 0 and cfg.train.max_steps == runs[0].max_steps == math.ceil(1000 / 256)
+
+
 def test_bad_sweeps_fail_early(tmp_path):
     with pytest.raises(ConfigError, match="data.max_seq_len: 512 > data.token_budget=256"):
         expand_grid(load_sweep(write_sweep(tmp_path, max_seq_lens=[512])))
