@@ -127,6 +127,9 @@ def test_shipped_sweep_configs_expand():
     ladder = expand_grid(ladder_sweep)
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
     assert {r.tokens_per_step for r in ladder} == {8192 * 8}
+    for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
+        real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
+        assert len(real) == 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
 
 
 def test_subprocess_runner_logs_and_returns_status(tmp_path):
