@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lum_dist.train.evaluate import evaluate_checkpoint
     from lum_dist.utils import atomic_write_text
 
-    result = evaluate_checkpoint(Path(cfg.checkpoint), cfg.split, cfg.max_users, cfg.ks)
+    result = evaluate_checkpoint(Path(cfg.checkpoint), cfg.split, cfg.max_users, cfg.ks, cfg.attribute_query_weight)
     table = format_table(result["metrics"], cfg.split, cfg.ks)
     print(table)
     if cfg.out is not None:

@@ -148,9 +148,16 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20])
     max_users: int = 0  # 0: all users
     token_budget: int = 8192
+    # > 0: the final evaluation also ranks each item with the query of its own attribute value (one query per
+    # value of the first item-attribute field, e.g. per category: "knowledge querying"), reported as
+    # {split}/attrq_* beside the generic query's metrics. The weight of that query within its value, in (0, 1]
+    # (lum_dist.eval.metrics.attribute_query_scores). Selection during training stays on the generic query.
+    attribute_query_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cutoffs >= 1")
+        check(0.0 <= self.attribute_query_weight <= 1.0, "attribute_query_weight",
+              f"{self.attribute_query_weight} is not in [0, 1]")
         metrics = ["mrr"] + [f"{m}@{k}" for m in ("hr", "ndcg") for k in self.ks]
         check(self.metric in metrics, "metric",
               f"{self.metric!r} is not one of {', '.join(metrics)}{did_you_mean(self.metric, metrics)}")
@@ -177,6 +184,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(self.data.max_seq_len <= self.eval.token_budget, "eval.token_budget",
               f"{self.eval.token_budget} < data.max_seq_len={self.data.max_seq_len}")
+        check(not (self.eval.attribute_query_weight and self.loss.learnable_temperature),
+              "eval.attribute_query_weight", "attribute queries score with the fixed loss.temperature; "
+              "loss.learnable_temperature learns another one")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +216,16 @@ class EvaluateConfig:
         "cut-offs K of HR@K and NDCG@K; MRR is always reported"))
     out: str | None = field(default=None, metadata=field_help(
         "also write <out>.json (every metric, checkpoint, step, dataset) and <out>.md (the table)"))
+    attribute_query_weight: float = field(default=0.0, metadata=field_help(
+        "> 0: also rank each item with the query of its attribute value (one query per value, e.g. per "
+        "category), reported as attrq_*; the weight of that query within its value, in (0, 1]"))
 
     def __post_init__(self) -> None:
         check(bool(self.split), "split", "name at least one split")
         check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cut-offs >= 1")
         check(self.max_users >= 0, "max_users", f"{self.max_users}: need >= 0")
+        check(0.0 <= self.attribute_query_weight <= 1.0, "attribute_query_weight",
+              f"{self.attribute_query_weight} is not in [0, 1]")
 
 
 @dataclass

@@ -72,6 +72,40 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, exclude: Sequen
     return torch.where(miss, torch.full_like(ranks, n), ranks)
 
 
+def segment_logsumexp(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """[B, num_segments]: logsumexp of each row of ``x`` [B, N] over the columns of each segment (``segment``
+    [N] in [0, num_segments)); -inf for an empty segment or one whose entries are all -inf."""
+    index = segment.expand_as(x)
+    peak = x.new_full((x.shape[0], num_segments), -math.inf).scatter_reduce(1, index, x, "amax")
+    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = x.new_zeros(x.shape[0], num_segments).index_add_(1, segment, (x - shift.gather(1, index)).exp())
+    return total.log() + shift
+
+
+@torch.no_grad()
+def attribute_query_scores(generic: torch.Tensor, own_value: torch.Tensor, item_attr: torch.Tensor,
+                           weight: float) -> torch.Tensor:
+    """Log-scores [B, N] that rank each item with the query of its own attribute value ("knowledge querying").
+
+    ``generic`` [B, N]: the generic query's logits over all items (-inf for non-candidates); ``own_value``
+    [B, N]: item i's logit under the query of its attribute value ``item_attr[i]`` (-1: no such query, the
+    generic logit stands in). With p the generic softmax and q_v the softmax of v's query over the items of v:
+
+        log p(a(i)) + weight * log q_a(i)(i) + (1 - weight) * log p(i | a(i))
+
+    The generic query chooses among attribute values, each value's own query ranks the items within it; weight
+    0 is the generic ranking exactly.
+    """
+    no_query = int(item_attr.max()) + 1 if item_attr.numel() else 0  # a segment of its own
+    segment = torch.where(item_attr >= 0, item_attr, no_query)
+    log_p = generic.log_softmax(dim=-1)
+    log_p_value = segment_logsumexp(log_p, segment, no_query + 1)[:, segment]
+    own = torch.where((item_attr >= 0)[None, :] & torch.isfinite(generic), own_value, generic)
+    within_own = own - segment_logsumexp(own, segment, no_query + 1)[:, segment]
+    score = log_p_value + weight * within_own + (1.0 - weight) * (log_p - log_p_value)
+    return torch.where(torch.isfinite(generic), score, -math.inf)
+
+
 def hit_gain(ranks: torch.Tensor, k: int) -> torch.Tensor:
     """Per-query HR@K = Recall@K with one relevant item: 1 if the target is in the top K."""
     return (ranks < k).double()
@@ -209,11 +243,14 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def format_table(metrics: dict[str, float], splits: list[str], ks: list[int]) -> str:
-    """Markdown: one row per split and scorer (LUM, popularity), HR@K, NDCG@K, MRR, users."""
+    """Markdown: one row per split and scorer (the model's generic query, its attribute queries when evaluated,
+    popularity), HR@K, NDCG@K, MRR, users."""
     cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     lines = ["| split | model | " + " | ".join(c.upper() for c in cols) + " | users |", "|---" * (len(cols) + 3) + "|"]
     for split in splits:
-        for name, prefix in (("LUM", ""), ("popularity", "pop_")):
+        for name, prefix in (("LUM", ""), ("LUM, attribute queries", "attrq_"), ("popularity", "pop_")):
+            if f"{split}/{prefix}count" not in metrics:
+                continue
             cells = [f"{metrics[f'{split}/{prefix}{c}']:.4f}" for c in cols]
             lines.append(f"| {split} | {name} | " + " | ".join(cells) + f" | {metrics[f'{split}/count']} |")
     return "\n".join(lines)

@@ -8,6 +8,11 @@ items of the user's whole history are excluded, the target always stays a candid
 baseline (training counts) is ranked the same way, over the same users and exclusions. The metrics
 themselves are pure functions of tensors (:mod:`lum_dist.eval.metrics`).
 
+With ``eval.attribute_query_weight`` > 0 (LUM; the final evaluation and ``launch/evaluate.py``) each user also
+gets one query per value of the items' first attribute field (every category) in the same group-query pass,
+and items are ranked by the generic query's probability of their value times their share under that value's
+own query (``attribute_query_scores``), reported as ``attrq_*`` beside the generic metrics.
+
 ``evaluate`` runs inside the trainer (every rank, ZeRO-3 sharded or not) and also in one process on a
 checkpoint (``evaluate_checkpoint``, ``launch/evaluate.py``).
 """
@@ -15,9 +20,11 @@ checkpoint (``evaluate_checkpoint``, ``launch/evaluate.py``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,17 +32,36 @@ from lum_dist.checkpoint import INFO, load_model, resolve_checkpoint
 from lum_dist.config import PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.loader import eval_batches
-from lum_dist.data.prepare import item_log_prob
+from lum_dist.data.prepare import item_attribute_ids, item_log_prob
 from lum_dist.data.schema import MASK_ID, NUM_SPECIAL_IDS, DatasetMeta
-from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+from lum_dist.eval.metrics import RankingAccumulator, attribute_query_scores, rank_of_targets
 from lum_dist.model import LUMModel, SASRecModel
 from lum_dist.utils import dist_info
 
 
+def attribute_queries(meta: DatasetMeta, data_path: Path) -> tuple[np.ndarray, torch.Tensor]:
+    """The queries of every value of the first item-attribute field (condition ids [V, F], other fields MASK)
+    and each item's query index [num_items] (-1: its value has none, e.g. a reserved id)."""
+    if not meta.item_cond_fields:
+        raise ValueError(f"eval.attribute_query_weight: dataset {meta.name} has no item-attribute fields "
+                         "(meta.json item_cond_fields is empty)")
+    field = meta.item_cond_fields[0]
+    values = np.arange(NUM_SPECIAL_IDS, meta.vocab_sizes[field])
+    queries = np.full((len(values), len(meta.cond_fields)), MASK_ID, np.int64)
+    queries[:, meta.cond_fields.index(field)] = values
+    index = torch.from_numpy(item_attribute_ids(data_path, meta)[:, 0] - NUM_SPECIAL_IDS)
+    index[:NUM_SPECIAL_IDS] = -1
+    return queries, index.clamp(min=-1)
+
+
 @torch.no_grad()
 def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
-             device: torch.device, split: str | None = None) -> dict[str, float]:
-    """``{split}/hr@K``, ``ndcg@K``, ``mrr``, ``count`` and the same with ``pop_`` for popularity.
+             device: torch.device, split: str | None = None, with_attribute_queries: bool = False
+             ) -> dict[str, float]:
+    """``{split}/hr@K``, ``ndcg@K``, ``mrr``, ``count``, the same with ``pop_`` for popularity and, with
+    ``with_attribute_queries`` and ``cfg.eval.attribute_query_weight`` > 0 (LUM only), with ``attrq_`` for the
+    ranking by attribute queries (``attribute_query_scores``; every user's generic query and one query per
+    attribute value share one group-query pass).
 
     Each user is scored by exactly one rank; every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch. Works without a
@@ -52,10 +78,15 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     popularity = torch.from_numpy(item_log_prob(data_path, meta.num_items)).to(device)
     popularity[:NUM_SPECIAL_IDS] = -float("inf")
 
-    acc, pop_acc = RankingAccumulator(cfg.eval.ks), RankingAccumulator(cfg.eval.ks)
-    batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget,
-                           max_users=cfg.eval.max_users, rank=rank, world_size=world,
-                           item_attributes=cfg.data.item_attributes)
+    weight = cfg.eval.attribute_query_weight if with_attribute_queries else 0.0
+    if weight and not isinstance(model, LUMModel):
+        raise ValueError("eval.attribute_query_weight: only LUM reads conditions (this model is SASRec)")
+    queries, query_of_item = attribute_queries(meta, data_path) if weight else (None, None)
+    per_user = 1 if queries is None else 1 + len(queries)
+    acc, pop_acc, attr_acc = (RankingAccumulator(cfg.eval.ks) for _ in range(3))
+    batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget + per_user - 1,
+                           max_users=cfg.eval.max_users, rank=rank,
+                           world_size=world, item_attributes=cfg.data.item_attributes, extra_queries=queries)
     last = one_token_batch(len(meta.cond_fields), len(meta.numeric_fields))
     while True:
         batch = next(batches, None)
@@ -70,16 +101,26 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
         out = model.forward_batch(batch)
         if not real:
             continue
-        query_at = batch.query_index()  # one query per sequence: its last token
-        user = out[query_at].float()
+        query_at = batch.query_index()  # each sequence's queries: its last per_user tokens, the generic first
+        user = out[query_at].float().view(-1, per_user, items.shape[1])
         if cfg.loss.similarity == "cosine":
             user = torch.nn.functional.normalize(user, dim=-1)
-        targets = batch.targets[query_at]
-        acc.update(rank_of_targets(user @ items.T, targets, batch.seen_items))
+        targets = batch.targets[query_at].view(-1, per_user)[:, 0]
+        logits = user[:, 0] @ items.T
+        acc.update(rank_of_targets(logits, targets, batch.seen_items))
         pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, batch.seen_items))
+        if weight:
+            # Item i's logit under its own value's query: [B, N, E] (fine for eval batches of 10^4 items).
+            own = (user[:, 1:][:, query_of_item.clamp(min=0)] * items).sum(-1) / cfg.loss.temperature
+            generic = (logits / cfg.loss.temperature).index_fill_(
+                1, torch.arange(NUM_SPECIAL_IDS, device=device), -math.inf)
+            scores = attribute_query_scores(generic, own, query_of_item.to(device), weight)
+            attr_acc.update(rank_of_targets(scores, targets, batch.seen_items))
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in acc.all_reduce().compute().items()}
     result.update({f"{split}/pop_{k}": v for k, v in pop_acc.all_reduce().compute().items()})
+    if weight:
+        result.update({f"{split}/attrq_{k}": v for k, v in attr_acc.all_reduce().compute().items()})
     return result
 
 
@@ -94,16 +135,19 @@ def one_token_batch(num_cond_fields: int, num_numeric: int) -> PackedBatch:
     )
 
 
-def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0,
-                        ks: list[int] | None = None) -> dict[str, Any]:
-    """Consolidate a (ZeRO-sharded) checkpoint on the CPU and evaluate it on ``splits`` in one process."""
+def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0, ks: list[int] | None = None,
+                        attribute_query_weight: float = 0.0) -> dict[str, Any]:
+    """Consolidate a (ZeRO-sharded) checkpoint on the CPU and evaluate it on ``splits`` in one process (with
+    ``attribute_query_weight`` > 0, also by attribute queries)."""
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_model(ckpt)
     cfg.eval.max_users = max_users
     cfg.eval.ks = list(ks or cfg.eval.ks)
+    cfg.eval.attribute_query_weight = attribute_query_weight
     metrics: dict[str, float] = {}
     for split in splits:
-        metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split))
+        metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split,
+                                with_attribute_queries=attribute_query_weight > 0))
     step = json.loads((ckpt / INFO).read_text()).get("step")
     return {"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
             "eval_condition": meta.eval_condition, "similarity": cfg.loss.similarity, "metrics": metrics}

@@ -13,12 +13,14 @@ from sklearn.metrics import roc_auc_score
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.eval.metrics import (
     RankingAccumulator,
+    attribute_query_scores,
     auc,
     gauc,
     log_loss,
     ndcg_at_k,
     rank_of_targets,
     recall_at_k,
+    segment_logsumexp,
 )
 
 
@@ -36,6 +38,37 @@ def rank_reference(scores: torch.Tensor, targets: torch.Tensor, exclude: list[to
         order = sorted(cands, key=lambda j: (-float(scores[i, j]), j))
         out.append(order.index(t))
     return torch.tensor(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_logsumexp_matches_a_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 30, generator=g) * 5
+    x[0, :7] = -math.inf
+    segment = torch.randint(0, 6, (30,), generator=g)
+    segment[segment == 4] = 5  # segment 4 is empty
+    got = segment_logsumexp(x, segment, 6)
+    for v in range(6):
+        want = torch.logsumexp(x[:, segment == v], 1) if (segment == v).any() else torch.full((4,), -math.inf)
+        torch.testing.assert_close(got[:, v], want, rtol=1e-6, atol=1e-6)
+
+
+def test_attribute_query_scores_weight_zero_is_the_generic_ranking_and_no_query_keeps_it():
+    g = torch.Generator().manual_seed(0)
+    generic, own = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g)
+    generic[:, :NUM_SPECIAL_IDS] = -math.inf
+    attr = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1, 2, -1, 2, 0])
+    torch.testing.assert_close(attribute_query_scores(generic, own, attr, 0.0)[:, NUM_SPECIAL_IDS:],
+                               generic.log_softmax(1)[:, NUM_SPECIAL_IDS:], rtol=1e-6, atol=1e-6)
+    full = attribute_query_scores(generic, own, attr, 1.0)
+    assert torch.isneginf(full[:, :NUM_SPECIAL_IDS]).all()
+    # Item 9 has no query: within the "no query" group its share is the generic one.
+    log_p = generic.log_softmax(1)
+    torch.testing.assert_close(full[:, 9], log_p[:, 9], rtol=1e-6, atol=1e-6)
+    # Weight 1: the value's probability (generic) times the item's share under its own value's query.
+    members = attr == 1
+    want = torch.logsumexp(log_p[:, members], 1, keepdim=True) + own[:, members].log_softmax(1)
+    torch.testing.assert_close(full[:, members], want, rtol=1e-6, atol=1e-6)
 
 
 def test_rank_hand_case():
