@@ -81,7 +81,10 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     weight = cfg.eval.attribute_query_weight if with_attribute_queries else 0.0
     if weight and not isinstance(model, LUMModel):
         raise ValueError("eval.attribute_query_weight: only LUM reads conditions (this model is SASRec)")
-    queries, query_of_item = attribute_queries(meta, data_path) if weight else (None, None)
+    queries, query_of_item = None, None
+    if weight:
+        queries, query_of_item = attribute_queries(meta, data_path)
+        query_of_item = query_of_item.to(device)  # indexes the query outputs, on the model's device
     per_user = 1 if queries is None else 1 + len(queries)
     acc, pop_acc, attr_acc = (RankingAccumulator(cfg.eval.ks) for _ in range(3))
     batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget + per_user - 1,
@@ -114,7 +117,7 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
             own = (user[:, 1:][:, query_of_item.clamp(min=0)] * items).sum(-1) / cfg.loss.temperature
             generic = (logits / cfg.loss.temperature).index_fill_(
                 1, torch.arange(NUM_SPECIAL_IDS, device=device), -math.inf)
-            scores = attribute_query_scores(generic, own, query_of_item.to(device), weight)
+            scores = attribute_query_scores(generic, own, query_of_item, weight)
             attr_acc.update(rank_of_targets(scores, targets, batch.seen_items))
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in acc.all_reduce().compute().items()}
