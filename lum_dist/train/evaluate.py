@@ -56,11 +56,11 @@ def attribute_queries(meta: DatasetMeta, data_path: Path) -> tuple[np.ndarray, t
 
 @torch.no_grad()
 def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
-             device: torch.device, split: str | None = None, with_attribute_queries: bool = False
+             device: torch.device, split: str | None = None, attribute_query_weight: float = 0.0
              ) -> dict[str, float]:
     """``{split}/hr@K``, ``ndcg@K``, ``mrr``, ``count``, the same with ``pop_`` for popularity and, with
-    ``with_attribute_queries`` and ``cfg.eval.attribute_query_weight`` > 0 (LUM only), with ``attrq_`` for the
-    ranking by attribute queries (``attribute_query_scores``; every user's generic query and one query per
+    ``attribute_query_weight`` > 0 (LUM only; the trainer passes ``cfg.eval.attribute_query_weight`` to its final
+    evaluation), with ``attrq_`` for the ranking by attribute queries (``attribute_query_scores``; every user's generic query and one query per
     attribute value share one group-query pass).
 
     Each user is scored by exactly one rank; every rank runs the same number of forward passes
@@ -78,13 +78,14 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     popularity = torch.from_numpy(item_log_prob(data_path, meta.num_items)).to(device)
     popularity[:NUM_SPECIAL_IDS] = -float("inf")
 
-    weight = cfg.eval.attribute_query_weight if with_attribute_queries else 0.0
+    weight = attribute_query_weight
     if weight and not isinstance(model, LUMModel):
         raise ValueError("eval.attribute_query_weight: only LUM reads conditions (this model is SASRec)")
     queries, query_of_item = None, None
     if weight:
         queries, query_of_item = attribute_queries(meta, data_path)
         query_of_item = query_of_item.to(device)  # indexes the query outputs, on the model's device
+        value_of_item = query_of_item.clamp(min=0)  # the column of each item's value query (any, if none)
     per_user = 1 if queries is None else 1 + len(queries)
     acc, pop_acc, attr_acc = (RankingAccumulator(cfg.eval.ks) for _ in range(3))
     batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget + per_user - 1,
@@ -114,7 +115,7 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
         pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, batch.seen_items))
         if weight:
             # Item i's logit under its own value's query: [B, N, E] (fine for eval batches of 10^4 items).
-            own = (user[:, 1:][:, query_of_item.clamp(min=0)] * items).sum(-1) / cfg.loss.temperature
+            own = (user[:, 1:][:, value_of_item] * items).sum(-1) / cfg.loss.temperature
             generic = (logits / cfg.loss.temperature).index_fill_(
                 1, torch.arange(NUM_SPECIAL_IDS, device=device), -math.inf)
             scores = attribute_query_scores(generic, own, query_of_item, weight)
@@ -146,11 +147,10 @@ def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0,
     model, cfg, meta = load_model(ckpt)
     cfg.eval.max_users = max_users
     cfg.eval.ks = list(ks or cfg.eval.ks)
-    cfg.eval.attribute_query_weight = attribute_query_weight
     metrics: dict[str, float] = {}
     for split in splits:
         metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split,
-                                with_attribute_queries=attribute_query_weight > 0))
+                                attribute_query_weight))
     step = json.loads((ckpt / INFO).read_text()).get("step")
     return {"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
             "eval_condition": meta.eval_condition, "similarity": cfg.loss.similarity, "metrics": metrics}

@@ -62,7 +62,7 @@ def test_attribute_queries_match_one_value_per_pass(tmp_path):
     meta = prepare({"format": "synthetic", "num_users": 60, "num_items": 80, "num_categories": 5}, tmp_path / "d")
     cfg = PretrainConfig()
     cfg.data.path, cfg.data.max_seq_len, cfg.data.item_attributes = str(tmp_path / "d"), 32, True
-    cfg.eval.max_users, cfg.eval.ks, cfg.eval.attribute_query_weight = USERS, [10], WEIGHT
+    cfg.eval.max_users, cfg.eval.ks = USERS, [10]
     cfg.model.overrides = {"num_layers": 2, "attribute_targets": True}
     torch.manual_seed(0)
     model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta).eval()
@@ -75,7 +75,7 @@ def test_attribute_queries_match_one_value_per_pass(tmp_path):
     assert (query_of_item[:NUM_SPECIAL_IDS] == -1).all()
 
     plain = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid")
-    both = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", with_attribute_queries=True)
+    both = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", WEIGHT)
     assert "valid/attrq_ndcg@10" not in plain and both["valid/attrq_count"] == USERS
     for key, value in plain.items():  # the generic query's metrics do not change beside the attribute queries
         assert both[key] == pytest.approx(value, rel=1e-6), key
