@@ -81,6 +81,9 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     weight = attribute_query_weight
     if weight and not isinstance(model, LUMModel):
         raise ValueError("eval.attribute_query_weight: only LUM reads conditions (this model is SASRec)")
+    if weight and cfg.loss.learnable_temperature:  # a checkpoint's run config is not re-checked by PretrainConfig
+        raise ValueError("eval.attribute_query_weight: attribute queries score with the fixed loss.temperature; "
+                         "this run learned its temperature")
     queries, query_of_item = None, None
     if weight:
         queries, query_of_item = attribute_queries(meta, data_path)

@@ -81,6 +81,9 @@ def test_attribute_queries_match_one_value_per_pass(tmp_path):
         assert both[key] == pytest.approx(value, rel=1e-6), key
     assert both["valid/attrq_ndcg@10"] == pytest.approx(_reference_ndcg(model, cfg, meta, queries), rel=1e-5)
     assert both["valid/attrq_ndcg@10"] != both["valid/ndcg@10"]  # the value queries changed the ranking
+    cfg.loss.learnable_temperature = True  # e.g. a checkpoint's run: evaluate refuses rather than mis-score
+    with pytest.raises(ValueError, match="learned its temperature"):
+        evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", WEIGHT)
 
 
 def test_attribute_queries_need_a_fixed_temperature_and_a_weight_in_range():
