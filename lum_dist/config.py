@@ -100,10 +100,17 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: no clipping
+    # > 0: muP-style learning rates across widths (lum_dist.parallel.param_groups): the matrices that read the
+    # hidden stream train at lr x width_base / hidden_size, so lr tuned at width_base carries to other widths.
+    width_base: int = 0
+
+    def hidden_lr_scale(self, hidden_size: int) -> float:
+        return self.width_base / hidden_size if self.width_base else 1.0
 
     def __post_init__(self) -> None:
         check(self.lr >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0, "lr",
               "lr, weight_decay, grad_clip and warmup_steps must be >= 0")
+        check(self.width_base >= 0, "width_base", f"{self.width_base} must be >= 0 (0: one learning rate)")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"{self.min_lr_ratio} is not in [0, 1]")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", f"{self.betas}: need two in [0, 1)")
 

@@ -135,19 +135,34 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) 
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
-    """Decay weight matrices only: embedding tables (unless ``decay_embeddings``), norms, biases and the
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False, lr: float = 1e-3,
+                 hidden_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: which parameters decay and which learning rate each takes.
+
+    Decay weight matrices only: embedding tables (unless ``decay_embeddings``), norms, biases and the
     temperature are not regularised. Tables are rows looked up sparsely: decaying every row every step
-    shrinks the rare items' rows that get few gradients, the opposite of what a recommender wants."""
+    shrinks the rare items' rows that get few gradients, the opposite of what a recommender wants.
+
+    ``hidden_lr_scale`` multiplies the learning rate of the matrices that read the hidden stream (every
+    ``nn.Linear`` but one marked ``reads_token_features``, LUM's input projection): Adam moves every entry of
+    such a matrix by about ``lr`` per step, so its output moves about ``lr x width``; muP's rule for Adam
+    (Yang et al. 2022) keeps that per-step change the same across widths with ``lr x base_width / width``.
+    Tables and the input projection keep ``lr`` (their fan-in does not grow with width).
+    """
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    hidden = {id(m.weight) for m in model.modules()
+              if isinstance(m, nn.Linear) and not getattr(m, "reads_token_features", False)}
+    split_hidden = hidden_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (decays, hidden lr) -> params
     for p in model.parameters():
         if not p.requires_grad:
             continue
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
         is_matrix = len(shape) >= 2 and (decay_embeddings or id(p) not in tables)
-        (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((is_matrix, split_hidden and id(p) in hidden), []).append(p)
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0,
+             "lr": lr * (hidden_lr_scale if key[1] else 1.0)}
+            for key in [(True, True), (True, False), (False, True), (False, False)] if key in groups]
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -158,12 +173,14 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any], max_steps: int):
-    """Wrap ``module`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule over ``max_steps``."""
+def build_engine(module: nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any], max_steps: int,
+                 hidden_lr_scale: float = 1.0):
+    """Wrap ``module`` in a DeepSpeed engine with AdamW (groups: :func:`param_groups`) and the warmup-cosine
+    schedule over ``max_steps``."""
     import deepspeed
 
     o = cfg.optim
-    groups = param_groups(module, o.weight_decay, o.decay_embeddings)
+    groups = param_groups(module, o.weight_decay, o.decay_embeddings, o.lr, hidden_lr_scale)
     if cfg.train.cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -50,6 +50,7 @@ class TokenEncoder(nn.Module):
         self.time_emb = nn.Embedding(cfg.num_time_buckets, cfg.cond_emb_dim)
         self.type_emb = nn.Embedding(2, cfg.hidden_size)
         self.proj = nn.Linear(cfg.token_feature_dim, cfg.hidden_size)
+        self.proj.reads_token_features = True  # its fan-in does not grow with width (parallel.param_groups)
 
     def forward(self, item_ids, cond_ids, token_type, time_gaps, numeric=None) -> torch.Tensor:
         parts = [self.item_emb(item_ids)]

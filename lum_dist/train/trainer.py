@@ -136,7 +136,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     module = parallel.build_model(make_module, ds_config)
     if cfg.train.activation_checkpointing:
         module.model.gradient_checkpointing_enable()
-    engine = parallel.build_engine(module, cfg, ds_config, max_steps)
+    engine = parallel.build_engine(module, cfg, ds_config, max_steps, cfg.optim.hidden_lr_scale(model_cfg.hidden_size))
 
     start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False
     loss_sum, steps_logged = torch.zeros((), device=device), 0  # this rank's loss since the last log line

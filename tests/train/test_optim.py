@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lum_dist.config import LossConfig
+from lum_dist.config import ConfigError, LossConfig, OptimConfig
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, SASRecModel, load_preset
 from lum_dist.parallel import lr_lambda, param_groups
@@ -42,3 +42,25 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_lambda(110, warmup, total, floor) == pytest.approx(floor)
     assert lr_lambda(500, warmup, total, floor) == pytest.approx(floor)  # past the horizon: stays at the floor
     assert lr_lambda(50, warmup, total, 1.0) == pytest.approx(1.0)  # floor 1: constant after warmup
+
+
+def test_width_base_scales_the_learning_rate_of_the_matrices_that_read_the_hidden_stream():
+    """muP-style rule: lr x width_base / hidden_size on the blocks' matrices and the output head; the input
+    projection (fan-in: the token features), the tables, norms and biases keep lr. Scale 1: the two plain
+    decay groups, as without the option."""
+    cfg = load_preset("lum-tiny", 50, [6, 4], hidden_size=128, intermediate_size=256)
+    module = PretrainModule(LUMModel(cfg), InfoNCE(LossConfig(negatives="full"), 50))
+    scale = OptimConfig(width_base=64).hidden_lr_scale(cfg.hidden_size)
+    assert scale == 0.5 and OptimConfig().hidden_lr_scale(128) == 1.0
+    groups = param_groups(module, 0.1, lr=2e-3, hidden_lr_scale=scale)
+    lr_of = {n: g["lr"] for g in groups for n in _names(module, g)}
+    assert lr_of.keys() == {n for n, _ in module.named_parameters()}
+    for name, lr in lr_of.items():
+        reads_hidden = name.endswith("weight") and any(k in name for k in (".qkv.", ".out.", ".gate_up.", ".down.",
+                                                                           "model.head."))
+        assert lr == pytest.approx(1e-3 if reads_hidden else 2e-3), name
+    assert lr_of["model.tokens.proj.weight"] == 2e-3
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1, 0.0]
+    assert len(param_groups(module, 0.1, lr=2e-3)) == 2
+    with pytest.raises(ConfigError, match="width_base"):
+        OptimConfig(width_base=-1)
