@@ -32,8 +32,8 @@ import torch
 
 from lum_dist import parallel
 from lum_dist.config import PretrainConfig, from_dict
-from lum_dist.data.prepare import item_attribute_ids, load_meta
-from lum_dist.data.schema import DatasetMeta
+from lum_dist.data.prepare import item_attribute_ids, item_tag_ids, load_meta
+from lum_dist.data.schema import TAGS_FIELD, DatasetMeta
 from lum_dist.model import LUMConfig, LUMModel, SASRecConfig, SASRecModel, build_model, load_preset
 from lum_dist.utils import dist_info
 
@@ -171,16 +171,19 @@ def model_config_for(cfg: PretrainConfig, meta: DatasetMeta) -> LUMConfig | SASR
     return load_preset(cfg.model.preset, num_items=meta.num_items, cond_vocab_sizes=meta.cond_vocab_sizes(),
                        num_numeric=len(meta.numeric_fields),
                        item_attr_vocab_sizes=[meta.vocab_sizes[f] for f in meta.item_cond_fields],
+                       num_item_tags=meta.vocab_sizes.get(TAGS_FIELD, 0), max_item_tags=meta.max_item_tags,
                        **cfg.model.overrides)
 
 
 def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
                     meta: DatasetMeta) -> LUMModel | SASRecModel:
     """A run's model (``model_config_for``), freshly initialised, with what it reads from its dataset besides
-    table sizes (each item's attributes, for ``attribute_targets``)."""
+    table sizes (each item's attributes, for ``attribute_targets``, and tags, for ``item_tags``)."""
     model = build_model(model_cfg)
     if isinstance(model, LUMModel) and model.config.attribute_targets:
         model.set_item_attributes(torch.from_numpy(item_attribute_ids(data_path, meta)))
+    if isinstance(model, LUMModel) and model.config.item_tags:
+        model.set_item_tags(torch.from_numpy(item_tag_ids(data_path, meta)))
     return model
 
 

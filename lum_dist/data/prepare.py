@@ -42,6 +42,7 @@ from lum_dist.data.schema import (
     NUM_SPECIAL_IDS,
     PAD_ID,
     RESERVED_RAW,
+    TAGS_FIELD,
     UNK_ID,
     VOCAB_SCHEMA,
     DatasetMeta,
@@ -151,17 +152,27 @@ def _vocab(values: pa.Array, train: np.ndarray) -> tuple[np.ndarray, pa.Table]:
     return ids.to_numpy(zero_copy_only=False).astype(np.int32), vocab
 
 
-def _items_table(item_vocab: pa.Table, raw: RawBehaviours, field_vocabs: dict[str, pa.Table]) -> pa.Table:
-    """Per item id: raw id and, per item-attribute field, the attribute's dense id (PAD for reserved ids)."""
+def _items_table(item_vocab: pa.Table, raw: RawBehaviours,
+                 field_vocabs: dict[str, pa.Table]) -> tuple[pa.Table, pa.Table | None]:
+    """Per item id: raw id and, per item-attribute field, the attribute's dense id (PAD for reserved ids);
+    with item tags also ``tags`` (list of dense tag ids) and the tag vocabulary."""
     cols = {"id": item_vocab.column("id"), "raw": item_vocab.column("raw")}
     real = item_vocab.column("raw").combine_chunks()[NUM_SPECIAL_IDS:]
-    attrs = raw.item_attrs.combine_chunks() if raw.item_cond_fields else None
+    attrs = raw.item_attrs.combine_chunks() if raw.item_attrs is not None else None
+    at = pc.index_in(real, value_set=attrs.column("item").chunk(0)) if attrs is not None else None
     for f in raw.item_cond_fields:
-        at = pc.index_in(real, value_set=attrs.column("item").chunk(0))
         attr_raw = pc.take(attrs.column(f).chunk(0), at)
         ids = pc.fill_null(pc.index_in(attr_raw, value_set=field_vocabs[f].column("raw")), UNK_ID)
         cols[f] = pa.concat_arrays([pa.array([PAD_ID] * NUM_SPECIAL_IDS, pa.int32()), ids.cast(pa.int32())])
-    return pa.table(cols)
+    tag_vocab = None
+    if attrs is not None and TAGS_FIELD in attrs.column_names:
+        # The items of the item vocabulary (seen in training) define the tags; reserved items have none.
+        tags = pc.fill_null(pc.take(attrs.column(TAGS_FIELD).chunk(0), at), pa.scalar([], pa.list_(pa.string())))
+        flat = pc.list_flatten(tags)
+        ids, tag_vocab = _vocab(flat, np.ones(len(flat), bool))
+        offsets = np.r_[np.zeros(NUM_SPECIAL_IDS, np.int64), tags.offsets.to_numpy() - tags.offsets[0].as_py()]
+        cols[TAGS_FIELD] = _list(ids, offsets, pa.int32())
+    return pa.table(cols), tag_vocab
 
 
 def _list(values: np.ndarray, offsets: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -218,7 +229,10 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
     pq.write_table(item_vocab, root / "vocab" / f"{ITEM_FIELD}.parquet")
     for f, v in field_vocabs.items():
         pq.write_table(v, root / "vocab" / f"{f}.parquet")
-    pq.write_table(_items_table(item_vocab, raw, field_vocabs), root / "items.parquet")
+    items, tag_vocab = _items_table(item_vocab, raw, field_vocabs)
+    pq.write_table(items, root / "items.parquet")
+    if tag_vocab is not None:
+        pq.write_table(tag_vocab, root / "vocab" / f"{TAGS_FIELD}.parquet")
 
     # User shards, one at a time.
     schema = user_schema(raw.cond_fields, raw.numeric_fields)
@@ -254,7 +268,9 @@ def write_dataset(raw: RawBehaviours, spec: dict, root: Path) -> DatasetMeta:
         num_users=num_users,
         num_behaviours=int(len(user)),
         num_train_behaviours=int(train.sum()),
-        vocab_sizes={ITEM_FIELD: item_vocab.num_rows, **{f: v.num_rows for f, v in field_vocabs.items()}},
+        vocab_sizes={ITEM_FIELD: item_vocab.num_rows, **{f: v.num_rows for f, v in field_vocabs.items()},
+                     **({TAGS_FIELD: tag_vocab.num_rows} if tag_vocab is not None else {})},
+        max_item_tags=_max_tags(items),
         shards=shards,
         skipped=dict(raw.skipped),
         fingerprint=shards_fingerprint(root, shards),
@@ -389,6 +405,25 @@ def item_embedding_table(path: str | Path, embeddings: np.ndarray) -> pa.Table:
 
 def load_items(path: str | Path) -> pa.Table:
     return read_parquet(Path(path) / "items.parquet")
+
+
+def _max_tags(items: pa.Table) -> int:
+    if TAGS_FIELD not in items.column_names:
+        return 0
+    return int(pc.max(pc.list_value_length(items.column(TAGS_FIELD))).as_py() or 0)
+
+
+def item_tag_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
+    """int64 ``[num_items, meta.max_item_tags]``: each item's tag ids by dense item id, PAD-padded."""
+    items = load_items(path).sort_by("id")
+    if items.num_rows != meta.num_items or TAGS_FIELD not in items.column_names:
+        raise ValueError(f"{Path(path) / 'items.parquet'}: expected {meta.num_items} rows with a {TAGS_FIELD!r} "
+                         f"column, got {items.num_rows} rows and columns {items.column_names}")
+    tags = items.column(TAGS_FIELD).combine_chunks()
+    lengths = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
+    out = np.full((meta.num_items, meta.max_item_tags), PAD_ID, np.int64)
+    out[np.arange(meta.max_item_tags) < lengths[:, None]] = pc.list_flatten(tags).to_numpy()
+    return out
 
 
 def item_attribute_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:

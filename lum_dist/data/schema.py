@@ -47,6 +47,7 @@ NUM_SPECIAL_IDS = 3
 RESERVED_RAW = ["[PAD]", "[UNK]", "[MASK]"]  # raw values of the reserved ids in every vocabulary
 
 ITEM_FIELD = "item"
+TAGS_FIELD = "tags"  # items.parquet / vocab: each item's bag of attributes (all its genres, ...)
 COND_PREFIX = "cond_"  # user-row column for condition field f is f"cond_{f}"
 NUM_PREFIX = "num_"  # user-row column for numeric side feature g is f"num_{g}"
 
@@ -82,7 +83,8 @@ class DatasetMeta:
     num_users: int = 0
     num_behaviours: int = 0
     num_train_behaviours: int = 0
-    vocab_sizes: dict[str, int] = field(default_factory=dict)  # incl. reserved ids
+    vocab_sizes: dict[str, int] = field(default_factory=dict)  # incl. reserved ids; "tags": the item tags
+    max_item_tags: int = 0  # most tags an item has (0: the dataset has no item tags)
     shards: list[str] = field(default_factory=list)  # relative paths of users/*.parquet
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (bad input skipped by flag)
     fingerprint: str = ""  # hash of the shards' contents; the loader refuses to resume across a change

@@ -60,6 +60,12 @@ class LUMConfig(PretrainedConfig):
         # item (e.g. its category), so the many rarely seen items share what their attribute learned:
         attribute_targets: bool = False,
         item_attr_vocab_sizes: list[int] | None = None,  # vocabulary size of each item-attribute field (dataset)
+        # An item's embedding (what its token reads and its InfoNCE target) is its id embedding plus the mean
+        # of its tags' embeddings (all its genres, all its S3-Rec attributes): an item seen a handful of
+        # times shares what each of its attributes learned from all the items that carry it.
+        item_tags: bool = False,
+        num_item_tags: int = 0,  # tag vocabulary incl. the reserved ids (dataset; 0: items have no tags)
+        max_item_tags: int = 0,  # most tags an item has (dataset)
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -83,6 +89,9 @@ class LUMConfig(PretrainedConfig):
         self.attn_backend = attn_backend
         self.attribute_targets = attribute_targets
         self.item_attr_vocab_sizes = list(item_attr_vocab_sizes or [])
+        self.item_tags = item_tags
+        self.num_item_tags = num_item_tags
+        self.max_item_tags = max_item_tags
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -94,6 +103,9 @@ class LUMConfig(PretrainedConfig):
         if attribute_targets and not self.item_attr_vocab_sizes:
             raise ConfigError("LUMConfig: attribute_targets needs a dataset whose items have attributes "
                               "(meta.item_cond_fields is empty)")
+        if item_tags and not (num_item_tags > 0 and max_item_tags > 0):
+            raise ConfigError("LUMConfig: item_tags needs a dataset whose items have tags (meta.max_item_tags is 0; "
+                              "a dataset prepared before item tags existed: lum-prepare --force)")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
@@ -113,13 +125,16 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
+        "item_tags",
     })
 
     @classmethod
     def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
-                    item_attr_vocab_sizes: list[int] | None = None, **arch: Any) -> LUMConfig:
+                    item_attr_vocab_sizes: list[int] | None = None, *, num_item_tags: int = 0,
+                    max_item_tags: int = 0, **arch: Any) -> LUMConfig:
         return cls(num_items=num_items, cond_vocab_sizes=list(cond_vocab_sizes), num_numeric=num_numeric,
-                   item_attr_vocab_sizes=item_attr_vocab_sizes, **arch)
+                   item_attr_vocab_sizes=item_attr_vocab_sizes, num_item_tags=num_item_tags,
+                   max_item_tags=max_item_tags, **arch)
 
     def matmul_params(self) -> int:
         """Weights of every matrix multiply per token: input projection, blocks, output projection."""
@@ -136,6 +151,7 @@ class LUMConfig(PretrainedConfig):
             + (sum(self.cond_vocab_sizes) + self.num_time_buckets) * self.cond_emb_dim
             + 2 * h  # token-type embedding
             + (sum(self.item_attr_vocab_sizes) * self.item_emb_dim if self.attribute_targets else 0)
+            + (self.num_item_tags * self.item_emb_dim if self.item_tags else 0)
         )
         return {"dense": dense, "embedding": embedding, "total": dense + embedding}
 
@@ -165,7 +181,8 @@ ARCHS: dict[str, type[PretrainedConfig]] = {"lum": LUMConfig, "sasrec": SASRecCo
 
 def load_preset(
     name_or_path: str | Path, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
-    item_attr_vocab_sizes: list[int] | None = None, **overrides: Any
+    item_attr_vocab_sizes: list[int] | None = None, *, num_item_tags: int = 0, max_item_tags: int = 0,
+    **overrides: Any
 ) -> LUMConfig | SASRecConfig:
     """The preset's architecture (``configs/model/<name>.yaml`` or a YAML path) sized for a dataset.
 
@@ -185,13 +202,15 @@ def load_preset(
     if unknown:
         raise ConfigError(f"{path}: unknown {arch} model key {unknown[0]!r}{did_you_mean(unknown[0], cls.ARCH_KEYS)}; "
                           f"valid: {', '.join(sorted(cls.ARCH_KEYS))}")
-    return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, item_attr_vocab_sizes, **values)
+    return cls.for_dataset(num_items, cond_vocab_sizes, num_numeric, item_attr_vocab_sizes,
+                           num_item_tags=num_item_tags, max_item_tags=max_item_tags, **values)
 
 
 def check_model_spec(preset: str, overrides: dict[str, Any]) -> None:
     """Fail now, before any data is read, if the preset or its overrides are bad (tables get stand-in sizes)."""
     try:
-        load_preset(preset, num_items=16, cond_vocab_sizes=[8], item_attr_vocab_sizes=[8], **overrides)
+        load_preset(preset, num_items=16, cond_vocab_sizes=[8], item_attr_vocab_sizes=[8], num_item_tags=8,
+                    max_item_tags=2, **overrides)
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}", "model") from None
 

@@ -3,16 +3,17 @@
 Reads top to bottom: token encoder, rotary positions, attention, MLP, block, model. It knows nothing
 about DeepSpeed or process groups; the trainer shards it from outside.
 
-* Token encoder: every token is ``concat[item emb, one emb per condition field, time-gap bucket emb,
-  numeric features] -> Linear -> hidden`` plus a token-type embedding. Item tokens carry PAD_ID in
+* Token encoder: every token is ``concat[item vector, one emb per condition field, time-gap bucket emb,
+  numeric features] -> Linear -> hidden`` plus a token-type embedding. An item's vector is its id embedding,
+  plus the mean of its tags' embeddings with ``item_tags`` (content features: all its genres or attributes). Item tokens carry PAD_ID in
   the condition slots and condition tokens PAD_ID in the item slot; PAD rows are zero (and get no
   gradient), so a condition token's item part and an item token's condition part are zero.
 * User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
   a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. Dropout (0 in the large presets, as in LLM
   pretraining; small datasets need it) acts on the token features, the attention probabilities and each
   residual branch, each with its own rate.
-* The output lives in the item embedding space: InfoNCE compares it with rows of the SAME
-  ``item_emb`` table that item tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's
+* The output lives in the item embedding space: InfoNCE compares it with the SAME item vectors that item
+  tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's
   row is its id embedding plus an embedding of each of its attributes (e.g. its category): most items are
   seen a handful of times, and an attribute shared by hundreds of items learns from all of them.
 """
@@ -51,9 +52,23 @@ class TokenEncoder(nn.Module):
         self.type_emb = nn.Embedding(2, cfg.hidden_size)
         self.proj = nn.Linear(cfg.token_feature_dim, cfg.hidden_size)
         self.proj.reads_token_features = True  # its fan-in does not grow with width (parallel.param_groups)
+        self.tag_emb = nn.Embedding(cfg.num_item_tags, cfg.item_emb_dim, padding_idx=PAD_ID) if cfg.item_tags else None
+        # Each item's tag ids, PAD-padded. The dataset is their source of truth (set_item_tags): not saved.
+        self.register_buffer("item_tags", torch.zeros(cfg.num_items, cfg.max_item_tags if cfg.item_tags else 0,
+                                                      dtype=torch.long), persistent=False)
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Items ``ids`` as the model sees them: the id embedding, plus the mean of the tags' embeddings with
+        ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero)."""
+        emb = self.item_emb(ids)
+        if self.tag_emb is None:
+            return emb
+        tags = self.item_tags[ids]
+        count = (tags != PAD_ID).sum(-1, keepdim=True).clamp(min=1)
+        return emb + self.tag_emb(tags).sum(-2) / count
 
     def forward(self, item_ids, cond_ids, token_type, time_gaps, numeric=None) -> torch.Tensor:
-        parts = [self.item_emb(item_ids)]
+        parts = [self.item_vectors(item_ids)]
         parts += [emb(cond_ids[:, f]) for f, emb in enumerate(self.cond_embs)]
         parts.append(self.time_emb(time_gaps.clamp(0, self.num_time_buckets - 1)))
         width = 0 if numeric is None else numeric.shape[-1]
@@ -181,15 +196,23 @@ class LUMModel(PreTrainedModel):
                              f"{tuple(self.item_attrs.shape)} (num_items x item-attribute fields)")
         self.item_attrs.copy_(item_attrs)
 
+    def set_item_tags(self, item_tags: torch.Tensor) -> None:
+        """Each item's tag ids, ``[num_items, max_item_tags]``, PAD-padded (``item_tags``)."""
+        if item_tags.shape != self.tokens.item_tags.shape:
+            raise ValueError(f"LUMModel: item tags of shape {tuple(item_tags.shape)}, the model expects "
+                             f"{tuple(self.tokens.item_tags.shape)} (num_items x max_item_tags)")
+        self.tokens.item_tags.copy_(item_tags)
+
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item table's
-        rows, plus each item's attribute embeddings with ``attribute_targets``.
+        """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item vectors
+        that item tokens read (id embedding, plus tags with ``item_tags``), plus each item's attribute
+        embeddings with ``attribute_targets``.
 
         Always calls the modules, so under ZeRO-3 the tables are gathered (``.weight`` is a placeholder).
         """
         if ids is None:
             ids = torch.arange(self.config.num_items, device=self.item_attrs.device)
-        emb = self.tokens.item_emb(ids)
+        emb = self.tokens.item_vectors(ids)
         attrs = self.item_attrs[ids]
         for f, table in enumerate(self.attr_targets):
             emb = emb + table(attrs[:, f])

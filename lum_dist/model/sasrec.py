@@ -64,8 +64,10 @@ class SASRecConfig(PretrainedConfig):
 
     @classmethod
     def for_dataset(cls, num_items: int, cond_vocab_sizes: list[int], num_numeric: int = 0,
-                    item_attr_vocab_sizes: list[int] | None = None, **arch) -> SASRecConfig:
-        """Item ids only: the dataset's condition fields, item attributes and numeric features are not read."""
+                    item_attr_vocab_sizes: list[int] | None = None, *, num_item_tags: int = 0,
+                    max_item_tags: int = 0, **arch) -> SASRecConfig:
+        """Item ids only: the dataset's condition fields, item attributes, tags and numeric features are not
+        read."""
         return cls(num_items=num_items, **arch)
 
     def matmul_params(self) -> int:

@@ -41,6 +41,10 @@ def test_movielens_100k_parses_conditions(tmp_path):
         {"user": "8", "item": "3", "ts": 10, "cond_genre": "unknown", "cond_rating": "1"},
     ]
     assert all(v.startswith("MASK") for v in raw.eval_condition.values())
+    # Item tags: every genre flag of the movie (GoldenEye is Action, Adventure and Thriller).
+    tags = dict(zip(raw.item_attrs.column("item").to_pylist(), raw.item_attrs.column("tags").to_pylist(), strict=True))
+    assert tags == {"1": ["Animation", "Children's", "Comedy"], "2": ["Action", "Adventure", "Thriller"],
+                    "3": ["unknown"]}
 
 
 def test_movielens_100k_bad_ts_names_file_line_field(tmp_path):
@@ -127,6 +131,7 @@ def test_movielens_csv_half_stars(tmp_path):
         ("Animation", "1"),
         ("(no genres listed)", "4"),
     ]
+    assert raw.item_attrs.column("tags").to_pylist() == [["Animation", "Kids"], ["(no genres listed)"]]
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,5,0.5,10\n1,6,six,11\n")
     with pytest.raises(DataError, match=r"ratings\.csv line 3: field 'rating': 'six' is not a number"):
         get_adapter("movielens-csv")({"format": "movielens-csv", "input": str(tmp_path)})
@@ -185,6 +190,8 @@ def test_s3rec_ordinal_ts_and_first_attribute(tmp_path):
         ("2", "4", 0, "104"),
         ("2", "4", 1, "104"),
     ]
+    tags = dict(zip(raw.item_attrs.column("item").to_pylist(), raw.item_attrs.column("tags").to_pylist(), strict=True))
+    assert tags["3"] == ["103", "7"]  # every attribute, the first of which is the condition
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and smoke runs on the real datasets (counts and time)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lum_dist.data import prepare as P
-from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, UNK_ID, user_schema
+from lum_dist.data.schema import ITEM_FIELD, NUM_SPECIAL_IDS, PAD_ID, UNK_ID, user_schema
 from lum_dist.utils import data_dir
 
 SYN = {"format": "synthetic", "num_users": 120, "num_items": 80, "num_categories": 6, "seed": 3}
@@ -243,3 +244,21 @@ def test_numeric_fields_and_behaviour_only_conditions(tmp_path, monkeypatch):
     assert meta.numeric_fields == ["price"] and meta.item_cond_fields == []
     assert row["num_price"] == [1.0, 2.0, 3.0] and row["ts"] == [1, 2, 3] and row["train_end"] == 1
     assert P.load_items(tmp_path / "d").column_names == ["id", "raw"]
+
+
+def test_item_tags_round_trip_through_prepare(tmp_path):
+    """Each item's tags (all its S3-Rec attributes) come back by dense item id, PAD-padded; a tag vocabulary is
+    written beside the others; an item without attributes has no tags."""
+    attrs = {"1": [11, 12], "2": [12], "3": [13, 11, 14], "4": [], "5": [15]}
+    (tmp_path / "Toy.txt").write_text("1 1 2 3 4\n2 2 3 1 3\n3 4 1 2 2\n")
+    (tmp_path / "Toy_item2attributes.json").write_text(json.dumps(attrs))
+    meta = P.prepare({"format": "s3rec", "input": str(tmp_path / "Toy.txt")}, tmp_path / "d")
+    assert meta.max_item_tags == 3 and meta.vocab_sizes["tags"] == NUM_SPECIAL_IDS + 4  # 11..14; 5 never seen
+    tags = P.item_tag_ids(tmp_path / "d", meta)
+    assert tags.shape == (meta.num_items, 3) and (tags[:NUM_SPECIAL_IDS] == PAD_ID).all()
+    tag_raw = pq.read_table(tmp_path / "d" / "vocab" / "tags.parquet").column("raw").to_pylist()
+    item_raw = P.load_items(tmp_path / "d").sort_by("id").column("raw").to_pylist()
+    for i in range(NUM_SPECIAL_IDS, meta.num_items):
+        got = [tag_raw[t] for t in tags[i] if t != PAD_ID]
+        assert got == [str(a) for a in attrs[item_raw[i]]], item_raw[i]
+    assert P.load_meta(tmp_path / "d").max_item_tags == 3  # saved in meta.json

@@ -132,6 +132,49 @@ def test_attribute_targets_add_each_items_attribute_embeddings():
     assert tiny().item_attrs.shape == (60, 0)
 
 
+def test_item_tags_add_the_mean_of_each_items_tag_embeddings():
+    """An item's vector (its token's input and its InfoNCE target) is its id row plus the mean of its tags' rows,
+    against a loop over the items; PAD items and PAD tag slots add nothing."""
+    torch.manual_seed(0)
+    cfg = load_preset("lum-tiny", 60, VOCABS, item_attr_vocab_sizes=[7], attribute_targets=True, item_tags=True,
+                      num_item_tags=9, max_item_tags=3)
+    model = LUMModel(cfg).eval()
+    tags = torch.randint(3, 9, (60, 3))
+    tags[torch.rand(60, 3) < 0.3] = 0  # ragged: some items have fewer tags, some none
+    tags[:3] = 0
+    attrs = torch.randint(3, 7, (60, 1))
+    attrs[:3] = 0
+    model.set_item_tags(tags)
+    model.set_item_attributes(attrs)
+    ids = torch.tensor([0, 4, 59, 4, 17])
+    want = []
+    for i in ids.tolist():
+        real = [t for t in tags[i].tolist() if t != 0]
+        tag_mean = model.tokens.tag_emb.weight[real].mean(0) if real else torch.zeros(cfg.item_emb_dim)
+        want.append(model.tokens.item_emb.weight[i] + tag_mean + model.attr_targets[0].weight[attrs[i, 0]])
+    torch.testing.assert_close(model.item_embeddings(ids), torch.stack(want), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model.item_embeddings(None)[ids], torch.stack(want), rtol=1e-6, atol=1e-7)
+    assert model.item_embeddings(torch.tensor([0])).abs().sum() == 0
+    # The token encoder reads the same vectors: changing a tag's row changes the output of a token of an item
+    # that carries it, not of one that does not.
+    batch = random_packed_batch([9, 6, 12], 60, VOCABS, seed=1)
+    before = model.forward_batch(batch)
+    carried = tags[batch.item_ids].flatten().unique()
+    unused = sorted(set(range(3, 9)) - set(carried.tolist()))
+    with torch.no_grad():
+        for t in unused:
+            model.tokens.tag_emb.weight[t] += 1.0
+    torch.testing.assert_close(model.forward_batch(batch), before)
+    with torch.no_grad():
+        model.tokens.tag_emb.weight[int(carried[carried > 0][0])] += 1.0
+    assert not torch.allclose(model.forward_batch(batch), before)
+    with pytest.raises(ValueError, match="num_items x max_item_tags"):
+        model.set_item_tags(tags[:, :2])
+    with pytest.raises(ConfigError, match="item_tags needs a dataset whose items have tags"):
+        load_preset("lum-tiny", 60, VOCABS, item_tags=True)
+    assert tiny().tokens.item_tags.shape == (60, 0) and tiny().tokens.tag_emb is None  # off by default
+
+
 def test_init_weights_reinitialises_every_module():
     model = tiny()
     for p in model.parameters():

@@ -2,7 +2,8 @@
 
 Condition fields: ``genre`` (an item attribute: the movie's first listed genre) and ``rating``
 (a behaviour attribute: the rating rounded up to a bucket 1..5). Both are MASK in evaluation
-queries, since the held-out movie's genre and rating would leak information about it.
+queries, since the held-out movie's genre and rating would leak information about it. Item tags
+(``model.overrides.item_tags``): all of the movie's genres.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def movielens_100k(source: dict) -> RawBehaviours:
         genres = [
             ln.split("|")[0] for ln in (folder / "u.genre").read_text("latin-1").splitlines() if ln.strip()
         ]
-    ids, first = [], []
+    ids, first, tags = [], [], []
     for lineno, line in enumerate(item_file.read_text("latin-1").splitlines(), start=1):
         if not line.strip():
             continue
@@ -115,7 +116,8 @@ def movielens_100k(source: dict) -> RawBehaviours:
             raise DataError(item_file, lineno, "genres", f"genre flags must be 0/1, got {flags}")
         ids.append(parts[0].strip())
         first.append(genres[flags.index("1")] if "1" in flags else "unknown")
-    movies = pa.table({"item": pa.array(ids, pa.string()), "genre": pa.array(first, pa.string())})
+        tags.append([g for g, f in zip(genres, flags, strict=True) if f == "1"] or ["unknown"])
+    movies = _movies_table(ids, first, tags)
     return _ratings(
         data_file.read_bytes(),
         str(data_file),
@@ -131,15 +133,23 @@ def movielens_100k(source: dict) -> RawBehaviours:
 
 
 def _movies_from_rows(rows: list[tuple[int, list[str]]], file: Path) -> pa.Table:
-    ids, first = [], []
+    ids, first, tags = [], [], []
     for lineno, parts in rows:
         if len(parts) < 3:
             raise DataError(
                 file, lineno, "genres", f"expected 3 fields (id, title, genres), got {len(parts)}"
             )
         ids.append(parts[0].strip())
-        first.append(parts[-1].split("|")[0].strip() or "unknown")
-    return pa.table({"item": pa.array(ids, pa.string()), "genre": pa.array(first, pa.string())})
+        genres = [g.strip() for g in parts[-1].split("|") if g.strip()] or ["unknown"]
+        first.append(genres[0])
+        tags.append(genres)
+    return _movies_table(ids, first, tags)
+
+
+def _movies_table(ids: list[str], first: list[str], tags: list[list[str]]) -> pa.Table:
+    """Item attributes: the first listed genre (the condition field) and all genres (the item's tags)."""
+    return pa.table({"item": pa.array(ids, pa.string()), "genre": pa.array(first, pa.string()),
+                     "tags": pa.array(tags, pa.list_(pa.string()))})
 
 
 def movielens_1m(source: dict) -> RawBehaviours:

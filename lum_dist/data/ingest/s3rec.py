@@ -3,7 +3,7 @@
 ``NAME.txt`` holds one user a line, ``user item item ...`` in chronological order, without
 timestamps: ts is the behaviour's ordinal and ``has_timestamps`` is False. Condition field
 ``category`` = the item's first attribute (an item attribute; "none" if it has none); MASK in
-evaluation queries.
+evaluation queries. Item tags (``model.overrides.item_tags``): all of the item's attributes.
 Checked: a line with no items (an empty user), a user on two lines, ids that are not integers >= 1,
 items missing from the attribute file.
 """
@@ -38,13 +38,15 @@ def _attributes(path: Path) -> pa.Table:
         raise DataError(path, e.lineno, None, f"not valid JSON: {e.msg}") from e
     if not isinstance(raw, dict):
         raise DataError(path, None, None, "expected an object {item_id: [attribute_id, ...]}")
-    items, first = [], []
+    items, first, tags = [], [], []
     for item, attrs in raw.items():
         if not isinstance(attrs, list):
             raise DataError(path, None, "attributes", f"item {item!r}: expected a list, got {attrs!r}")
         items.append(str(item))
         first.append(str(attrs[0]) if attrs else "none")  # a few Yelp items have no attribute
-    return pa.table({"item": pa.array(items, pa.string()), "category": pa.array(first, pa.string())})
+        tags.append([str(a) for a in attrs])
+    return pa.table({"item": pa.array(items, pa.string()), "category": pa.array(first, pa.string()),
+                     "tags": pa.array(tags, pa.list_(pa.string()))})
 
 
 def s3rec(source: dict) -> RawBehaviours:
