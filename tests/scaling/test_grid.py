@@ -120,9 +120,10 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
 def test_shipped_sweep_configs_expand():
     size = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-size.yaml"))
     assert len(size) == 5 and {r.max_seq_len for r in size} == {512}
-    assert {r.max_steps * r.tokens_per_step for r in size} == {1_572_864}  # one token budget for every run
+    assert {r.max_steps * r.tokens_per_step for r in size} == {3_145_728}  # one token budget for every run
     context = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-context.yaml"))
     assert {r.max_seq_len for r in context} == {64, 128, 256, 512, 1024} and len({r.model for r in context}) == 1
+    assert {r.max_steps * r.tokens_per_step for r in context} == {3_145_728}
     ladder_sweep = load_sweep(REPO_ROOT / "configs/sweeps/cluster-ladder.yaml")
     ladder = expand_grid(ladder_sweep)
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
@@ -130,6 +131,9 @@ def test_shipped_sweep_configs_expand():
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
         assert len(real) == 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
+    for name in ("ml100k-context", "mlsmall-context"):  # 32 .. 512 behaviours, each to convergence
+        real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
+        assert {r.max_seq_len for r in real} == {64, 128, 256, 512, 1024} and {r.max_epochs for r in real} == {60}
 
 
 def test_subprocess_runner_logs_and_returns_status(tmp_path):
