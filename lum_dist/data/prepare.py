@@ -407,6 +407,14 @@ def load_items(path: str | Path) -> pa.Table:
     return read_parquet(Path(path) / "items.parquet")
 
 
+def _items_by_id(path: str | Path, meta: DatasetMeta) -> pa.Table:
+    """items.parquet in dense id order, checked against meta.json's item count."""
+    items = load_items(path).sort_by("id")
+    if items.num_rows != meta.num_items:
+        raise ValueError(f"{Path(path) / 'items.parquet'}: {items.num_rows} rows, meta.json has {meta.num_items} items")
+    return items
+
+
 def _max_tags(items: pa.Table) -> int:
     if TAGS_FIELD not in items.column_names:
         return 0
@@ -415,10 +423,10 @@ def _max_tags(items: pa.Table) -> int:
 
 def item_tag_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
     """int64 ``[num_items, meta.max_item_tags]``: each item's tag ids by dense item id, PAD-padded."""
-    items = load_items(path).sort_by("id")
-    if items.num_rows != meta.num_items or TAGS_FIELD not in items.column_names:
-        raise ValueError(f"{Path(path) / 'items.parquet'}: expected {meta.num_items} rows with a {TAGS_FIELD!r} "
-                         f"column, got {items.num_rows} rows and columns {items.column_names}")
+    items = _items_by_id(path, meta)
+    if TAGS_FIELD not in items.column_names:
+        raise ValueError(f"{Path(path) / 'items.parquet'}: no {TAGS_FIELD!r} column (columns {items.column_names}): "
+                         f"rebuild the dataset with lum-prepare --force")
     tags = items.column(TAGS_FIELD).combine_chunks()
     lengths = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
     out = np.full((meta.num_items, meta.max_item_tags), PAD_ID, np.int64)
@@ -428,9 +436,7 @@ def item_tag_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
 
 def item_attribute_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
     """int64 ``[num_items, len(meta.item_cond_fields)]``: each item's attribute ids, by dense item id."""
-    items = load_items(path).sort_by("id")
-    if items.num_rows != meta.num_items:
-        raise ValueError(f"{Path(path) / 'items.parquet'}: {items.num_rows} rows, meta.json has {meta.num_items} items")
+    items = _items_by_id(path, meta)
     columns = [items.column(f).to_numpy().astype(np.int64) for f in meta.item_cond_fields]
     return np.stack(columns, axis=1) if columns else np.zeros((meta.num_items, 0), np.int64)
 

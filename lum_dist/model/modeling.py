@@ -5,17 +5,17 @@ about DeepSpeed or process groups; the trainer shards it from outside.
 
 * Token encoder: every token is ``concat[item vector, one emb per condition field, time-gap bucket emb,
   numeric features] -> Linear -> hidden`` plus a token-type embedding. An item's vector is its id embedding,
-  plus the mean of its tags' embeddings with ``item_tags`` (content features: all its genres or attributes). Item tokens carry PAD_ID in
-  the condition slots and condition tokens PAD_ID in the item slot; PAD rows are zero (and get no
-  gradient), so a condition token's item part and an item token's condition part are zero.
+  plus the mean of its tags' embeddings with ``item_tags`` (content features: all its genres or attributes).
+  Item tokens carry PAD_ID in the condition slots and condition tokens PAD_ID in the item slot; PAD rows are
+  zero (and get no gradient), so a condition token's item part and an item token's condition part are zero.
 * User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
   a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. Dropout (0 in the large presets, as in LLM
   pretraining; small datasets need it) acts on the token features, the attention probabilities and each
   residual branch, each with its own rate.
 * The output lives in the item embedding space: InfoNCE compares it with the SAME item vectors that item
-  tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's
-  row is its id embedding plus an embedding of each of its attributes (e.g. its category): most items are
-  seen a handful of times, and an attribute shared by hundreds of items learns from all of them.
+  tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's row also adds an embedding of
+  each of its attributes (e.g. its category): most items are seen a handful of times, and an attribute shared
+  by hundreds of items learns from all of them.
 """
 
 from __future__ import annotations

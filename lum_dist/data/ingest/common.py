@@ -29,7 +29,8 @@ class RawBehaviours:
     field, optional num_<g> (float32). ``item_attrs`` maps item raw id -> attribute raw value for each
     field in ``item_cond_fields`` (columns: item, <f>...); the behaviour table already holds those
     values too. An optional ``item_attrs`` column ``tags`` (list<string>) holds every attribute of the item
-    as a bag (all its genres, all its S3-Rec attributes): the item feature ``item_tags`` reads it. ``order_given``: the input order is the behaviour order (ts is an ordinal).
+    as a bag (all its genres, all its S3-Rec attributes): the item feature ``item_tags`` reads it.
+    ``order_given``: the input order is the behaviour order (ts is an ordinal).
     """
 
     name: str
