@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lum_dist.config import REPO_ROOT, ConfigError, PretrainConfig, load_config
+from lum_dist.model.config import load_preset
 from lum_dist.scaling.grid import build_command, expand_grid, load_sweep, resolve_path, run_sweep
 
 from .fake_runs import fake_runner, parse_overrides
@@ -130,7 +131,7 @@ def test_shipped_sweep_configs_expand():
     assert {r.tokens_per_step for r in ladder} == {8192 * 8}
     for run in ladder:  # muP-style rates: lr 1.2e-3 at lum-19m's width 512, 1.5e-4 for lum-7b's hidden matrices
         cfg = load_config(PretrainConfig, resolve_path(ladder_sweep.base_config), run.overrides)
-        width = yaml.safe_load((REPO_ROOT / f"configs/model/{cfg.model.preset}.yaml").read_text())["hidden_size"]
+        width = load_preset(cfg.model.preset, 100, [2], **cfg.model.overrides).hidden_size
         assert cfg.optim.lr * cfg.optim.hidden_lr_scale(width) == pytest.approx(1.2e-3 * 512 / width)
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
