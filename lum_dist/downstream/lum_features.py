@@ -52,6 +52,17 @@ def open_query_dir(path: str | Path, split: str, dataset_name: str, min_lag: int
     return manifest
 
 
+def model_versions(dirs: dict[str, str | Path]) -> dict[str, str]:
+    """Which pretrained model (run, checkpoint and weights hash) computed each split's query directory: the
+    provenance a downstream table prints. Splits whose directory has no manifest (base-only runs) are left out."""
+    versions = {}
+    for split, path in dirs.items():
+        manifest_path = Path(path) / "manifest.json"
+        if manifest_path.is_file():
+            versions[split] = json.loads(manifest_path.read_text()).get("model_version", "unknown")
+    return versions
+
+
 def lookup(path: str | Path, manifest: dict, users: list[str], conditions: list[str],
            positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings [n, E] of the (user, condition) pairs and whether each was found (zeros where not).

@@ -2,7 +2,7 @@
 
 ``run_downstream(cfg)`` returns (and writes atomically to ``<output_dir>/<name>.json`` and ``.md``)::
 
-    {"meta": {config, dataset counts, device, git commit, ...},
+    {"meta": {config, dataset counts, the LUM model of the features, device, git commit, ...},
      "ranking":   {variant: {"runs": [per-seed metrics], "mean": {...}, "std": {...}, "delta": {...}}},
      "retrieval": {variant: {...same...}}}
 
@@ -27,7 +27,7 @@ from accelerate import PartialState
 from lum_dist.config import to_dict
 from lum_dist.downstream import ranking, retrieval
 from lum_dist.downstream.config import DownstreamConfig
-from lum_dist.downstream.lum_features import conditional_outputs, open_query_dir, user_outputs
+from lum_dist.downstream.lum_features import conditional_outputs, model_versions, open_query_dir, user_outputs
 from lum_dist.downstream.samples import (
     CTRSamples,
     Dataset,
@@ -127,6 +127,10 @@ def markdown(result: dict[str, Any]) -> str:
              f"dataset `{meta['dataset']}`, {meta['counts']['train_requests']} train / "
              f"{meta['counts']['eval_requests']} eval requests, seeds {meta['config']['seeds']}, "
              f"{meta['device']}, commit `{meta['git_commit']}`. Mean ± std over seeds; Δ = mean − base mean.", ""]
+    versions = sorted(set(meta.get("lum_model", {}).values()))
+    if versions:
+        lines[-1:-1] = [f"LUM features from {', '.join(f'`{v}`' for v in versions)} (run / checkpoint / weights "
+                        "hash, from the query manifests)."]
     for section in ("ranking", "retrieval"):
         variants = result[section]
         metrics = [k for k in next(iter(variants.values()))["mean"] if k not in ("train_loss", "best_epoch")]
@@ -149,6 +153,7 @@ def run_downstream(cfg: DownstreamConfig) -> dict[str, Any]:
     rank_results, counts = run_ranking(cfg, data, train_req, eval_req)
     retr_results = run_retrieval(cfg, data, train_req, eval_req)
     meta = {"name": cfg.name, "dataset": data.meta.name, "attr_field": data.attr_field, "config": to_dict(cfg),
+            "lum_model": model_versions({"valid": cfg.query_valid, "test": cfg.query_test}),
             "counts": {"users": data.users.num_rows, "items": data.num_items, "train_requests": len(train_req.target),
                        "eval_requests": len(eval_req.target), "dropped_unk_targets":
                        train_req.dropped_unk + eval_req.dropped_unk, **counts},

@@ -10,6 +10,7 @@ import pytest
 from launch.downstream import main
 from lum_dist.config import ConfigError, load_config
 from lum_dist.downstream.config import DownstreamConfig
+from lum_dist.downstream.lum_features import model_versions
 from lum_dist.downstream.run import run_downstream
 from lum_dist.downstream.samples import build_requests, load_dataset
 from lum_dist.testing.fixtures import write_tiny_dataset
@@ -39,6 +40,8 @@ def test_end_to_end(tiny, tmp_path):
     assert all(v["mean"]["logloss"] > 0 for v in saved["ranking"].values())
     table = (out / "tiny.md").read_text()
     assert "| lum_both |" in table and "recall@50" in table and saved["meta"]["counts"]["eval_requests"] > 0
+    assert saved["meta"]["lum_model"] == {"valid": "fake", "test": "fake"}  # the query manifests' model_version
+    assert "LUM features from `fake`" in table
     counts = saved["meta"]["counts"]
     assert counts["train_requests"] > 2 * counts["eval_requests"]  # up to 3 training requests per user
 
@@ -107,3 +110,9 @@ def test_runs_as_two_processes_under_torchrun(tiny, tmp_path):
     assert proc.stdout.count("# Downstream results: ddp") == 1  # printed (and written) by the main process only
     assert set(result["retrieval"]) == {"base", "lum", "popularity"}
     assert result["ranking"]["base"]["mean"]["train_loss"] > 0 and result["retrieval"]["lum"]["mean"]["train_loss"] > 0
+
+
+def test_model_versions_skip_directories_without_a_manifest(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "manifest.json").write_text(json.dumps({"model_version": "run/step_00000010/abc"}))
+    assert model_versions({"valid": tmp_path / "q", "test": tmp_path / "missing"}) == {"valid": "run/step_00000010/abc"}
