@@ -140,6 +140,9 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
 
     start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False
     loss_sum, steps_logged = torch.zeros((), device=device), 0  # this rank's loss since the last log line
+    # Wall time and resumes carried across restarts, so result.json reports the whole run, not its last piece
+    # (the work lost between the last checkpoint and a crash is not counted).
+    seconds_before, resumes = 0.0, 0
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
@@ -150,6 +153,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
         # a resume between two log lines logs what the run would have, with the same random negatives
         logged_loss, steps_logged, module.loss.num_calls = resume_counters(state, resume_from, rank)
         loss_sum.fill_(logged_loss)
+        seconds_before, resumes = float(state.get("wall_seconds", 0.0)), int(state.get("resumes", 0)) + 1
         if rank == 0:
             print(f"[lum-dist] resumed from {resume_from} at step {start_step}")
 
@@ -166,7 +170,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     def save(step: int, best: bool = False) -> None:
         state = {"step": step, "loader": batches.state_dict(), "selection": asdict(tracker), "stopped": stopped,
                  "log": {"loss_sum": float(loss_sum), "steps": steps_logged},
-                 "random_negative_calls": module.loss.num_calls}
+                 "random_negative_calls": module.loss.num_calls,
+                 "wall_seconds": seconds_before + time.perf_counter() - started, "resumes": resumes}
         checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
                         die_during_save=step == die_at)
 
@@ -236,7 +241,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
                    "stopped_early": stopped, "epochs": step * loader_capacity(cfg, world) / loader.tokens_per_epoch,
                    "tokens_budgeted": loader_capacity(cfg, world) * max_steps, "world_size": world,
                    "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len,
-                   "wall_seconds": time.perf_counter() - started}
+                   "wall_seconds": seconds_before + time.perf_counter() - started, "resumes": resumes}
         atomic_write_text(out_dir / "result.json", json.dumps(summary, indent=2, sort_keys=True))
     return final_eval
 

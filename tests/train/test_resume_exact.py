@@ -3,6 +3,7 @@ uninterrupted one (the running loss sum and the random-negative counter are part
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lum_dist.train.checkpoint import trainer_state_file
 from lum_dist.train.monitor import read_metrics
 from lum_dist.train.trainer import resume_counters
 
@@ -31,6 +33,8 @@ def _run(tmp: Path, name: str, kill_at: int | None = None) -> int:
 def test_resume_off_the_log_grid_with_random_negatives_is_exact(tmp_path):
     assert _run(tmp_path, "ref") == 0
     assert _run(tmp_path, "cut", kill_at=4) != 0  # dies while saving step 4: resumes from step 2
+    step2_state = tmp_path / "cut" / "checkpoints" / "step_00000002" / trainer_state_file(0)
+    cut_seconds_before = json.loads(step2_state.read_text())["wall_seconds"]
     assert _run(tmp_path, "cut") == 0
     ref, cut = read_metrics(tmp_path / "ref" / "metrics.jsonl"), read_metrics(tmp_path / "cut" / "metrics.jsonl")
     logged = [s for s in ref if "loss" in ref[s]]
@@ -38,6 +42,10 @@ def test_resume_off_the_log_grid_with_random_negatives_is_exact(tmp_path):
     for step in logged:  # step 3's line averages steps 1-3: step 1-2 before the stop, step 3 after it
         assert cut[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=1e-7), step
     assert cut[8]["valid/ndcg@10"] == pytest.approx(ref[8]["valid/ndcg@10"], abs=1e-9)
+    # result.json counts the whole run: the resume, and the wall time of the piece before it
+    ref_result, cut_result = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("ref", "cut"))
+    assert (ref_result["resumes"], cut_result["resumes"]) == (0, 1)
+    assert cut_result["wall_seconds"] > cut_seconds_before > 0
 
 
 def test_a_checkpoint_from_before_exact_resumes_resumes_with_counters_reset(tmp_path, capsys):
