@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (held-out: 0)")
     p.add_argument("--heldout", action="store_true", help="the held-out datasets, once, with the Beauty configs")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--note", action="append", default=[], help="a line printed under the table (repeatable), e.g. "
+                   "about an interrupted run")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality")
     args = p.parse_args(argv)
@@ -142,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     out = RESULTS / "quality" / name
     atomic_write_text(out.with_suffix(".md"), f"# Quality: {name} datasets\n\nFull ranking over all items, the user's "
                       "whole history excluded; best validation checkpoint evaluated once on valid and test; mean ± std "
-                      f"over seeds. Commit `{git_commit()}`.\n\n{text}\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "runs": {
+                      f"over seeds. Commit `{git_commit()}`.\n\n{text}\n" + "".join(f"\n- {n}" for n in args.note)
+                      + ("\n" if args.note else ""))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "notes": args.note, "runs": {
         f"{d}/{m}": r for (d, m), r in results.items()}}, indent=2, default=str) + "\n")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
