@@ -143,6 +143,10 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     # Wall time and resumes carried across restarts, so result.json reports the whole run, not its last piece
     # (the work lost between the last checkpoint and a crash is not counted).
     seconds_before, resumes = 0.0, 0
+
+    def wall_seconds() -> float:
+        return seconds_before + time.perf_counter() - started
+
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
@@ -171,7 +175,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
         state = {"step": step, "loader": batches.state_dict(), "selection": asdict(tracker), "stopped": stopped,
                  "log": {"loss_sum": float(loss_sum), "steps": steps_logged},
                  "random_negative_calls": module.loss.num_calls,
-                 "wall_seconds": seconds_before + time.perf_counter() - started, "resumes": resumes}
+                 "wall_seconds": wall_seconds(), "resumes": resumes}
         checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
                         die_during_save=step == die_at)
 
@@ -241,7 +245,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
                    "stopped_early": stopped, "epochs": step * loader_capacity(cfg, world) / loader.tokens_per_epoch,
                    "tokens_budgeted": loader_capacity(cfg, world) * max_steps, "world_size": world,
                    "preset": cfg.model.preset, "max_seq_len": cfg.data.max_seq_len,
-                   "wall_seconds": seconds_before + time.perf_counter() - started, "resumes": resumes}
+                   "wall_seconds": wall_seconds(), "resumes": resumes}
         atomic_write_text(out_dir / "result.json", json.dumps(summary, indent=2, sort_keys=True))
     return final_eval
 
