@@ -131,7 +131,7 @@ def test_shipped_sweep_configs_expand():
     assert {r.tokens_per_step for r in ladder} == {8192 * 8}
     for run in ladder:  # muP-style rates: lr 1.2e-3 at lum-19m's width 512, 1.5e-4 for lum-7b's hidden matrices
         cfg = load_config(PretrainConfig, resolve_path(ladder_sweep.base_config), run.overrides)
-        width = load_preset(cfg.model.preset, 100, [2], **cfg.model.overrides).hidden_size
+        width = load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides).hidden_size
         assert cfg.optim.lr * cfg.optim.hidden_lr_scale(width) == pytest.approx(1.2e-3 * 512 / width)
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
