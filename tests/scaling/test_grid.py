@@ -119,9 +119,14 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
 
 
 def test_shipped_sweep_configs_expand():
-    size = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-size.yaml"))
+    size_sweep = load_sweep(REPO_ROOT / "configs/sweeps/synthetic-size.yaml")
+    size = expand_grid(size_sweep)
     assert len(size) == 5 and {r.max_seq_len for r in size} == {512}
     assert {r.max_steps * r.tokens_per_step for r in size} == {3_145_728}  # one token budget for every run
+    for run in size:  # the item table grows with the model (probes.md: a fixed 64-wide table flattened the law)
+        cfg = load_config(PretrainConfig, resolve_path(size_sweep.base_config), run.overrides)
+        model = load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides)
+        assert model.item_emb_dim == model.hidden_size
     context = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-context.yaml"))
     assert {r.max_seq_len for r in context} == {64, 128, 256, 512, 1024} and len({r.model for r in context}) == 1
     assert {r.max_steps * r.tokens_per_step for r in context} == {3_145_728}
