@@ -118,14 +118,19 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
     assert statuses[0].status == "failed" and statuses[0].returncode == 0
 
 
+def run_model(sweep, run):
+    """A sweep run's config and its model config (tables sized for a dummy dataset: only the shape matters)."""
+    cfg = load_config(PretrainConfig, resolve_path(sweep.base_config), run.overrides)
+    return cfg, load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides)
+
+
 def test_shipped_sweep_configs_expand():
     size_sweep = load_sweep(REPO_ROOT / "configs/sweeps/synthetic-size.yaml")
     size = expand_grid(size_sweep)
     assert len(size) == 5 and {r.max_seq_len for r in size} == {512}
     assert {r.max_steps * r.tokens_per_step for r in size} == {3_145_728}  # one token budget for every run
     for run in size:  # the item table grows with the model (probes.md: a fixed 64-wide table flattened the law)
-        cfg = load_config(PretrainConfig, resolve_path(size_sweep.base_config), run.overrides)
-        model = load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides)
+        model = run_model(size_sweep, run)[1]
         assert model.item_emb_dim == model.hidden_size
     context = expand_grid(load_sweep(REPO_ROOT / "configs/sweeps/synthetic-context.yaml"))
     assert {r.max_seq_len for r in context} == {64, 128, 256, 512, 1024} and len({r.model for r in context}) == 1
@@ -135,8 +140,8 @@ def test_shipped_sweep_configs_expand():
     assert len(ladder) == 30 and ladder_sweep.launcher.kind == "deepspeed"
     assert {r.tokens_per_step for r in ladder} == {8192 * 8}
     for run in ladder:  # muP-style rates: lr 1.2e-3 at lum-19m's width 512, 1.5e-4 for lum-7b's hidden matrices
-        cfg = load_config(PretrainConfig, resolve_path(ladder_sweep.base_config), run.overrides)
-        width = load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides).hidden_size
+        cfg, model = run_model(ladder_sweep, run)
+        width = model.hidden_size
         assert cfg.optim.lr * cfg.optim.hidden_lr_scale(width) == pytest.approx(1.2e-3 * 512 / width)
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
