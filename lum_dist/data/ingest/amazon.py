@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -64,7 +63,8 @@ def _json_columns(data: bytes, file: str, skip_bad: bool, skipped: dict[str, int
     if b"\n\n" not in data:
         try:
             t = pajson.read_json(
-                io.BytesIO(data),
+                pa.BufferReader(data),
+                read_options=pajson.ReadOptions(use_threads=False),
                 parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
             )
             cols = {f: t.column(k).combine_chunks().cast(pa.string()) for f, k in JSON_KEYS.items()}

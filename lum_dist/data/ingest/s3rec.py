@@ -10,7 +10,6 @@ items missing from the attribute file.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -62,8 +61,8 @@ def s3rec(source: dict) -> RawBehaviours:
     decode(data, str(seq_file))  # names the line of a bad byte, which pyarrow would not
     lines_tab = (
         pacsv.read_csv(  # one string per line; '\x1f' never occurs in these files
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=["line"]),
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(column_names=["line"], use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}),
         )
