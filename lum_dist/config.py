@@ -201,6 +201,7 @@ class PretrainConfig:
 # file (``--config``). Their help texts are the ``--help`` of launch/evaluate.py, export.py and query.py.
 
 GENERIC_CONDITION = "*"  # the generic query: every condition field MASK
+QUERY_MANIFEST = "manifest.json"  # a query directory's index, written last (lum_dist/query/job.py)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _CHECKPOINT_HELP = ("a checkpoint dir (checkpoints/step_N), a checkpoints/ folder or a run's output dir; a folder "
                     "resolves to its best validation checkpoint, else its newest complete one")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lum_dist.config import GENERIC_CONDITION
+from lum_dist.config import GENERIC_CONDITION, QUERY_MANIFEST
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 
 SEP = "\x1f"  # joins user id and condition into one lookup key; never in either
@@ -32,7 +32,7 @@ def open_query_dir(path: str | Path, split: str, dataset_name: str, min_lag: int
     """The directory's manifest, after checking it is complete and computed for ``split`` on the dataset,
     with histories ending at least ``min_lag`` behaviours before the split's target."""
     path = Path(path)
-    manifest_path = path / "manifest.json"
+    manifest_path = path / QUERY_MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: missing; run launch/query.py --split {split} first")
     manifest = json.loads(manifest_path.read_text())
@@ -57,7 +57,7 @@ def model_versions(dirs: dict[str, str | Path]) -> dict[str, str]:
     provenance a downstream table prints. Splits whose directory has no manifest (base-only runs) are left out."""
     versions = {}
     for split, path in dirs.items():
-        manifest_path = Path(path) / "manifest.json"
+        manifest_path = Path(path) / QUERY_MANIFEST
         if manifest_path.is_file():
             versions[split] = json.loads(manifest_path.read_text()).get("model_version", "unknown")
     return versions

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lum_dist.checkpoint import load_model, resolve_checkpoint
-from lum_dist.config import GENERIC_CONDITION, QueryConfig
+from lum_dist.config import GENERIC_CONDITION, QUERY_MANIFEST, QueryConfig
 from lum_dist.data.packing import best_fit_decreasing, collate
 from lum_dist.data.prepare import item_embedding_table, load_vocab, read_users
 from lum_dist.data.schema import MASK_ID, NUM_SPECIAL_IDS, DatasetMeta, float_list_column
@@ -169,7 +169,7 @@ def run(job: QueryConfig) -> Path:
                     "history_end": end_col, "lag": job.lag, "conditions": names, "embedding_dim": int(model.config.item_emb_dim),
                     "shards": shards, "num_rows": users.num_rows * len(names), "complete": complete,
                     "job": asdict(job)}
-        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        atomic_write_text(out / QUERY_MANIFEST, json.dumps(manifest, indent=2))
     return out
 
 
