@@ -64,7 +64,7 @@ def _json_columns(data: bytes, file: str, skip_bad: bool, skipped: dict[str, int
         try:
             t = pajson.read_json(
                 pa.BufferReader(data),
-                read_options=pajson.ReadOptions(use_threads=False),
+                read_options=pajson.ReadOptions(use_threads=False),  # serial: see ingest/common.py
                 parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
             )
             cols = {f: t.column(k).combine_chunks().cast(pa.string()) for f, k in JSON_KEYS.items()}

@@ -62,7 +62,7 @@ def s3rec(source: dict) -> RawBehaviours:
     lines_tab = (
         pacsv.read_csv(  # one string per line; '\x1f' never occurs in these files
             pa.BufferReader(data),
-            read_options=pacsv.ReadOptions(column_names=["line"], use_threads=False),
+            read_options=pacsv.ReadOptions(column_names=["line"], use_threads=False),  # serial: see common.py
             parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}),
         )
