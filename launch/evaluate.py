@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --checkpoint runs/pretrain-ml100k-lum --split valid test
     python launch/evaluate.py --checkpoint runs/pretrain-ml100k-lum --out runs/eval-ml100k
+    python launch/evaluate.py --checkpoint runs/pretrain-synthetic-scaling --condition-query --max-seq-len 65
 
 One process on the CPU from any (ZeRO-sharded) checkpoint; prints a markdown table and, with ``--out P``,
 writes ``P.json`` and ``P.md``. Each user's held-out behaviour of the split is ranked among all items, the
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     from lum_dist.train.evaluate import evaluate_checkpoint
     from lum_dist.utils import atomic_write_text
 
-    result = evaluate_checkpoint(Path(cfg.checkpoint), cfg.split, cfg.max_users, cfg.ks, cfg.attribute_query_weight)
+    result = evaluate_checkpoint(Path(cfg.checkpoint), cfg.split, cfg.max_users, cfg.ks, cfg.attribute_query_weight,
+                                 cfg.condition_query, cfg.max_seq_len)
     table = format_table(result["metrics"], cfg.split, cfg.ks)
     print(table)
     if cfg.out is not None:

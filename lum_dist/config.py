@@ -160,6 +160,10 @@ class EvalConfig:
     # {split}/attrq_* beside the generic query's metrics. The weight of that query within its value, in (0, 1]
     # (lum_dist.eval.metrics.attribute_query_scores). Selection during training stays on the generic query.
     attribute_query_weight: float = 0.0
+    # True: the final evaluation also asks each user with the held-out behaviour's own condition token (LUM's
+    # training task, next-condition-item), reported as {split}/cond_*. It is told something about the held-out
+    # item (e.g. its category): not comparable with a sequential recommender's numbers.
+    condition_query: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cutoffs >= 1")
@@ -227,6 +231,11 @@ class EvaluateConfig:
     attribute_query_weight: float = field(default=0.0, metadata=field_help(
         "> 0: also rank each item with the query of its attribute value (one query per value, e.g. per "
         "category), reported as attrq_*; the weight of that query within its value, in (0, 1]"))
+    condition_query: bool = field(default=False, metadata=field_help(
+        "also ask each user with the held-out behaviour's own condition token (LUM's training task), reported "
+        "as cond_*; it is told e.g. the item's category: not comparable with SASRec"))
+    max_seq_len: int = field(default=0, metadata=field_help(
+        "tokens of history to read (2 per behaviour, plus the query); 0: the run's data.max_seq_len"))
 
     def __post_init__(self) -> None:
         check(bool(self.split), "split", "name at least one split")
@@ -234,6 +243,8 @@ class EvaluateConfig:
         check(self.max_users >= 0, "max_users", f"{self.max_users}: need >= 0")
         check(0.0 <= self.attribute_query_weight <= 1.0, "attribute_query_weight",
               f"{self.attribute_query_weight} is not in [0, 1]")
+        check(self.max_seq_len == 0 or self.max_seq_len >= 3, "max_seq_len",
+              f"{self.max_seq_len}: need 0 (the run's) or >= 3 (one behaviour and the query)")
 
 
 @dataclass

@@ -297,9 +297,11 @@ def eval_target_index(users: UserColumns, split: str) -> np.ndarray:
 
 def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: int, token_budget: int,
                  max_users: int = 0, rank: int = 0, world_size: int = 1,
-                 item_attributes: bool = False, extra_queries: np.ndarray | None = None) -> Iterator[PackedBatch]:
-    """One packed row per batch of eval sequences (history + the generic query token, then the
-    ``extra_queries`` if any: see ``tokenize_eval``). Eligible users in dataset order, the first ``max_users``
+                 item_attributes: bool = False, extra_queries: np.ndarray | None = None,
+                 condition_query: bool = False) -> Iterator[PackedBatch]:
+    """One packed row per batch of eval sequences (history + the generic query token, then the held-out
+    behaviour's own condition token with ``condition_query`` and the ``extra_queries``, if any: see
+    ``tokenize_eval``). Eligible users in dataset order, the first ``max_users``
     (0 = all), the i-th to rank ``i % world_size``."""
     check_rank(rank, world_size)  # max_seq_len <= token_budget: PretrainConfig checks it, the packer enforces it
     path = Path(path)
@@ -312,7 +314,8 @@ def eval_batches(path: str | Path, meta: DatasetMeta, split: str, max_seq_len: i
             if seen % world_size == rank:
                 row = users.row(i)
                 end = row["train_end"] if split == "valid" else row["valid_end"]
-                pending.append(tokenize_eval(row, meta, max_seq_len, end, item_attributes, extra_queries))
+                pending.append(tokenize_eval(row, meta, max_seq_len, end, item_attributes, extra_queries,
+                                             condition_query))
             seen += 1
         done = bool(max_users) and seen >= max_users
         if len(pending) >= EVAL_CHUNK or done:

@@ -120,20 +120,29 @@ def tokenize_train(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int,
 
 
 def tokenize_eval(row: dict[str, Any], meta: DatasetMeta, max_seq_len: int, end: int,
-                  item_attributes: bool = False, extra_queries: np.ndarray | None = None) -> TokenSeq:
+                  item_attributes: bool = False, extra_queries: np.ndarray | None = None,
+                  condition_query: bool = False) -> TokenSeq:
     """History [0, end) (the most recent behaviours fitting in max_seq_len - 1 tokens) + one generic
-    query condition token (every field MASK_ID) whose target is item[end], then one query per row of
-    ``extra_queries`` (condition ids [Q, F], same target); ``seen_items`` = the distinct items of the whole
-    history [0, end)."""
+    query condition token (every field MASK_ID) whose target is item[end]; with ``condition_query``, then the
+    held-out behaviour's own condition token (its condition fields, time gap and numeric features, exactly as
+    training saw it: the next-condition-item task); then one query per row of ``extra_queries`` (condition ids
+    [Q, F], same target). ``seen_items`` = the distinct items of the whole history [0, end)."""
     _check_len(max_seq_len, 1)
     items = row[ITEM_FIELD]
     if not 0 <= end < len(items):
         raise ValueError(f"user {row['user_id']}: eval target index {end} outside [0, {len(items)})")
     hist = _behaviours(row, meta, max(0, end - (max_seq_len - 1) // 2), end, item_attributes)
     query = np.full((1, len(meta.cond_fields)), MASK_ID, dtype=np.int64)
+    own = _behaviours(row, meta, end, end + 1, item_attributes) if condition_query else None
+    if own is not None:
+        query = np.concatenate([query, own.cond[:1]])
     if extra_queries is not None:
         query = np.concatenate([query, np.asarray(extra_queries, dtype=np.int64).reshape(-1, query.shape[1])])
     seq = _append_queries(hist, query, np.full(len(query), int(items[end])))
+    if own is not None:  # query tokens carry no time gap or statistics, except this one: it is the real token
+        seq.time_gaps[len(hist) + 1] = own.time_gaps[0]
+        if seq.numeric is not None:
+            seq.numeric[len(hist) + 1] = own.numeric[0]
     return replace(seq, seen_items=np.unique(np.asarray(items[:end], dtype=np.int64)))
 
 

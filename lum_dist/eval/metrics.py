@@ -243,12 +243,13 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def format_table(metrics: dict[str, float], splits: list[str], ks: list[int]) -> str:
-    """Markdown: one row per split and scorer (the model's generic query, its attribute queries when evaluated,
-    popularity), HR@K, NDCG@K, MRR, users."""
+    """Markdown: one row per split and scorer (the model's generic query, its attribute queries and the held-out
+    behaviour's own condition when evaluated, popularity), HR@K, NDCG@K, MRR, users."""
     cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     lines = ["| split | model | " + " | ".join(c.upper() for c in cols) + " | users |", "|---" * (len(cols) + 3) + "|"]
     for split in splits:
-        for name, prefix in (("LUM", ""), ("LUM, attribute queries", "attrq_"), ("popularity", "pop_")):
+        for name, prefix in (("LUM", ""), ("LUM, attribute queries", "attrq_"),
+                             ("LUM, told the held-out condition", "cond_"), ("popularity", "pop_")):
             if f"{split}/{prefix}count" not in metrics:
                 continue
             cells = [f"{metrics[f'{split}/{prefix}{c}']:.4f}" for c in cols]

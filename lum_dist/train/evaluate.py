@@ -13,6 +13,11 @@ gets one query per value of the items' first attribute field (every category) in
 and items are ranked by the generic query's probability of their value times their share under that value's
 own query (``attribute_query_scores``), reported as ``attrq_*`` beside the generic metrics.
 
+With ``eval.condition_query`` (LUM) each user is also asked with the held-out behaviour's own condition token
+(e.g. its category, and its time gap), LUM's training task (next-condition-item), reported as ``cond_*``. It
+knows something about the held-out item that a sequential recommender is not told: never compare it with
+SASRec's numbers; it shows what the conditions and the history give when the condition is known at serving.
+
 ``evaluate`` runs inside the trainer (every rank, ZeRO-3 sharded or not) and also in one process on a
 checkpoint (``evaluate_checkpoint``, ``launch/evaluate.py``).
 """
@@ -56,12 +61,13 @@ def attribute_queries(meta: DatasetMeta, data_path: Path) -> tuple[np.ndarray, t
 
 @torch.no_grad()
 def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
-             device: torch.device, split: str | None = None, attribute_query_weight: float = 0.0
-             ) -> dict[str, float]:
+             device: torch.device, split: str | None = None, attribute_query_weight: float = 0.0,
+             condition_query: bool = False) -> dict[str, float]:
     """``{split}/hr@K``, ``ndcg@K``, ``mrr``, ``count``, the same with ``pop_`` for popularity and, with
     ``attribute_query_weight`` > 0 (LUM only; the trainer passes ``cfg.eval.attribute_query_weight`` to its final
-    evaluation), with ``attrq_`` for the ranking by attribute queries (``attribute_query_scores``; every user's generic query and one query per
-    attribute value share one group-query pass).
+    evaluation), with ``attrq_`` for the ranking by attribute queries (``attribute_query_scores``) and, with
+    ``condition_query`` (LUM only), with ``cond_`` for the query carrying the held-out behaviour's own condition.
+    A user's generic query and its other queries share one group-query pass.
 
     Each user is scored by exactly one rank; every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch. Works without a
@@ -84,16 +90,20 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     if weight and cfg.loss.learnable_temperature:  # a checkpoint's run config is not re-checked by PretrainConfig
         raise ValueError("eval.attribute_query_weight: attribute queries score with the fixed loss.temperature; "
                          "this run learned its temperature")
+    if condition_query and not isinstance(model, LUMModel):
+        raise ValueError("eval.condition_query: only LUM reads conditions (this model is SASRec)")
     queries, query_of_item = None, None
     if weight:
         queries, query_of_item = attribute_queries(meta, data_path)
         query_of_item = query_of_item.to(device)  # indexes the query outputs, on the model's device
         value_of_item = query_of_item.clamp(min=0)  # the column of each item's value query (any, if none)
-    per_user = 1 if queries is None else 1 + len(queries)
-    acc, pop_acc, attr_acc = (RankingAccumulator(cfg.eval.ks) for _ in range(3))
+    first_attr = 1 + int(condition_query)  # each user's queries: generic, its own condition?, attribute values
+    per_user = first_attr + (0 if queries is None else len(queries))
+    acc, pop_acc, attr_acc, cond_acc = (RankingAccumulator(cfg.eval.ks) for _ in range(4))
     batches = eval_batches(data_path, meta, split, cfg.data.max_seq_len, cfg.eval.token_budget + per_user - 1,
                            max_users=cfg.eval.max_users, rank=rank,
-                           world_size=world, item_attributes=cfg.data.item_attributes, extra_queries=queries)
+                           world_size=world, item_attributes=cfg.data.item_attributes, extra_queries=queries,
+                           condition_query=condition_query)
     last = one_token_batch(len(meta.cond_fields), len(meta.numeric_fields))
     while True:
         batch = next(batches, None)
@@ -116,9 +126,11 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
         logits = user[:, 0] @ items.T
         acc.update(rank_of_targets(logits, targets, batch.seen_items))
         pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, batch.seen_items))
+        if condition_query:
+            cond_acc.update(rank_of_targets(user[:, 1] @ items.T, targets, batch.seen_items))
         if weight:
             # Item i's logit under its own value's query: [B, N, E] (fine for eval batches of 10^4 items).
-            own = (user[:, 1:][:, value_of_item] * items).sum(-1) / cfg.loss.temperature
+            own = (user[:, first_attr:][:, value_of_item] * items).sum(-1) / cfg.loss.temperature
             generic = (logits / cfg.loss.temperature).index_fill_(
                 1, torch.arange(NUM_SPECIAL_IDS, device=device), -math.inf)
             scores = attribute_query_scores(generic, own, query_of_item, weight)
@@ -128,6 +140,8 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     result.update({f"{split}/pop_{k}": v for k, v in pop_acc.all_reduce().compute().items()})
     if weight:
         result.update({f"{split}/attrq_{k}": v for k, v in attr_acc.all_reduce().compute().items()})
+    if condition_query:
+        result.update({f"{split}/cond_{k}": v for k, v in cond_acc.all_reduce().compute().items()})
     return result
 
 
@@ -143,17 +157,24 @@ def one_token_batch(num_cond_fields: int, num_numeric: int) -> PackedBatch:
 
 
 def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0, ks: list[int] | None = None,
-                        attribute_query_weight: float = 0.0) -> dict[str, Any]:
+                        attribute_query_weight: float = 0.0, condition_query: bool = False,
+                        max_seq_len: int = 0) -> dict[str, Any]:
     """Consolidate a (ZeRO-sharded) checkpoint on the CPU and evaluate it on ``splits`` in one process (with
-    ``attribute_query_weight`` > 0, also by attribute queries)."""
+    ``attribute_query_weight`` > 0, also by attribute queries; with ``condition_query``, also by the held-out
+    behaviour's own condition). ``max_seq_len`` > 0 reads that many tokens of history instead of the run's
+    (e.g. to measure how much of its context a model uses)."""
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_model(ckpt)
     cfg.eval.max_users = max_users
     cfg.eval.ks = list(ks or cfg.eval.ks)
+    if max_seq_len:
+        cfg.data.max_seq_len = max_seq_len
+        cfg.eval.token_budget = max(cfg.eval.token_budget, max_seq_len)
     metrics: dict[str, float] = {}
     for split in splits:
         metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split,
-                                attribute_query_weight))
+                                attribute_query_weight, condition_query))
     step = json.loads((ckpt / INFO).read_text()).get("step")
     return {"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
+            "max_seq_len": cfg.data.max_seq_len,
             "eval_condition": meta.eval_condition, "similarity": cfg.loss.similarity, "metrics": metrics}

@@ -234,7 +234,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
         checkpoint.load_weights(engine, best)
     final_eval: dict[str, float] = {}
     for split in cfg.eval.final_splits:
-        final_eval.update(evaluate(module.model, data_path, meta, cfg, device, split, cfg.eval.attribute_query_weight))
+        final_eval.update(evaluate(module.model, data_path, meta, cfg, device, split, cfg.eval.attribute_query_weight,
+                                   cfg.eval.condition_query))
     _log_eval(final_eval, step, logger, None, rank)
     logger.close()
     if rank == 0:

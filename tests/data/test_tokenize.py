@@ -125,3 +125,25 @@ def test_cond_dropout_only_masks_whole_condition_tokens():
     assert 0.2 < masked.sum() / 200 < 0.4
     assert (seq.cond != MASK_ID).any(axis=1).all()  # the input is not modified
     assert apply_cond_dropout(seq, 0.0, np.random.default_rng(0)) is seq
+
+
+def test_eval_condition_query_is_the_held_out_behaviours_own_condition_token():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n = int(rng.integers(2, 30))
+        row = hand_row(n=n, train_end=n - 1)
+        end, max_len = int(rng.integers(1, n)), int(rng.integers(3, 40))
+        extra = rng.integers(3, 9, size=(2, 2))
+        plain = tokenize_eval(row, META, max_len, end)
+        seq = tokenize_eval(row, META, max_len, end, extra_queries=extra, condition_query=True)
+        q = len(plain) - 1  # the generic query's index; the history before it is unchanged
+        assert seq.num_queries == 4 and len(seq) == len(plain) + 3
+        for name in ("item", "cond", "token_type", "positions", "time_gaps", "targets", "numeric"):
+            np.testing.assert_array_equal(getattr(seq, name)[: q + 1], getattr(plain, name), err_msg=name)
+        # exactly the token training puts at behaviour `end` (all of its features), at the queries' position
+        (full,) = tokenize_train({**row, "train_end": end + 1}, META, max_seq_len=2 * (end + 1))
+        for name in ("item", "cond", "token_type", "time_gaps", "targets", "numeric"):
+            np.testing.assert_array_equal(getattr(seq, name)[q + 1], getattr(full, name)[2 * end], err_msg=name)
+        assert seq.positions[q + 1] == q and seq.targets[q + 1] == row["item"][end]
+        np.testing.assert_array_equal(seq.cond[q + 2 :], extra)  # the extra queries follow, still generic in time
+        assert (seq.time_gaps[q + 2 :] == 0).all() and (seq.numeric[q + 2 :] == 0).all()

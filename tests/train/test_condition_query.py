@@ -1,0 +1,72 @@
+"""Evaluation by the held-out behaviour's own condition (eval.condition_query): inside the group-query pass, against
+a reference that feeds each user's history and that condition token as one plain causal sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lum_dist.checkpoint import build_run_model, model_config_for
+from lum_dist.config import PretrainConfig
+from lum_dist.data.packing import collate
+from lum_dist.data.prepare import prepare, read_users
+from lum_dist.data.schema import NUM_SPECIAL_IDS
+from lum_dist.data.tokenize import tokenize_train
+from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
+from lum_dist.model import SASRecModel
+from lum_dist.train.evaluate import evaluate
+
+USERS, MAX_SEQ_LEN = 12, 21  # 10 behaviours of history: long users are cut, as evaluation cuts them
+
+
+def _reference(model, cfg: PretrainConfig, meta) -> dict[str, float]:
+    """Per user: behaviours [lo, train_end] tokenized as training does, the last item token dropped, one causal
+    pass; the output at the held-out behaviour's condition token is ranked over all items."""
+    items = torch.nn.functional.normalize(model.item_embeddings(None).float(), dim=-1)
+    items[:NUM_SPECIAL_IDS] = 0.0
+    acc = RankingAccumulator([10])
+    rows = [r for r in read_users(cfg.data.path).to_pylist() if r["train_end"] < min(len(r["item"]), r["valid_end"])][:USERS]
+    for row in rows:
+        end = row["train_end"]
+        lo = max(0, end - (MAX_SEQ_LEN - 1) // 2)
+        window = {**row, "train_end": end + 1}  # behaviours [lo, end], time gaps from the whole history
+        (seq,) = tokenize_train(window, meta, 2 * (end + 1 - lo), item_attributes=cfg.data.item_attributes)
+        seq.__dict__.update({k: v[:-1] for k, v in vars(seq).items() if isinstance(v, np.ndarray)})
+        batch = collate([seq], [[0]], len(seq))
+        out = torch.nn.functional.normalize(model.forward_batch(batch)[-1].float(), dim=-1)
+        acc.update(rank_of_targets((out @ items.T)[None], torch.tensor([row["item"][end]]),
+                                   [torch.from_numpy(np.unique(row["item"][:end]))]))
+    return acc.compute()
+
+
+@torch.no_grad()
+def test_condition_query_matches_a_plain_causal_pass(tmp_path):
+    meta = prepare({"format": "synthetic", "num_users": 60, "num_items": 80, "num_categories": 5}, tmp_path / "d")
+    assert meta.has_timestamps  # the condition token's time gap is part of what the query must carry
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.data.max_seq_len, cfg.data.item_attributes = str(tmp_path / "d"), MAX_SEQ_LEN, True
+    cfg.eval.max_users, cfg.eval.ks = USERS, [10]
+    cfg.model.overrides = {"num_layers": 2}
+    torch.manual_seed(0)
+    model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta).eval()
+
+    plain = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid")
+    both = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
+    assert "valid/cond_ndcg@10" not in plain and both["valid/cond_count"] == USERS
+    for key, value in plain.items():  # the generic query's metrics do not change beside the condition query
+        assert both[key] == pytest.approx(value, rel=1e-6), key
+    reference = _reference(model, cfg, meta)
+    for k in ("hr@10", "ndcg@10", "mrr"):
+        assert both[f"valid/cond_{k}"] == pytest.approx(reference[k], rel=1e-5), k
+    assert both["valid/cond_mrr"] != both["valid/mrr"]  # the condition changed the ranking
+
+
+def test_condition_query_needs_a_model_that_reads_conditions(tmp_path):
+    meta = prepare({"format": "synthetic", "num_users": 20, "num_items": 40}, tmp_path / "d")
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.data.max_seq_len, cfg.model.preset = str(tmp_path / "d"), 21, "sasrec"
+    model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta)
+    assert isinstance(model, SASRecModel)
+    with pytest.raises(ValueError, match="only LUM reads conditions"):
+        evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
