@@ -263,3 +263,12 @@ def test_training_without_deepspeed_fails_at_once_and_clearly(tmp_path, monkeypa
     gpu_check.train_section(gpu_check.DRY_PLAN, rec, 60, tmp_path)
     assert rec.rows == [] and rec.errors == [
         "deepspeed is not installed: carry its wheel (pure Python + JIT ops; pip install --no-deps)"]
+
+
+def test_context_use_smoke(tmp_path):
+    data = _smoke(tmp_path, "context_use.py")
+    rows = data["rows"]
+    assert [r["behaviours"] for r in rows] == [2, 8] and all(r["users"] == 20 for r in rows)
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("hr@10", "ndcg@10", "cond_hr@10", "cond_ndcg@10"))
+    assert rows[0]["mrr"] != rows[1]["mrr"]  # the same model, a shorter history: another ranking
+    assert (tmp_path / "results" / "context_use_smoke.md").is_file()

@@ -60,7 +60,8 @@ def _train(tmp: Path, name: str, *overrides: str) -> dict:
 def test_best_checkpoint_is_kept_selected_and_evaluated(tmp_path):
     # Attribute targets: evaluate.py below must rebuild each item's attributes from the dataset to score alike.
     result = _train(tmp_path, "sel", "train.max_steps=12", "train.eval_every=2", "optim.lr=3e-2",
-                    "optim.warmup_steps=1", "model.overrides.attribute_targets=true", "eval.attribute_query_weight=0.5")
+                    "optim.warmup_steps=1", "model.overrides.attribute_targets=true", "eval.attribute_query_weight=0.5",
+                    "eval.condition_query=true")
     logged = read_metrics(tmp_path / "sel" / "metrics.jsonl")
     evals = {s: m["valid/ndcg@10"] for s, m in logged.items() if "valid/ndcg@10" in m and s < result["steps"]}
     evals[result["steps"]] = [json.loads(line) for line in (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()
@@ -71,16 +72,25 @@ def test_best_checkpoint_is_kept_selected_and_evaluated(tmp_path):
     assert (ckpts / "best").read_text() == f"step_{best_step:08d}" and (ckpts / f"step_{best_step:08d}").is_dir()
     # The final evaluation is the best checkpoint's, on validation and test; evaluate.py finds the same one.
     assert result["eval"]["valid/ndcg@10"] == pytest.approx(max(evals.values()), rel=1e-6)
-    assert "test/ndcg@10" in result["eval"] and "test/attrq_ndcg@10" in result["eval"]
+    assert {"test/ndcg@10", "test/attrq_ndcg@10", "test/cond_ndcg@10"} <= set(result["eval"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "again"
-    subprocess.run([sys.executable, str(REPO / "launch/evaluate.py"), "--checkpoint", str(tmp_path / "sel"),
-                    "--split", "valid", "test", "--max-users", "60", "--attribute-query-weight", "0.5", "--out", str(out)], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    evaluate = [sys.executable, str(REPO / "launch/evaluate.py"), "--checkpoint", str(tmp_path / "sel"), "--max-users",
+                "60", "--condition-query"]
+    subprocess.run([*evaluate, "--split", "valid", "test", "--attribute-query-weight", "0.5", "--out", str(out)],
+                   cwd=REPO, env=env, check=True, capture_output=True)
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["step"] == best_step
-    for key in ("valid/ndcg@10", "test/hr@10", "test/ndcg@20", "valid/attrq_ndcg@10", "test/attrq_hr@10"):
+    for key in ("valid/ndcg@10", "test/hr@10", "test/ndcg@20", "valid/attrq_ndcg@10", "test/attrq_hr@10",
+                "valid/cond_ndcg@10", "test/cond_mrr"):
         assert again["metrics"][key] == pytest.approx(result["eval"][key], rel=1e-5, abs=1e-7), key
+    # --max-seq-len: the same model reading only its last 2 behaviours ranks differently
+    subprocess.run([*evaluate, "--split", "test", "--max-seq-len", "5", "--out", str(tmp_path / "short")],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    short = json.loads((tmp_path / "short.json").read_text())
+    assert short["max_seq_len"] == 5 and again["max_seq_len"] > 5
+    assert short["metrics"]["test/mrr"] != again["metrics"]["test/mrr"]
+    assert short["metrics"]["test/cond_mrr"] != again["metrics"]["test/cond_mrr"]
 
 
 @pytest.mark.slow
