@@ -37,14 +37,14 @@ from lum_dist.train.trainer import pretrain  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = ("hr@10", "ndcg@10", "mrr")
+METRICS = ("hr@1", "hr@10", "ndcg@10", "mrr")  # hr@1: top-1, as the generator's successor oracle
 
 
 def probe(checkpoint: Path, behaviours: list[int], max_users: int) -> list[dict]:
     """One row per history length: the generic query's and the told condition's metrics on validation."""
     rows = []
     for n in behaviours:
-        result = evaluate_checkpoint(checkpoint, ["valid"], max_users, [10], condition_query=True,
+        result = evaluate_checkpoint(checkpoint, ["valid"], max_users, [1, 10], condition_query=True,
                                      max_seq_len=2 * n + 1)  # n behaviours of 2 tokens, then the queries
         m = result["metrics"]
         rows.append({"checkpoint": checkpoint.name or str(checkpoint), "step": result["step"], "behaviours": n,
@@ -54,10 +54,11 @@ def probe(checkpoint: Path, behaviours: list[int], max_users: int) -> list[dict]
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| checkpoint | behaviours of history | HR@10 / NDCG@10 (generic query) | HR@10 / NDCG@10 (told the "
-             "held-out condition) | users |", "|---|---|---|---|---|"]
-    lines += [f"| {r['checkpoint']} | {r['behaviours']} | {r['hr@10']:.4f} / {r['ndcg@10']:.4f} | "
-              f"{r['cond_hr@10']:.4f} / {r['cond_ndcg@10']:.4f} | {r['users']} |" for r in rows]
+    lines = ["| checkpoint | behaviours of history | generic query: HR@1 / HR@10 / NDCG@10 | told the held-out "
+             "condition: HR@1 / HR@10 / NDCG@10 | users |", "|---|---|---|---|---|"]
+    lines += [f"| {r['checkpoint']} | {r['behaviours']} | {r['hr@1']:.4f} / {r['hr@10']:.4f} / {r['ndcg@10']:.4f} | "
+              f"{r['cond_hr@1']:.4f} / {r['cond_hr@10']:.4f} / {r['cond_ndcg@10']:.4f} | {r['users']} |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 
