@@ -206,11 +206,12 @@ def load_preset(
                            num_item_tags=num_item_tags, max_item_tags=max_item_tags, **values)
 
 
-def check_model_spec(preset: str, overrides: dict[str, Any]) -> None:
-    """Fail now, before any data is read, if the preset or its overrides are bad (tables get stand-in sizes)."""
+def check_model_spec(preset: str, overrides: dict[str, Any]) -> LUMConfig | SASRecConfig:
+    """Fail now, before any data is read, if the preset or its overrides are bad; else the architecture's config
+    (with stand-in table sizes: for its kind and widths, not for building a model)."""
     try:
-        load_preset(preset, num_items=16, cond_vocab_sizes=[8], item_attr_vocab_sizes=[8], num_item_tags=8,
-                    max_item_tags=2, **overrides)
+        return load_preset(preset, num_items=16, cond_vocab_sizes=[8], item_attr_vocab_sizes=[8], num_item_tags=8,
+                           max_item_tags=2, **overrides)
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}", "model") from None
 

@@ -30,13 +30,20 @@ from lum_dist.checkpoint import (
     find_resume_checkpoint,
     model_config_for,
 )
-from lum_dist.config import PretrainConfig
+from lum_dist.config import ConfigError, PretrainConfig
 from lum_dist.data.batch import PackedBatch
 from lum_dist.data.prepare import item_log_prob, load_meta, prepare
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.data.workers import DevicePrefetcher, train_loader
 from lum_dist.losses import InfoNCE
-from lum_dist.model import LUMModel, SASRecModel, check_model_spec, flops_per_token, param_counts
+from lum_dist.model import (
+    LUMModel,
+    SASRecConfig,
+    SASRecModel,
+    check_model_spec,
+    flops_per_token,
+    param_counts,
+)
 from lum_dist.train import checkpoint
 from lum_dist.train.evaluate import evaluate
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
@@ -102,7 +109,10 @@ class BestTracker:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
-    check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
+    spec = check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
+    if isinstance(spec, SASRecConfig) and (cfg.eval.condition_query or cfg.eval.attribute_query_weight):
+        key = "eval.condition_query" if cfg.eval.condition_query else "eval.attribute_query_weight"
+        raise ConfigError(f"{key}: only LUM reads conditions; model.preset {cfg.model.preset!r} is SASRec", key)
     rank, world, device = parallel.init_distributed()
     # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
     with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lum_dist.checkpoint import build_run_model, model_config_for
-from lum_dist.config import PretrainConfig
+from lum_dist.config import ConfigError, PretrainConfig
 from lum_dist.data.packing import collate
 from lum_dist.data.prepare import prepare, read_users
 from lum_dist.data.schema import NUM_SPECIAL_IDS
@@ -16,6 +16,7 @@ from lum_dist.data.tokenize import tokenize_train
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
 from lum_dist.model import SASRecModel
 from lum_dist.train.evaluate import evaluate
+from lum_dist.train.trainer import pretrain
 
 USERS, MAX_SEQ_LEN = 12, 21  # 10 behaviours of history: long users are cut, as evaluation cuts them
 
@@ -70,3 +71,14 @@ def test_condition_query_needs_a_model_that_reads_conditions(tmp_path):
     assert isinstance(model, SASRecModel)
     with pytest.raises(ValueError, match="only LUM reads conditions"):
         evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
+
+
+@pytest.mark.parametrize("override", [{"condition_query": True}, {"attribute_query_weight": 0.5}])
+def test_pretrain_refuses_condition_queries_for_sasrec_before_reading_data(tmp_path, override):
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.model.preset = str(tmp_path / "no-data-here"), "sasrec"
+    for key, value in override.items():
+        setattr(cfg.eval, key, value)
+    with pytest.raises(ConfigError, match=f"eval.{next(iter(override))}: only LUM reads conditions") as err:
+        pretrain(cfg)
+    assert err.value.key == f"eval.{next(iter(override))}" and not (tmp_path / "no-data-here").exists()
