@@ -63,7 +63,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for i, name in enumerate(dict.fromkeys(r["checkpoint"] for r in rows)):
         mine = [r for r in rows if r["checkpoint"] == name]
         x = [r["behaviours"] for r in mine]
@@ -73,7 +73,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("behaviours of history read at evaluation")
     ax.set_ylabel("valid NDCG@10")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the lines cross
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
