@@ -3,6 +3,8 @@ a reference that feeds each user's history and that condition token as one plain
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -27,13 +29,14 @@ def _reference(model, cfg: PretrainConfig, meta) -> dict[str, float]:
     items = torch.nn.functional.normalize(model.item_embeddings(None).float(), dim=-1)
     items[:NUM_SPECIAL_IDS] = 0.0
     acc = RankingAccumulator([10])
-    rows = [r for r in read_users(cfg.data.path).to_pylist() if r["train_end"] < min(len(r["item"]), r["valid_end"])][:USERS]
+    rows = read_users(cfg.data.path).to_pylist()
+    rows = [r for r in rows if r["train_end"] < min(len(r["item"]), r["valid_end"])][:USERS]  # eval_target_index
     for row in rows:
         end = row["train_end"]
         lo = max(0, end - (MAX_SEQ_LEN - 1) // 2)
         window = {**row, "train_end": end + 1}  # behaviours [lo, end], time gaps from the whole history
         (seq,) = tokenize_train(window, meta, 2 * (end + 1 - lo), item_attributes=cfg.data.item_attributes)
-        seq.__dict__.update({k: v[:-1] for k, v in vars(seq).items() if isinstance(v, np.ndarray)})
+        seq = replace(seq, **{k: v[:-1] for k, v in vars(seq).items() if isinstance(v, np.ndarray)})
         batch = collate([seq], [[0]], len(seq))
         out = torch.nn.functional.normalize(model.forward_batch(batch)[-1].float(), dim=-1)
         acc.update(rank_of_targets((out @ items.T)[None], torch.tensor([row["item"][end]]),
@@ -73,12 +76,11 @@ def test_condition_query_needs_a_model_that_reads_conditions(tmp_path):
         evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
 
 
-@pytest.mark.parametrize("override", [{"condition_query": True}, {"attribute_query_weight": 0.5}])
-def test_pretrain_refuses_condition_queries_for_sasrec_before_reading_data(tmp_path, override):
+@pytest.mark.parametrize(("key", "value"), [("condition_query", True), ("attribute_query_weight", 0.5)])
+def test_pretrain_refuses_condition_queries_for_sasrec_before_reading_data(tmp_path, key, value):
     cfg = PretrainConfig()
     cfg.data.path, cfg.model.preset = str(tmp_path / "no-data-here"), "sasrec"
-    for key, value in override.items():
-        setattr(cfg.eval, key, value)
-    with pytest.raises(ConfigError, match=f"eval.{next(iter(override))}: only LUM reads conditions") as err:
+    setattr(cfg.eval, key, value)
+    with pytest.raises(ConfigError, match=f"eval.{key}: only LUM reads conditions") as err:
         pretrain(cfg)
-    assert err.value.key == f"eval.{next(iter(override))}" and not (tmp_path / "no-data-here").exists()
+    assert err.value.key == f"eval.{key}" and not (tmp_path / "no-data-here").exists()
