@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 
 from lum_dist.config import PretrainConfig, load_config  # noqa: E402
-from lum_dist.train.evaluate import evaluate_checkpoint  # noqa: E402
+from lum_dist.train.evaluate import evaluate_checkpoint_at  # noqa: E402
 from lum_dist.train.trainer import pretrain  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
@@ -42,10 +42,10 @@ METRICS = ("hr@1", "hr@10", "ndcg@10", "mrr")  # hr@1: top-1, as the generator's
 
 def probe(checkpoint: Path, behaviours: list[int], max_users: int) -> list[dict]:
     """One row per history length: the generic query's and the told condition's metrics on validation."""
+    lengths = [2 * n + 1 for n in behaviours]  # n behaviours of 2 tokens, then the queries
+    results = evaluate_checkpoint_at(checkpoint, lengths, ["valid"], max_users, [1, 10], condition_query=True)
     rows = []
-    for n in behaviours:
-        result = evaluate_checkpoint(checkpoint, ["valid"], max_users, [1, 10], condition_query=True,
-                                     max_seq_len=2 * n + 1)  # n behaviours of 2 tokens, then the queries
+    for n, result in zip(behaviours, results, strict=True):
         m = result["metrics"]
         rows.append({"checkpoint": checkpoint.name or str(checkpoint), "step": result["step"], "behaviours": n,
                      **{k: m[f"valid/{k}"] for k in METRICS}, **{f"cond_{k}": m[f"valid/cond_{k}"] for k in METRICS},

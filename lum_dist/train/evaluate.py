@@ -163,18 +163,31 @@ def evaluate_checkpoint(checkpoint: Path, splits: list[str], max_users: int = 0,
     ``attribute_query_weight`` > 0, also by attribute queries; with ``condition_query``, also by the held-out
     behaviour's own condition). ``max_seq_len`` > 0 reads that many tokens of history instead of the run's
     (e.g. to measure how much of its context a model uses)."""
+    (result,) = evaluate_checkpoint_at(checkpoint, [max_seq_len], splits, max_users, ks, attribute_query_weight,
+                                       condition_query)
+    return result
+
+
+def evaluate_checkpoint_at(checkpoint: Path, max_seq_lens: list[int], splits: list[str], max_users: int = 0,
+                           ks: list[int] | None = None, attribute_query_weight: float = 0.0,
+                           condition_query: bool = False) -> list[dict[str, Any]]:
+    """``evaluate_checkpoint`` at each history length of ``max_seq_lens`` (tokens; 0: the run's), the checkpoint
+    consolidated once for all of them."""
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, meta = load_model(ckpt)
+    step = json.loads((ckpt / INFO).read_text()).get("step")
     cfg.eval.max_users = max_users
     cfg.eval.ks = list(ks or cfg.eval.ks)
-    if max_seq_len:
-        cfg.data.max_seq_len = max_seq_len
-        cfg.eval.token_budget = max(cfg.eval.token_budget, max_seq_len)
-    metrics: dict[str, float] = {}
-    for split in splits:
-        metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split,
-                                attribute_query_weight, condition_query))
-    step = json.loads((ckpt / INFO).read_text()).get("step")
-    return {"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
-            "max_seq_len": cfg.data.max_seq_len,
-            "eval_condition": meta.eval_condition, "similarity": cfg.loss.similarity, "metrics": metrics}
+    run_seq_len, run_budget = cfg.data.max_seq_len, cfg.eval.token_budget
+    results = []
+    for max_seq_len in max_seq_lens:
+        cfg.data.max_seq_len = max_seq_len or run_seq_len
+        cfg.eval.token_budget = max(run_budget, cfg.data.max_seq_len)
+        metrics: dict[str, float] = {}
+        for split in splits:
+            metrics.update(evaluate(model, Path(cfg.data.path), meta, cfg, torch.device("cpu"), split,
+                                    attribute_query_weight, condition_query))
+        results.append({"checkpoint": str(ckpt), "step": step, "dataset": meta.name, "preset": cfg.model.preset,
+                        "max_seq_len": cfg.data.max_seq_len, "eval_condition": meta.eval_condition,
+                        "similarity": cfg.loss.similarity, "metrics": metrics})
+    return results
