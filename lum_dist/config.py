@@ -80,12 +80,16 @@ class LossConfig:
     logq_correction: bool = True  # subtract log q(candidate): in-batch negatives are popularity-sampled
     num_random_negatives: int = 0  # extra uniformly sampled negatives, shared by all ranks
     mask_false_negatives: bool = True  # a negative equal to the positive item is not a negative
+    # LUM only: each item token also predicts the next behaviour's item (SASRec's objective, from the same
+    # pass), weighted against the condition tokens' loss; 0 = the paper's next-condition-item loss alone.
+    item_token_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check(0 < self.min_temperature <= self.temperature <= self.max_temperature, "temperature",
               f"need 0 < min_temperature ({self.min_temperature}) <= temperature ({self.temperature}) <= "
               f"max_temperature ({self.max_temperature})")
         check(self.num_random_negatives >= 0, "num_random_negatives", "must be >= 0")
+        check(self.item_token_weight >= 0, "item_token_weight", f"{self.item_token_weight} < 0")
         check(self.negatives == "in_batch" or not self.num_random_negatives, "num_random_negatives",
               "needs loss.negatives=in_batch (the full softmax already scores every item)")
 

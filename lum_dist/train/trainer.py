@@ -31,7 +31,7 @@ from lum_dist.checkpoint import (
     model_config_for,
 )
 from lum_dist.config import ConfigError, PretrainConfig
-from lum_dist.data.batch import PackedBatch
+from lum_dist.data.batch import ITEM_TOKEN, PackedBatch
 from lum_dist.data.prepare import item_log_prob, load_meta, prepare
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.data.workers import DevicePrefetcher, train_loader
@@ -62,7 +62,25 @@ class PretrainModule(nn.Module):
         # condition tokens whose item is in the training vocabulary, where the model has a state to predict from
         has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
-        return self.loss(out[has_target], target_ids, self.model.item_embeddings)
+        loss, stats = self.loss(out[has_target], target_ids, self.model.item_embeddings)
+        weight = self.loss.cfg.item_token_weight
+        if weight > 0:
+            source, target = item_token_targets(batch, has_target)
+            item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings)
+            loss = loss + weight * item_loss
+            stats["item_token_loss"] = item_loss.detach()
+        return loss, stats
+
+
+def item_token_targets(batch: PackedBatch, has_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(item tokens, the condition tokens right after them): every target condition token whose previous
+    token is an item token of the same sequence, i.e. every behaviour but a sequence's first. The item
+    token's output is asked for the same item as that condition token's, without its condition."""
+    target = has_target.nonzero().squeeze(1)
+    target = target[batch.positions[target] > 0]  # positions restart at 0 in every sequence
+    source = target - 1
+    keep = batch.token_type[source] == ITEM_TOKEN
+    return source[keep], target[keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +131,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if isinstance(spec, SASRecConfig) and (cfg.eval.condition_query or cfg.eval.attribute_query_weight):
         key = "eval.condition_query" if cfg.eval.condition_query else "eval.attribute_query_weight"
         raise ConfigError(f"{key}: only LUM reads conditions; model.preset {cfg.model.preset!r} is SASRec", key)
+    if isinstance(spec, SASRecConfig) and cfg.loss.item_token_weight:
+        raise ConfigError(f"loss.item_token_weight: SASRec already predicts from its item tokens (model.preset "
+                          f"{cfg.model.preset!r})", "loss.item_token_weight")
     rank, world, device = parallel.init_distributed()
     # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
     with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):

@@ -1,0 +1,71 @@
+"""loss.item_token_weight: every item token also predicts the next behaviour's item, against a per-sequence loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lum_dist.config import ConfigError, LossConfig, PretrainConfig
+from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN
+from lum_dist.data.schema import NUM_SPECIAL_IDS
+from lum_dist.losses import InfoNCE
+from lum_dist.model import LUMModel, load_preset
+from lum_dist.testing.batches import random_packed_batch
+from lum_dist.train.trainer import PretrainModule, item_token_targets, pretrain
+
+NUM_ITEMS, SEQ_LENS = 40, [9, 1, 6, 2, 11]  # odd and even lengths, a lone condition token, a single behaviour
+
+
+def _full_softmax_ce(user: torch.Tensor, items: torch.Tensor, target: int, temperature: float) -> torch.Tensor:
+    logits = F.normalize(user, dim=-1) @ F.normalize(items[NUM_SPECIAL_IDS:], dim=-1).T / temperature
+    return F.cross_entropy(logits[None], torch.tensor([target - NUM_SPECIAL_IDS]))
+
+
+def test_item_token_targets_pair_each_item_with_the_next_behaviour_of_its_sequence():
+    batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=1)
+    has_target = batch.targets >= NUM_SPECIAL_IDS
+    source, target = item_token_targets(batch, has_target)
+    expected = []  # (item token, next condition token) by walking each sequence
+    for s in range(len(SEQ_LENS)):
+        lo, hi = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+        expected += [(t, t + 1) for t in range(lo, hi - 1)
+                     if batch.token_type[t] == ITEM_TOKEN and has_target[t + 1]]
+    assert list(zip(source.tolist(), target.tolist(), strict=True)) == expected
+    assert len(expected) == 3 + 0 + 2 + 0 + 4  # complete behaviours after the first of each sequence
+    assert (batch.token_type[target] == COND_TOKEN).all()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_item_token_loss_matches_a_per_sequence_reference(weight):
+    torch.manual_seed(0)
+    cfg = load_preset("lum-tiny", NUM_ITEMS, [5], hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
+    loss_cfg = LossConfig(negatives="full", temperature=0.1, item_token_weight=weight)
+    module = PretrainModule(LUMModel(cfg).eval(), InfoNCE(loss_cfg, NUM_ITEMS))
+    batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=2)
+    loss, _ = module(batch)
+
+    out, items = module.model.forward_batch(batch), module.model.item_embeddings(None)
+    condition, item = [], []
+    for t in range(batch.num_tokens):
+        target = int(batch.targets[t])
+        if target < NUM_SPECIAL_IDS:
+            continue
+        condition.append(_full_softmax_ce(out[t], items, target, 0.1))
+        if batch.positions[t] > 0:  # the previous token is the item of the same user's previous behaviour
+            item.append(_full_softmax_ce(out[t - 1], items, target, 0.1))
+    reference = torch.stack(condition).mean() + weight * torch.stack(item).mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+
+
+def test_pretrain_refuses_an_item_token_loss_for_sasrec_before_reading_data(tmp_path):
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.model.preset, cfg.loss.item_token_weight = str(tmp_path / "no-data-here"), "sasrec", 0.5
+    with pytest.raises(ConfigError, match="loss.item_token_weight: SASRec already predicts") as err:
+        pretrain(cfg)
+    assert err.value.key == "loss.item_token_weight" and not (tmp_path / "no-data-here").exists()
+
+
+def test_item_token_weight_must_not_be_negative():
+    with pytest.raises(ConfigError, match="item_token_weight"):
+        LossConfig(item_token_weight=-0.1)
