@@ -83,6 +83,7 @@ class LossConfig:
     # LUM only: each item token also predicts the next behaviour's item (SASRec's objective, from the same
     # pass), weighted against the condition tokens' loss; 0 = the paper's next-condition-item loss alone.
     item_token_weight: float = 0.0
+    label_smoothing: float = 0.0  # full only: the target puts this much mass evenly over every item
 
     def __post_init__(self) -> None:
         check(0 < self.min_temperature <= self.temperature <= self.max_temperature, "temperature",
@@ -90,6 +91,9 @@ class LossConfig:
               f"max_temperature ({self.max_temperature})")
         check(self.num_random_negatives >= 0, "num_random_negatives", "must be >= 0")
         check(self.item_token_weight >= 0, "item_token_weight", f"{self.item_token_weight} < 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"{self.label_smoothing}: need [0, 1)")
+        check(self.negatives == "full" or not self.label_smoothing, "label_smoothing",
+              "needs loss.negatives=full (a sampled softmax has no fixed set of items to smooth over)")
         check(self.negatives == "in_batch" or not self.num_random_negatives, "num_random_negatives",
               "needs loss.negatives=in_batch (the full softmax already scores every item)")
 

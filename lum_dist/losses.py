@@ -75,7 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     and its memory is O(chunk x C), so the full softmax also fits large catalogues on an accelerator."""
 
     @staticmethod
-    def forward(ctx, user: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, user: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor, chunk: int,
+                smoothing: float) -> torch.Tensor:
         loss = user.new_zeros(())
         grad_user, grad_cand = torch.empty_like(user), torch.zeros_like(cand)
         rows = torch.arange(chunk, device=user.device)
@@ -83,9 +84,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             u, lab = user[a : a + chunk], labels[a : a + chunk]
             logits = u @ cand.T
             lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, lab[:, None]).squeeze(1)).sum()
+            target = (1.0 - smoothing) * logits.gather(1, lab[:, None]).squeeze(1)
+            if smoothing:  # the target distribution puts smoothing / C on every candidate
+                target += smoothing * logits.mean(-1)
+            loss += (lse - target).sum()
             grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            grad_logits[rows[: len(lab)], lab] -= 1.0
+            grad_logits[rows[: len(lab)], lab] -= 1.0 - smoothing
+            if smoothing:
+                grad_logits -= smoothing / cand.shape[0]
             grad_user[a : a + chunk] = grad_logits @ cand
             grad_cand.addmm_(grad_logits.T, u)
         ctx.save_for_backward(grad_user, grad_cand)
@@ -94,15 +100,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_user, grad_cand = ctx.saved_tensors
-        return grad_user * grad, grad_cand * grad, None, None
+        return grad_user * grad, grad_cand * grad, None, None, None
 
 
 def linear_cross_entropy(user: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int = 1 << 22) -> torch.Tensor:
-    """``F.cross_entropy(user @ cand.T, labels, reduction="sum")`` in float32, in row chunks of about
-    ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU)."""
+                         chunk_elements: int = 1 << 22, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``F.cross_entropy(user @ cand.T, labels, reduction="sum", label_smoothing=label_smoothing)`` in float32, in
+    row chunks of about ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU)."""
     chunk = max(1, chunk_elements // max(1, cand.shape[0]))
-    return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk)
+    return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk, label_smoothing)
 
 
 class InfoNCE(nn.Module):
@@ -155,7 +161,8 @@ class InfoNCE(nn.Module):
         if self.cfg.similarity == "cosine":
             user, cand = F.normalize(user, dim=-1), F.normalize(cand, dim=-1)
         temperature = self.temperature().to(user.device)
-        loss = linear_cross_entropy(user / temperature, cand, target_ids - NUM_SPECIAL_IDS)
+        loss = linear_cross_entropy(user / temperature, cand, target_ids - NUM_SPECIAL_IDS,
+                                    label_smoothing=self.cfg.label_smoothing)
         return loss * world / max(global_count, 1), self._stats(global_count, temperature)
 
     @staticmethod

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lum_dist.config import LossConfig
+from lum_dist.config import ConfigError, LossConfig
 from lum_dist.data.schema import NUM_SPECIAL_IDS
-from lum_dist.losses import InfoNCE
+from lum_dist.losses import InfoNCE, linear_cross_entropy
 from lum_dist.testing.distributed import run_distributed
 
 NUM_ITEMS, DIM = 12, 8
@@ -99,6 +99,31 @@ def test_full_softmax_equals_reference(name):
     loss, stats = InfoNCE(FULL[name], NUM_ITEMS)(user, ids, lambda i=None: table if i is None else table[i])
     torch.testing.assert_close(loss, full_softmax_reference(FULL[name], user, ids, table), **TOL)
     assert stats["count"] == 9
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_linear_cross_entropy_and_its_gradients_equal_torch(smoothing):
+    g = torch.Generator().manual_seed(3)
+    user, cand = torch.randn(37, DIM, generator=g), torch.randn(50, DIM, generator=g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    grads = []
+    for fused in (True, False):
+        u, c = user.clone().requires_grad_(), cand.clone().requires_grad_()
+        if fused:  # 100 logits per chunk: 2 rows, so 19 chunks and a short last one
+            loss = linear_cross_entropy(u, c, labels, chunk_elements=100, label_smoothing=smoothing)
+        else:
+            loss = torch.nn.functional.cross_entropy(u @ c.T, labels, reduction="sum", label_smoothing=smoothing)
+        (2.0 * loss).backward()  # an upstream gradient other than 1
+        grads.append((loss.detach(), u.grad, c.grad))
+    for fused, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, plain, **TOL)
+
+
+def test_label_smoothing_needs_the_full_softmax():
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        LossConfig(negatives="in_batch", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        LossConfig(negatives="full", label_smoothing=1.0)
 
 
 def test_full_softmax_two_ranks_equal_one_process():
