@@ -27,10 +27,19 @@ def build_model(config: PretrainedConfig) -> LUMModel | SASRecModel:
     return MODELS[config.model_type](config)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every block in the backward pass (transformers' checkpointing of GradientCheckpointingLayer):
+    ``activation_checkpointing_enable`` from transformers 5 on, where the 4.x name ``gradient_checkpointing_enable``
+    is deprecated; that name before it."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 # An exported model directory loads with transformers' Auto classes too.
 for _arch, _model in MODELS.items():
     AutoConfig.register(ARCHS[_arch].model_type, ARCHS[_arch], exist_ok=True)
     AutoModel.register(ARCHS[_arch], _model, exist_ok=True)
 
-__all__ = ["LUMConfig", "LUMModel", "MODELS", "SASRecConfig", "SASRecModel", "build_model", "check_model_spec", "flops_per_token",
+__all__ = ["LUMConfig", "LUMModel", "MODELS", "SASRecConfig", "SASRecModel", "build_model", "check_model_spec",
+           "enable_activation_checkpointing", "flops_per_token",
            "load_preset", "param_counts"]

@@ -125,7 +125,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(GradientCheckpointingLayer):
-    """Pre-norm decoder block; checkpointed as a unit by ``gradient_checkpointing_enable``."""
+    """Pre-norm decoder block; checkpointed as a unit by ``enable_activation_checkpointing``."""
 
     def __init__(self, cfg: LUMConfig):
         super().__init__()

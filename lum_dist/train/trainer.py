@@ -41,6 +41,7 @@ from lum_dist.model import (
     SASRecConfig,
     SASRecModel,
     check_model_spec,
+    enable_activation_checkpointing,
     flops_per_token,
     param_counts,
 )
@@ -166,7 +167,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
 
     module = parallel.build_model(make_module, ds_config)
     if cfg.train.activation_checkpointing:
-        module.model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(module.model)
     engine = parallel.build_engine(module, cfg, ds_config, max_steps, cfg.optim.hidden_lr_scale(model_cfg.hidden_size))
 
     start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False

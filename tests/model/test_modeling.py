@@ -7,7 +7,7 @@ import torch
 
 from lum_dist.config import ConfigError
 from lum_dist.data.batch import PackedBatch
-from lum_dist.model import LUMModel, load_preset, modeling
+from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
 from lum_dist.testing.batches import random_packed_batch
 
@@ -193,7 +193,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpoint in (False, True):
         model = tiny().train()
         if checkpoint:
-            model.gradient_checkpointing_enable()  # as the trainer calls it
+            enable_activation_checkpointing(model)  # as the trainer calls it
             assert all(block.gradient_checkpointing for block in model.blocks)
         model.forward_batch(batch).pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

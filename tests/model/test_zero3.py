@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lum_dist import parallel
 from lum_dist.config import LossConfig, PretrainConfig
 from lum_dist.losses import InfoNCE
-from lum_dist.model import LUMModel, load_preset
+from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset
 from lum_dist.testing.batches import random_packed_batch
 from lum_dist.testing.distributed import run_distributed
 from lum_dist.train.trainer import PretrainModule
@@ -36,7 +36,7 @@ def _train_zero3(negatives: str) -> dict:
 
     ds = parallel.deepspeed_config(cfg)
     module = parallel.build_model(make_module, ds)
-    module.model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(module.model)
     engine = parallel.build_engine(module, cfg, ds, cfg.train.max_steps)
     batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
     losses = []
