@@ -272,3 +272,16 @@ def test_context_use_smoke(tmp_path):
     assert all(0 <= r[k] <= 1 for r in rows for k in ("hr@10", "ndcg@10", "cond_hr@10", "cond_ndcg@10"))
     assert rows[0]["mrr"] != rows[1]["mrr"]  # the same model, a shorter history: another ranking
     assert (tmp_path / "results" / "context_use_smoke.md").is_file()
+
+
+def test_valid_test_gap_smoke(tmp_path):
+    data = _smoke(tmp_path, "valid_test_gap.py")
+    rows = {r["ranking"]: r for r in data["rows"]}
+    assert list(rows) == ["valid", "test, validation behaviour left out", "test"]
+    assert all(r["users"] == 20 for r in rows.values())
+    reference = data["meta"]["evaluate_checkpoint"]  # launch/evaluate.py's scoring of the same checkpoint and users
+    for split in ("valid", "test"):
+        for k in ("hr@10", "ndcg@10"):
+            assert rows[split][k] == pytest.approx(reference[f"{split}/{k}"], rel=1e-6)
+    assert (tmp_path / "results" / "valid_test_gap_smoke.md").is_file()
+
