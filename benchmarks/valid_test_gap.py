@@ -53,6 +53,11 @@ def sequences(row: dict, meta, max_seq_len: int, item_attributes: bool) -> dict[
             "test": tokenize_eval(row, meta, max_seq_len, ve, item_attributes)}
 
 
+def run_name(checkpoint: Path) -> str:
+    """``RUN`` for ``RUN/checkpoints/step_N`` (step folders of different runs share names), else the folder's name."""
+    return checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.name or str(checkpoint)
+
+
 @torch.no_grad()
 def probe(checkpoint: Path, max_users: int) -> list[dict]:
     model, cfg, meta = load_model(resolve_checkpoint(checkpoint))
@@ -77,7 +82,7 @@ def probe(checkpoint: Path, max_users: int) -> list[dict]:
                 user = torch.nn.functional.normalize(user, dim=-1)
             acc.update(rank_of_targets(user @ items.T, batch.targets[query], batch.seen_items))
         m = acc.compute()
-        out.append({"checkpoint": checkpoint.name or str(checkpoint), "model": cfg.model.preset, "ranking": ranking,
+        out.append({"checkpoint": run_name(checkpoint), "model": cfg.model.preset, "ranking": ranking,
                     "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "users": int(m["count"])})
     return out
 
