@@ -33,10 +33,9 @@ from context_use import smoke_checkpoint  # noqa: E402
 from lum_dist.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from lum_dist.data.packing import best_fit_decreasing, collate  # noqa: E402
 from lum_dist.data.prepare import read_users  # noqa: E402
-from lum_dist.data.schema import NUM_SPECIAL_IDS  # noqa: E402
 from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets  # noqa: E402
-from lum_dist.train.evaluate import evaluate_checkpoint  # noqa: E402
+from lum_dist.train.evaluate import as_scored, evaluate_checkpoint, item_scoring_table  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
 RANKINGS = ("valid", "test, validation behaviour left out", "test")
@@ -65,10 +64,7 @@ def probe(checkpoint: Path, max_users: int) -> list[dict]:
     rows = [r for r in read_users(cfg.data.path).to_pylist() if r["train_end"] < r["valid_end"] < len(r["item"])]
     rows = rows[:max_users] if max_users else rows
     seqs = [sequences(r, meta, cfg.data.max_seq_len, cfg.data.item_attributes) for r in rows]
-    items = model.item_embeddings(None).float()
-    if cfg.loss.similarity == "cosine":
-        items = torch.nn.functional.normalize(items, dim=-1)
-    items[:NUM_SPECIAL_IDS] = 0.0
+    items = item_scoring_table(model, cfg.loss.similarity)
     budget = max(cfg.eval.token_budget, cfg.data.max_seq_len)
     out = []
     for ranking in RANKINGS:
@@ -77,9 +73,7 @@ def probe(checkpoint: Path, max_users: int) -> list[dict]:
         for packed in best_fit_decreasing(np.array([len(s) for s in these]), budget):
             batch = collate(these, [packed], budget)
             query = batch.query_index()
-            user = model.forward_batch(batch)[query].float()
-            if cfg.loss.similarity == "cosine":
-                user = torch.nn.functional.normalize(user, dim=-1)
+            user = as_scored(model.forward_batch(batch)[query], cfg.loss.similarity)
             acc.update(rank_of_targets(user @ items.T, batch.targets[query], batch.seen_items))
         m = acc.compute()
         out.append({"checkpoint": run_name(checkpoint), "model": cfg.model.preset, "ranking": ranking,

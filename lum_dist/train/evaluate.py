@@ -59,6 +59,19 @@ def attribute_queries(meta: DatasetMeta, data_path: Path) -> tuple[np.ndarray, t
     return queries, index.clamp(min=-1)
 
 
+def as_scored(x: torch.Tensor, similarity: str) -> torch.Tensor:
+    """User outputs or item rows as the ranking scores them: float32, unit length under cosine similarity."""
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1) if similarity == "cosine" else x
+
+
+def item_scoring_table(model: LUMModel | SASRecModel, similarity: str) -> torch.Tensor:
+    """[num_items, E]: every item as scored, the reserved ids' rows zero (never ranked above a real item's match)."""
+    items = as_scored(model.item_embeddings(None), similarity)
+    items[:NUM_SPECIAL_IDS] = 0.0
+    return items
+
+
 @torch.no_grad()
 def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, cfg: PretrainConfig,
              device: torch.device, split: str | None = None, attribute_query_weight: float = 0.0,
@@ -77,10 +90,7 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     rank, world = dist_info()
     was_training = model.training
     model.eval()
-    items = model.item_embeddings(None).float()  # [num_items, E]
-    if cfg.loss.similarity == "cosine":
-        items = torch.nn.functional.normalize(items, dim=-1)
-    items[:NUM_SPECIAL_IDS] = 0.0
+    items = item_scoring_table(model, cfg.loss.similarity)
     popularity = torch.from_numpy(item_log_prob(data_path, meta.num_items)).to(device)
     popularity[:NUM_SPECIAL_IDS] = -float("inf")
 
@@ -119,9 +129,7 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
         if not real:
             continue
         query_at = batch.query_index()  # each sequence's queries: its last per_user tokens, the generic first
-        user = out[query_at].float().view(-1, per_user, items.shape[1])
-        if cfg.loss.similarity == "cosine":
-            user = torch.nn.functional.normalize(user, dim=-1)
+        user = as_scored(out[query_at], cfg.loss.similarity).view(-1, per_user, items.shape[1])
         targets = batch.targets[query_at].view(-1, per_user)[:, 0]
         logits = user[:, 0] @ items.T
         acc.update(rank_of_targets(logits, targets, batch.seen_items))
