@@ -69,7 +69,6 @@ class PretrainModule(nn.Module):
             source, target = item_token_targets(batch, has_target)
             item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings)
             loss = loss + weight * item_loss
-            stats["item_token_loss"] = item_loss.detach()
         return loss, stats
 
 
