@@ -4,6 +4,8 @@ import circle between modules, and no lum_dist import is hidden inside a functio
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -101,3 +103,17 @@ def test_eval_is_pure():
     for module, path in MODULES.items():
         if package(module) == "eval":
             assert not {package(t) for t, _ in imports(module, path)} & {"train", "model", "checkpoint", "parallel"}
+
+
+def test_kernels_folder_never_shadows_the_pypi_kernels_package():
+    """From the repository root (sys.path[0] under ``python -m`` and ``python -c``), ``import kernels`` must not
+    find the Triton folder as a regular package: transformers imports the PyPI ``kernels`` project when it is
+    installed (it depends on it from 5.25), and a shadowing folder breaks ``import transformers.modeling_utils``.
+    The Triton sources still import as ``lum_dist.kernels``."""
+    code = ("import importlib.util, lum_dist.kernels.group_attention as g, transformers.modeling_utils; "
+            "s = importlib.util.find_spec('kernels'); print(g.__name__, s.origin if s else None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, origin = out.stdout.split()
+    assert name == "lum_dist.kernels.group_attention"
+    assert origin == "None" or not origin.startswith(str(PACKAGE.parent / "kernels")), origin
