@@ -36,6 +36,7 @@ with ``$LUM_BENCH_RESULTS`` in place of ``benchmarks/results`` when set, and <na
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -377,10 +378,11 @@ class PytestRun:
     ``finish`` waits for it and records the outcome. The dry run starts it first, so that collection
     (seconds of imports, no device) overlaps the other sections; the GPU run starts it at its turn."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, log_dir: Path | None = None):
         self.files = gpu_test_files(REPO / "tests")
+        self.log_dir = log_dir
         self.collect_only = plan.dry_run
-        self.cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
+        self.cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
                     "--continue-on-collection-errors", *(["--collect-only"] if self.collect_only else []),
                     *(str(f.relative_to(REPO)) for f in self.files)]
         self.log = tempfile.TemporaryFile("w+")
@@ -398,6 +400,8 @@ class PytestRun:
         self.log.seek(0)
         text = self.log.read()
         self.log.close()
+        if self.log_dir is not None:
+            atomic_write_text(self.log_dir / "pytest.log", text)
         counts = parse_pytest_output(text)
         rec.meta.update({k: v for k, v in counts.items() if k != "failed_ids"})
         rec.rows = [{"test": t, "outcome": "failed"} for t in counts["failed_ids"]]
@@ -574,7 +578,7 @@ def train_overrides(plan: Plan, preset: str, data: Path, out: Path) -> list[str]
     return [*run, f"data.path={data}", f"data.prepare={json.dumps(plan.train_data)}"]
 
 
-def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
+def train_section(plan: Plan, rec: Record, limit: float, work: Path, log_dir: Path | None = None) -> None:
     if not _importable("deepspeed"):  # a bare GPU machine: every run would fail the same way, slowly
         rec.fail("deepspeed is not installed: carry its wheel (pure Python + JIT ops; pip install --no-deps)")
         return
@@ -617,6 +621,9 @@ def train_section(plan: Plan, rec: Record, limit: float, work: Path) -> None:
             log = out / "train.log"
             log_tail = tail(log.read_text(errors="replace"), 25) if log.is_file() else "(no log)"
             rec.fail(f"{preset}: {row['status']}\n{log_tail}")
+        if log_dir is not None and (out / "train.log").is_file():  # every run's log, one file
+            with open(log_dir / "train.log", "a") as f:
+                f.write(f"\n===== {preset}: {row['status']}\n{(out / 'train.log').read_text(errors='replace')}")
         if row.get("peak_mem_gib") and row.get("pred_mem_gib"):
             row["mem_ratio"] = row["peak_mem_gib"] / row["pred_mem_gib"]
         shutil.rmtree(out, ignore_errors=True)  # a 1B ZeRO-3 checkpoint is ~17 GB
@@ -706,11 +713,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="results file name (default: the device, or dry-run)")
     ap.add_argument("--work-dir", default=None,
                     help="scratch for the dataset and checkpoints (default: $TMPDIR)")
+    ap.add_argument("--presets", nargs="+", default=None,
+                    help="the model presets of the train section, in this order (default: the plan's)")
+    ap.add_argument("--log-dir", type=Path, default=None,
+                    help="keep the whole pytest output (pytest.log) and every training run's log (train.log) here")
     ap.add_argument("--child", choices=CHILD_SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--child-seconds", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
+    if args.presets:
+        plan = dataclasses.replace(plan, presets=tuple(args.presets))
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else (300.0 if plan.dry_run else 500.0)
     clock, t_start = Clock(budget), time.monotonic()  # the budget counts from here
     sections = args.sections or list(DRY_ORDER if plan.dry_run else SECTIONS)
@@ -733,13 +748,13 @@ def main(argv: list[str] | None = None) -> int:
         report.write()
 
     work = Path(tempfile.mkdtemp(prefix="lum-gpu-check-", dir=args.work_dir))
-    early = PytestRun(plan) if plan.dry_run and "pytest" in sections else None  # collection only: no device
+    early = PytestRun(plan, args.log_dir) if plan.dry_run and "pytest" in sections else None  # collection only: no device
     runners: dict[str, Callable[[Record, float], None]] = {
         "env": lambda rec, limit: env_section(plan, rec, limit),
-        "pytest": lambda rec, limit: (early or PytestRun(plan)).finish(rec, limit),
+        "pytest": lambda rec, limit: (early or PytestRun(plan, args.log_dir)).finish(rec, limit),
         "attention": lambda rec, limit: run_in_child("attention", plan, rec, limit, work),
         "group_query": lambda rec, limit: run_in_child("group_query", plan, rec, limit, work),
-        "train": lambda rec, limit: train_section(plan, rec, limit, work),
+        "train": lambda rec, limit: train_section(plan, rec, limit, work, args.log_dir),
     }
     try:
         records = run_sections(sections, runners, clock, plan, on_update)
