@@ -95,7 +95,9 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_confi
         shutil.rmtree(final, ignore_errors=True)  # a complete one at this step is rewritten identically
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    # save_latest: DeepSpeed's `latest` (naming the tag) in the checkpoint folder. Under ZeRO-3 a weights-only load
+    # (load_weights) and the zero_to_fp32.py copied beside it find the shards through that file alone.
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True)
     plain_rng, tensor_rng = rng_state()
     atomic_write_text(tmp / trainer_state_file(rank), json.dumps({**trainer_state, "rng": plain_rng}))
     torch.save(tensor_rng, tmp / rng_file(rank))

@@ -161,7 +161,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     in_batch_logq = cfg.loss.negatives == "in_batch" and cfg.loss.logq_correction
 
     def make_module() -> PretrainModule:
-        log_q = torch.from_numpy(item_log_prob(data_path, meta.num_items)) if in_batch_logq else None
+        # On the device from the start: ZeRO-3 places parameters, not a buffer made from numpy.
+        log_q = torch.from_numpy(item_log_prob(data_path, meta.num_items)).to(device) if in_batch_logq else None
         return PretrainModule(build_run_model(model_cfg, data_path, meta), InfoNCE(cfg.loss, meta.num_items, log_q))
 
     module = parallel.build_model(make_module, ds_config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset
 from lum_dist.testing.batches import random_packed_batch
 from lum_dist.testing.distributed import run_distributed
+from lum_dist.train import checkpoint
 from lum_dist.train.trainer import PretrainModule
 
 NUM_ITEMS, VOCABS = 100, [9, 5]
@@ -63,3 +66,46 @@ def test_model_and_loss_train_under_zero3(monkeypatch, negatives):
         assert r["losses"][-1] < r["losses"][0]  # the same batch every step: the loss falls
         assert r["temperature"] != 0.05  # the learnable temperature is a trained ZeRO-3 parameter
         assert r["attr_rows"] == (VOCABS[0] * 64 if negatives == "full" else 0)
+
+
+def _weights(module) -> dict[str, torch.Tensor]:
+    import deepspeed  # picks its accelerator when imported: inside the ranks, after DS_ACCELERATOR is set
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _best_weights_round_trip(root: str) -> dict:
+    parallel.init_distributed()
+    cfg = PretrainConfig()
+    cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 1e-2, 4
+    cfg.loss = LossConfig(negatives="full")
+    model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2)
+    ds = parallel.deepspeed_config(cfg)
+    module = parallel.build_model(lambda: PretrainModule(LUMModel(model_cfg), InfoNCE(cfg.loss, NUM_ITEMS)), ds)
+    engine = parallel.build_engine(module, cfg, ds, cfg.train.max_steps)
+    batch = random_packed_batch([10, 20, 6], NUM_ITEMS, VOCABS, seed=dist.get_rank())
+
+    def train_step() -> None:
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+
+    train_step()
+    saved = _weights(module)
+    best = checkpoint.save(engine, Path(root), 1, {"step": 1}, {}, keep_last=0, best=True)
+    train_step()
+    train_step()
+    moved = max(float((w - saved[n]).abs().max()) for n, w in _weights(module).items())
+    checkpoint.load_weights(engine, best)
+    back = max(float((w - saved[n]).abs().max()) for n, w in _weights(module).items())
+    return {"moved": moved, "back": back}
+
+
+def test_best_checkpoint_weights_load_back_under_zero3(monkeypatch, tmp_path):
+    """The final evaluation restores the best checkpoint's weights alone (no optimizer state) into a ZeRO-3
+    engine that trained on past it: DeepSpeed finds them through the checkpoint's ``latest`` file."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for r in run_distributed(_best_weights_round_trip, 2, str(tmp_path), timeout=240):
+        assert r["moved"] > 1e-4 and r["back"] == 0.0
