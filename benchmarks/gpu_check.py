@@ -282,7 +282,7 @@ def to_markdown(meta: dict[str, Any], sections: dict[str, Record]) -> str:
     if meta["dry_run"]:
         out += ["The CPU dry run of `benchmarks/gpu_check.py`: the GPU run's code paths at tiny shapes, "
                 "float32, 1-2 steps. Its numbers show that the paths work; they measure nothing.", ""]
-    keys = ("git_commit", "timestamp", "python", "budget_s", "seconds")
+    keys = ("git_commit", "runs", "timestamp", "python", "budget_s", "seconds")
     out += [f"- {k}: {meta[k]}" for k in keys if k in meta]
     installed = meta.get("versions", {}).items()
     out += ["- versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in installed)]

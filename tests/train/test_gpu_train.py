@@ -34,6 +34,7 @@ def test_gpu_zero3_pretrain_trains_and_evaluates(tmp_path, loss):
            f"data.path={tmp_path / 'data'}", f"train.output_dir={out}", "train.max_steps=6", "train.eval_every=3",
            "train.log_every=1", *LOSSES[loss]]
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"WANDB_MODE": "disabled"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # installed or not
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on cuda" in proc.stdout, proc.stdout[-2000:]
