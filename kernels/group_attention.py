@@ -17,13 +17,16 @@ No dense mask exists anywhere; masks are built in registers from indices. Accumu
 inputs may be fp16, bf16 or fp32 (fp32 dots run in IEEE precision, not TF32); head dim a power of two
 in 16..256 (32/64/128 tested).
 
-Loop bounds (``LOADED_BOUNDS``, chosen by :func:`loaded_bounds_ok` from the Triton version): Triton 3.6
-with numpy >= 2.4 mishandles loops bounded by scalars loaded from memory, so there the key loop is
-bounded by a kernel argument (``max_kv_blocks``, the longest history's block count, computed on the
-host from the tile tables' ``max_history``) and a tile skips blocks past its own end with a scalar
-branch. That branch keeps the compiler from software-pipelining the K/V loads (no cp.async in the
-sm_90 TTGIR), so on Triton >= 3.7 the loop runs over exactly the tile's blocks, a bound derived from the
-tile table, and is pipelined. Both variants are tested (interpreter) and compile for sm_80/sm_90 (tests/ops/test_group_query.py).
+Loop bounds (``LOADED_BOUNDS``, chosen by :func:`loaded_bounds_ok`): compiled, the key loop runs over exactly
+the tile's blocks, a bound derived from the tile table, and the compiler software-pipelines the K/V loads
+(cp.async). The Triton interpreter of 3.6 and older (with numpy >= 2.4) mishandles loops bounded by scalars
+loaded from memory, so there the loop is bounded by a kernel argument (``max_kv_blocks``, the longest
+history's block count, from the tile tables' ``max_history``) and a tile skips blocks past its own end with
+a scalar branch, which also stops the pipelining. Both variants are tested (interpreter), compile for
+sm_80/sm_90 (tests/ops/test_group_query.py) and were measured on an H200 (Triton 3.6: the loaded bounds give
+the same outputs, 1.3-1.4x faster; benchmarks/group_query_kernel.py).
+
+Tile shapes, warps and pipeline depth per dtype and head dim: :func:`launch_config`.
 
 The launch is the torch custom op ``lum_dist::group_attention_fwd`` (:func:`group_attention_op`, with a
 ``register_fake`` implementation: a contiguous [T, H, D] like q), so ``torch.compile`` traces models
@@ -38,6 +41,7 @@ interpreter computes bf16 dots wrongly).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +49,32 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64
-BLOCK_N = 64
+BLOCK_M = 64  # rows per history tile where launch_config has no measured better choice
+BLOCK_N = 64  # keys per block
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # rows per history tile (query tiles: see query_block)
+    block_n: int  # keys per block
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the K/V loads
+
+
+def launch_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """The launch shape per dtype and head dim. Half precision: the fastest variant measured on an H200 with
+    Triton 3.6 (benchmarks/group_query_kernel.py; benchmarks/results/group_query_kernel.json): head dim 128,
+    128-row tiles, 8 warps, 3 stages, 3.2-3.4x the first kernel's 64 rows and 2 stages (2,048-token
+    histories, 16-256 queries); head dim 64, 64 rows, 4 warps, 3 stages, 1.5x. Wider heads halve the rows and
+    keys (shared memory). float32 (the interpreter tests; not measured on a GPU) keeps the first kernel's
+    shapes, with 32 keys per block from head dim 128 (fp32 K/V tiles crowd shared memory)."""
+    if dtype == torch.float32:
+        return LaunchConfig(BLOCK_M, 32 if head_dim >= 128 else BLOCK_N, 4 if head_dim <= 64 else 8, 2)
+    if head_dim > 128:
+        return LaunchConfig(64, 32, 8, 2)
+    if head_dim == 128:
+        return LaunchConfig(128, 64, 8, 3)
+    return LaunchConfig(64, 64, 4, 3)
 
 
 @triton.jit
@@ -145,10 +173,13 @@ def _group_attention_fwd_kernel(
              mask=row_ok[:, None])
 
 
-def loaded_bounds_ok(version: str = triton.__version__) -> bool:
-    """Whether loops may be bounded by scalars loaded from memory (broken in Triton <= 3.6)."""
+def loaded_bounds_ok(version: str = triton.__version__, interpreting: bool | None = None) -> bool:
+    """Whether the key loop may be bounded by scalars loaded from the tile table: compiled, always; in the
+    interpreter (``TRITON_INTERPRET=1``) from Triton 3.7 on."""
+    if interpreting is None:
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     major, minor = (int(x) for x in version.split(".")[:2])
-    return (major, minor) >= (3, 7)
+    return not interpreting or (major, minor) >= (3, 7)
 
 
 def tile_table(cu: list[int], num_queries: list[int], block_hist: int, block_query: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +201,6 @@ def query_block(num_queries: list[int], block_m: int = BLOCK_M) -> int:
     """Rows per query tile. Few queries per user (Q = 1 in evaluation) would leave most rows of a 64-row
     tile empty: query tiles shrink to the largest Q's power of two, down to 16 (the smallest tl.dot)."""
     return min(block_m, max(16, triton.next_power_of_2(max(num_queries, default=1))))
-
-
-def key_block(dtype: torch.dtype, head_dim: int, block_n: int = BLOCK_N) -> int:
-    """Keys per block: fp32 K/V tiles of 64 x 128, double-buffered, crowd shared memory."""
-    return min(block_n, 32) if dtype == torch.float32 and head_dim >= 128 else block_n
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +257,8 @@ def group_attention_op(
     block_q: int,
     block_n: int,
     loaded_bounds: bool,
+    num_warps: int,
+    num_stages: int,
 ) -> torch.Tensor:
     """q, k, v [T, H, D] (any strides) and int32 [n, 4] tile tables on q's device -> contiguous [T, H, D].
     Launch parameters are host values (see :func:`group_attention`): nothing here reads the device."""
@@ -251,27 +279,29 @@ def group_attention_op(
             scale * math.log2(math.e), max_kv_blocks,
             HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, LOADED_BOUNDS=loaded_bounds,
             DOT_PRECISION=precision,
-            num_warps=4 if D <= 64 else 8, num_stages=2,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return out
 
 
 @group_attention_op.register_fake
 def _group_attention_fake(q, k, v, hist_tiles, query_tiles, scale, max_kv_blocks, block_m, block_q, block_n,
-                          loaded_bounds):
+                          loaded_bounds, num_warps, num_stages):
     _check_inputs(q, k, v)
     return q.new_empty(q.shape)  # contiguous, like the real output
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: TileTables, scale: float,
-                    block_n: int = BLOCK_N) -> torch.Tensor:
-    """One layer's launch over a batch's prebuilt tile tables: host arithmetic only, no sync, no copy."""
+                    block_n: int | None = None) -> torch.Tensor:
+    """One layer's launch over a batch's prebuilt tile tables: host arithmetic only, no sync, no copy.
+    ``block_n``: keys per block, at most :func:`launch_config`'s (None: that one)."""
     if tables.hist.device != q.device:
         raise ValueError(f"group_attention: tile tables live on {tables.hist.device}, q on {q.device}")
-    block_n = key_block(q.dtype, q.shape[-1], block_n)
+    cfg = launch_config(q.dtype, q.shape[-1])
+    block_n = cfg.block_n if block_n is None else min(block_n, cfg.block_n)
     max_kv_blocks = triton.cdiv(tables.max_history, block_n)
     return group_attention_op(q, k, v, tables.hist, tables.query, scale, max_kv_blocks, tables.block_m,
-                              tables.block_q, block_n, tables.loaded_bounds)
+                              tables.block_q, block_n, tables.loaded_bounds, cfg.num_warps, cfg.num_stages)
 
 
 def group_attention_fwd(
@@ -281,12 +311,13 @@ def group_attention_fwd(
     cu: list[int],
     num_queries: list[int],
     scale: float,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
     loaded_bounds: bool | None = None,
 ) -> torch.Tensor:
     """One call on its own: builds the tile tables, then launches. cu / num_queries as Python lists
     (validated by the caller, see :func:`lum_dist.ops.group_query.plan_group_query`). Several calls over
     one batch (a model's layers) should build :func:`tile_tables` once and call :func:`group_attention`."""
+    block_m = block_m or launch_config(q.dtype, q.shape[-1]).block_m
     tables = tile_tables(cu, num_queries, q.device, block_m, loaded_bounds)
     return group_attention(q, k, v, tables, scale, block_n)

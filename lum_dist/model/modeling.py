@@ -240,7 +240,8 @@ class LUMModel(PreTrainedModel):
             layout = read_group_layout(cu_seqlens, num_queries, max_seqlen, num_tokens=x.shape[0])
             if not layout.causal:
                 needs_grad = torch.is_grad_enabled() and x.requires_grad
-                plan = build_group_query_plan(layout, x.device, needs_grad=needs_grad)
+                plan = build_group_query_plan(layout, x.device, needs_grad=needs_grad, dtype=x.dtype,
+                                              head_dim=self.config.head_dim)
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
         return self.head(self.norm(x))

@@ -178,9 +178,11 @@ def _cascade_index(layout: GroupQueryLayout, device: torch.device) -> CascadeInd
 
 def build_group_query_plan(layout: GroupQueryLayout, device: torch.device | str, backend: str = "auto",
                            needs_grad: bool = False, block_m: int | None = None,
-                           loaded_bounds: bool | None = None) -> GroupQueryPlan:
+                           loaded_bounds: bool | None = None, dtype: torch.dtype | None = None,
+                           head_dim: int | None = None) -> GroupQueryPlan:
     """A plan for ``layout`` on ``device``. ``auto`` is ``triton`` on CUDA when Triton imports and no gradient
-    is needed, else ``reference``; ``block_m``/``loaded_bounds`` tune the Triton tiles (None: defaults)."""
+    is needed, else ``reference``; ``block_m``/``loaded_bounds`` tune the Triton tiles (None: the kernel's
+    launch_config for the attention's ``dtype`` and ``head_dim`` when given, else its defaults)."""
     device = torch.device(device)
     auto = backend == "auto"
     if auto:
@@ -192,8 +194,9 @@ def build_group_query_plan(layout: GroupQueryLayout, device: torch.device | str,
     kernel = cascade = None
     if backend == "triton":
         kernels = _kernels()
-        kernel = kernels.tile_tables(layout.cu, layout.num_queries, device, block_m or kernels.BLOCK_M,
-                                     loaded_bounds)
+        if block_m is None:
+            block_m = kernels.launch_config(dtype, head_dim).block_m if dtype and head_dim else kernels.BLOCK_M
+        kernel = kernels.tile_tables(layout.cu, layout.num_queries, device, block_m, loaded_bounds)
     elif backend == "cascade":
         cascade = _cascade_index(layout, device)
     return GroupQueryPlan(layout, backend, auto, kernel, cascade)
@@ -254,7 +257,8 @@ def group_query_attention(
     builds the plan once with :func:`plan_group_query` and calls :func:`group_query_attention_plan`."""
     _check_shapes(q, k, v)
     layout = read_group_layout(cu_seqlens, num_queries, max_seqlen, num_tokens=q.shape[0])
-    plan = build_group_query_plan(layout, q.device, backend, needs_grad=_needs_grad(q, k, v))
+    plan = build_group_query_plan(layout, q.device, backend, needs_grad=_needs_grad(q, k, v), dtype=q.dtype,
+                                  head_dim=q.shape[-1])
     return group_query_attention_plan(q, k, v, plan, softmax_scale)
 
 

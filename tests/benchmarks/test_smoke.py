@@ -57,6 +57,14 @@ def test_other_smokes(tmp_path, script):
     _smoke(tmp_path, script)
 
 
+def test_group_query_kernel_smoke(tmp_path):
+    """Every launch variant runs in the Triton interpreter and matches the float32 reference."""
+    pytest.importorskip("triton")
+    data = _smoke(tmp_path, "group_query_kernel.py")
+    assert {r["bound"] for r in data["rows"]} == {"arg", "loaded"}
+    assert all(r["status"] == "ok" and r["max_abs_diff"] <= 1e-4 for r in data["rows"])
+
+
 # --- benchmarks/gpu_check.py: its CPU dry run, its budget, and the pieces it is built from ---
 
 def _load_gpu_check():
