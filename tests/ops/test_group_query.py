@@ -470,8 +470,9 @@ def test_custom_op_passes_opcheck(interpreter_results):
 def test_fake_op_gives_the_output_metadata_without_running():
     """register_fake: under FakeTensorMode the op returns a contiguous [T, H, D] of q's dtype (no kernel)."""
     pytest.importorskip("triton")
-    from lum_dist.kernels import group_attention  # noqa: F401 - registers lum_dist::group_attention_fwd
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lum_dist.kernels import group_attention  # noqa: F401 - registers lum_dist::group_attention_fwd
 
     with FakeTensorMode():
         q, k, v = torch.empty(40, 3, 4, 32).unbind(1)  # strided views, as the model's fused qkv gives
@@ -589,9 +590,10 @@ COMPILE_CASES = [  # (arch, dtype, head dim, query tile, loaded bounds), each at
 @pytest.mark.parametrize("arch,dtype,dim,is_query,loaded", COMPILE_CASES)
 def test_kernel_compiles_for_gpus(arch, dtype, dim, is_query, loaded):
     pytest.importorskip("triton")
-    from lum_dist.kernels.group_attention import _group_attention_fwd_kernel, launch_config
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
+
+    from lum_dist.kernels.group_attention import _group_attention_fwd_kernel, launch_config
 
     names = list(inspect.signature(_group_attention_fwd_kernel.fn).parameters)
     cfg = launch_config({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], dim)
