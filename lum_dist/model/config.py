@@ -66,6 +66,9 @@ class LUMConfig(PretrainedConfig):
         item_tags: bool = False,
         num_item_tags: int = 0,  # tag vocabulary incl. the reserved ids (dataset; 0: items have no tags)
         max_item_tags: int = 0,  # most tags an item has (dataset)
+        # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
+        # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
+        previous_item_slot: bool = False,
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -92,6 +95,7 @@ class LUMConfig(PretrainedConfig):
         self.item_tags = item_tags
         self.num_item_tags = num_item_tags
         self.max_item_tags = max_item_tags
+        self.previous_item_slot = previous_item_slot
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -125,7 +129,7 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
-        "item_tags",
+        "item_tags", "previous_item_slot",
     })
 
     @classmethod

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from lum_dist.data.batch import PackedBatch
+from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
 from lum_dist.data.schema import PAD_ID
 from lum_dist.model.config import LUMConfig
 from lum_dist.ops.attention import varlen_attention
@@ -77,6 +77,19 @@ class TokenEncoder(nn.Module):
         if numeric is not None:
             parts.append(numeric.to(parts[0].dtype))
         return self.proj(torch.cat(parts, dim=-1)) + self.type_emb(token_type)
+
+
+def previous_items(item_ids: torch.Tensor, token_type: torch.Tensor, positions: torch.Tensor,
+                   cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``item_ids`` with each condition token's item slot holding the item at position p - 1 of its sequence:
+    the user's previous behaviour (for group queries, which all sit at position L, the history's last item).
+    Condition tokens with no item token before them, and every other token, keep their ids."""
+    t = torch.arange(item_ids.shape[0], device=item_ids.device)
+    cu = cu_seqlens.long()
+    start = cu[(torch.searchsorted(cu, t, right=True) - 1).clamp(0, cu.numel() - 1)]
+    prev = (start + positions - 1).clamp(0, item_ids.shape[0] - 1)
+    use = (token_type == COND_TOKEN) & (positions > 0) & (token_type[prev] == ITEM_TOKEN)
+    return torch.where(use, item_ids[prev], item_ids)
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +244,8 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
+        if self.config.previous_item_slot:
+            item_ids = previous_items(item_ids, token_type, positions, cu_seqlens)
         x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
         # Group queries: the layout is read (one host sync) and the plan built once here, not in every layer.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lum_dist.config import ConfigError
-from lum_dist.data.batch import PackedBatch
+from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
 from lum_dist.testing.batches import random_packed_batch
@@ -33,15 +33,31 @@ def sequence(batch: PackedBatch, s: int) -> PackedBatch:
     )
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_packed_batch_equals_each_user_alone(backend):
-    model = tiny(attn_backend=backend, num_numeric=0)
+@pytest.mark.parametrize("backend,previous_item_slot", [("sdpa", False), ("reference", False), ("sdpa", True)])
+def test_packed_batch_equals_each_user_alone(backend, previous_item_slot):
+    model = tiny(attn_backend=backend, num_numeric=0, previous_item_slot=previous_item_slot)
     batch = random_packed_batch([9, 1, 14, 4], 60, VOCABS, num_queries=[1, 0, 1, 0], seed=3)
     with torch.no_grad():
         packed = model.forward_batch(batch)
         for s in range(batch.num_sequences):
             a, b = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
             torch.testing.assert_close(packed[a:b], model.forward_batch(sequence(batch, s)), **TOL)
+
+
+def test_previous_item_slot_fills_condition_tokens_with_the_previous_behaviours_item():
+    # histories of 8, 0, 3, 4 and 2 tokens (condition, item, ...): the third ends on a condition token
+    batch = random_packed_batch([9, 1, 6, 7, 3], 60, VOCABS, num_queries=[1, 1, 3, 3, 1], seed=4)
+    got = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens)
+    want, filled = batch.item_ids.clone(), 0
+    for s, nq in enumerate(batch.num_queries.tolist()):  # walk each sequence
+        a, b = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+        for t in range(a, b):
+            prev = min(t, b - nq) - 1  # a query's previous token is the history's last
+            if batch.token_type[t] == COND_TOKEN and prev >= a and batch.token_type[prev] == ITEM_TOKEN:
+                want[t], filled = batch.item_ids[prev], filled + 1
+    # per sequence, history conditions after an item + queries after a history ending on an item
+    assert torch.equal(got, want) and filled == (3 + 1) + 0 + (1 + 0) + (1 + 3) + (0 + 1)
+    assert torch.equal(got[batch.token_type == ITEM_TOKEN], batch.item_ids[batch.token_type == ITEM_TOKEN])
 
 
 def test_numeric_features_are_used_and_checked():
@@ -73,8 +89,9 @@ def _group_query_by_definition(q, k, v, cu_seqlens, num_queries, max_seqlen, sof
     return out
 
 
-@pytest.mark.parametrize("op", ["definition", "lum_dist.ops.group_query"])
-def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, op):
+@pytest.mark.parametrize("op,previous_item_slot", [("definition", False), ("lum_dist.ops.group_query", False),
+                                                   ("lum_dist.ops.group_query", True)])
+def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, op, previous_item_slot):
     """num_queries > 1 goes to lum_dist.ops.group_query (the real op, or a stub doing it by definition);
     query j's output equals the history + query j alone, at position L."""
     if op == "definition":
@@ -83,7 +100,7 @@ def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, 
             return _group_query_by_definition(q, k, v, cu, nq, plan.layout.max_seqlen)
 
         monkeypatch.setattr(modeling, "group_query_attention_plan", stub)
-    model = tiny()
+    model = tiny(previous_item_slot=previous_item_slot)
     batch = random_packed_batch([8, 3], 60, VOCABS, num_queries=[3, 2], seed=5)
     with torch.no_grad():
         out = model.forward_batch(batch)
