@@ -84,6 +84,16 @@ def _debug(argv: list[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get("LUM_DEBUG", "") not in ("", "0")
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if a command made one, before the interpreter exits: left to the
+    exit, gloo's threads can be torn down while running (``terminate called without an active exception``,
+    SIGABRT after a run that finished). torch is only looked up, never imported, here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
+
+
 def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run ``main(argv)`` as a command: user errors -> one line on rank 0 and exit status 2; an int that
     ``main`` returns is the exit status (0 otherwise)."""
@@ -91,6 +101,7 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     args = sys.argv[1:] if argv is None else argv
     try:
         result = main(argv)
+        close_process_group()
     except Exception as exc:
         if _debug(args) or not is_user_error(exc):
             raise

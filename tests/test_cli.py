@@ -175,3 +175,16 @@ def test_exit_status_is_mains_int_else_0():
     with pytest.raises(SystemExit) as e:
         cli.run(lambda argv: {"a": 1}, [])
     assert e.value.code == 0
+
+
+def test_a_command_destroys_its_process_group_before_exiting(tmp_path):
+    """Left to interpreter exit, gloo's threads can abort a finished run (SIGABRT): cli.run closes the group."""
+    import torch.distributed as dist
+
+    def main(argv):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+        return 0
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, [])
+    assert e.value.code == 0 and not dist.is_initialized()
