@@ -2,8 +2,9 @@
 (``arg``: the longest history's block count, blocks past a tile's end skipped by a branch; ``loaded``: each
 tile's own bounds, read from its tile table), rows per history tile, keys per block, warps, pipeline stages.
 
-Every variant runs the same packed inputs (``--users`` sequences of ``L`` history + ``Q`` query tokens) and is
-checked against the float32 reference (outputs poisoned with NaN first: an unwritten row fails). Time is the
+Every variant runs the same packed inputs (``--row-tokens`` // (L + Q) sequences of ``L`` history + ``Q`` query
+tokens) through the model's launch (the torch op over prebuilt tile tables) and is checked against the float32
+reference. Time is the
 median of ``triton.testing.do_bench``; FLOPs by the exact pair formula of benchmarks/group_query.py.
 
     python benchmarks/group_query_kernel.py            # CUDA, bf16
@@ -17,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # before Triton is imported: the interpreter replaces the compiler
@@ -29,11 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 from group_query import FLOP_FORMULA, MAX_DIFF, matmul_peak_tflops, packed  # noqa: E402
 
-from lum_dist.kernels.group_attention import (  # noqa: E402
-    _group_attention_fwd_kernel,
-    query_block,
-    tile_table,
-)
+from lum_dist.kernels.group_attention import group_attention_op, tile_tables  # noqa: E402
 from lum_dist.ops.group_query import flops, group_query_reference  # noqa: E402
 
 # (key loop bound, history tile rows, keys per block, warps, stages); None warps: the op's rule (4 if D <= 64 else 8)
@@ -44,27 +42,15 @@ SMOKE_VARIANTS = [("arg", 16, 16, None, 2), ("loaded", 16, 16, None, 2), ("loade
 SMOKE_CASES = [(40, 5, 2, 16)]
 
 
-def launch(q, k, v, cu: list[int], nq: list[int], variant: tuple, scale: float):
-    """The op's launch (kernels/group_attention.py: group_attention_op) with the variant's parameters, into
-    a NaN-poisoned output; returns a closure that runs it and the output."""
+def launch(q, k, v, cu: list[int], nq: list[int], variant: tuple, scale: float) -> Callable[[], torch.Tensor]:
+    """The model's launch (the op lum_dist::group_attention_fwd over prebuilt tile tables) with the variant's
+    parameters."""
     bound, block_m, block_n, warps, stages = variant
-    T, H, D = q.shape
-    block_q = query_block(nq, block_m)
-    hist, query = (torch.from_numpy(t).to(q.device) for t in tile_table(cu, nq, block_m, block_q))
-    max_kv_blocks = math.ceil(max(b - a - n for a, b, n in zip(cu[:-1], cu[1:], nq, strict=True)) / block_n)
-    out = torch.full_like(q, float("nan"))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-
-    def run() -> torch.Tensor:
-        for tiles, is_query, rows in ((hist, False, block_m), (query, True, block_q)):
-            _group_attention_fwd_kernel[(tiles.shape[0], H)](
-                q, k, v, out, tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), scale * math.log2(math.e), max_kv_blocks,
-                HEAD_DIM=D, BLOCK_M=rows, BLOCK_N=block_n, IS_QUERY=is_query, LOADED_BOUNDS=bound == "loaded",
-                DOT_PRECISION=precision, num_warps=warps or (4 if D <= 64 else 8), num_stages=stages)
-        return out
-
-    return run, out
+    tables = tile_tables(cu, nq, q.device, block_m, loaded_bounds=bound == "loaded")
+    max_kv_blocks = math.ceil(tables.max_history / block_n)
+    warps = warps or (4 if q.shape[-1] <= 64 else 8)
+    return lambda: group_attention_op(q, k, v, tables.hist, tables.query, scale, max_kv_blocks, tables.block_m,
+                                      tables.block_q, block_n, tables.loaded_bounds, warps, stages)
 
 
 def measure(case: tuple, variants: list[tuple], users: int, device, dtype, budget_s: float) -> list[dict]:
@@ -83,9 +69,8 @@ def measure(case: tuple, variants: list[tuple], users: int, device, dtype, budge
             rows.append({**row, "status": "skipped (budget)"})
             continue
         try:
-            run, out = launch(q, k, v, cu, nq, variant, 1 / math.sqrt(D))
-            run()
-            diff = float((out.float() - ref).abs().max())  # NaN (an unwritten row) compares false below
+            run = launch(q, k, v, cu, nq, variant, 1 / math.sqrt(D))
+            diff = float((run().float() - ref).abs().max())  # NaN compares false below
             if device.type == "cuda":
                 import triton.testing
 
