@@ -69,6 +69,7 @@ class LUMConfig(PretrainedConfig):
         # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
+        previous_item_dropout: float = 0.0,  # training only: the slot stays PAD for this share of condition tokens
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -96,6 +97,7 @@ class LUMConfig(PretrainedConfig):
         self.num_item_tags = num_item_tags
         self.max_item_tags = max_item_tags
         self.previous_item_slot = previous_item_slot
+        self.previous_item_dropout = previous_item_dropout
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -110,7 +112,9 @@ class LUMConfig(PretrainedConfig):
         if item_tags and not (num_item_tags > 0 and max_item_tags > 0):
             raise ConfigError("LUMConfig: item_tags needs a dataset whose items have tags (meta.max_item_tags is 0; "
                               "a dataset prepared before item tags existed: lum-prepare --force)")
-        for name in ("feature_dropout", "attention_dropout", "residual_dropout"):
+        if previous_item_dropout and not previous_item_slot:
+            raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot")
+        for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
 
@@ -129,7 +133,7 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
-        "item_tags", "previous_item_slot",
+        "item_tags", "previous_item_slot", "previous_item_dropout",
     })
 
     @classmethod

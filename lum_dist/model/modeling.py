@@ -80,15 +80,18 @@ class TokenEncoder(nn.Module):
 
 
 def previous_items(item_ids: torch.Tensor, token_type: torch.Tensor, positions: torch.Tensor,
-                   cu_seqlens: torch.Tensor) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """``item_ids`` with each condition token's item slot holding the item at position p - 1 of its sequence:
     the user's previous behaviour (for group queries, which all sit at position L, the history's last item).
-    Condition tokens with no item token before them, and every other token, keep their ids."""
+    Condition tokens with no item token before them, and every other token, keep their ids; so does a
+    ``dropout`` share of the rest, drawn at random (training: the model must also predict without the slot)."""
     t = torch.arange(item_ids.shape[0], device=item_ids.device)
     cu = cu_seqlens.long()
     start = cu[(torch.searchsorted(cu, t, right=True) - 1).clamp(0, cu.numel() - 1)]
     prev = (start + positions - 1).clamp(0, item_ids.shape[0] - 1)
     use = (token_type == COND_TOKEN) & (positions > 0) & (token_type[prev] == ITEM_TOKEN)
+    if dropout > 0:
+        use &= torch.rand(use.shape, device=use.device) >= dropout
     return torch.where(use, item_ids[prev], item_ids)
 
 
@@ -245,7 +248,8 @@ class LUMModel(PreTrainedModel):
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
         if self.config.previous_item_slot:
-            item_ids = previous_items(item_ids, token_type, positions, cu_seqlens)
+            dropout = self.config.previous_item_dropout if self.training else 0.0
+            item_ids = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
         x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
         # Group queries: the layout is read (one host sync) and the plan built once here, not in every layer.

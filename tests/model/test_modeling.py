@@ -60,6 +60,21 @@ def test_previous_item_slot_fills_condition_tokens_with_the_previous_behaviours_
     assert torch.equal(got[batch.token_type == ITEM_TOKEN], batch.item_ids[batch.token_type == ITEM_TOKEN])
 
 
+def test_previous_item_dropout_blanks_a_share_of_the_slots_in_training_only():
+    batch = random_packed_batch([60] * 40, 60, VOCABS, seed=2)
+    full = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens)
+    torch.manual_seed(0)
+    dropped = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens, 0.5)
+    filled, kept = full != batch.item_ids, dropped != batch.item_ids
+    assert (kept <= filled).all() and torch.equal(dropped[kept], full[kept])  # a slot is the item or left PAD
+    assert 0.4 < kept.sum() / filled.sum() < 0.6
+    with torch.no_grad():  # evaluation: every slot filled, as without dropout
+        a, b = tiny(previous_item_slot=True, previous_item_dropout=0.5), tiny(previous_item_slot=True)
+        torch.testing.assert_close(a.forward_batch(batch), b.forward_batch(batch), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="previous_item_dropout needs previous_item_slot"):
+        tiny(previous_item_dropout=0.5)
+
+
 def test_numeric_features_are_used_and_checked():
     model = tiny(num_numeric=3)
     batch = random_packed_batch([6, 4], 60, VOCABS, num_numeric=3, seed=1)
