@@ -6,8 +6,10 @@ Each case packs ``--users`` sequences in one row, each ``L`` history tokens + ``
 * ``naive``    the definition: one causal SDPA pass over history + [query j] per query (Q + 1 passes/user)
 * ``sdpa``     one SDPA call with a dense boolean [T, T] mask (mask built outside the timed region)
 * ``flex``     FlexAttention with a block mask (built outside the timed region; compiled on CUDA)
-* ``cascade``  history once with varlen causal attention, queries over the cached history K/V, LSE merge
-* ``triton``   the block-mask kernel (lum_dist.kernels.group_attention), CUDA only
+* ``cascade``  history once with varlen causal attention, queries over the cached history K/V, LSE merge (its
+               plan prebuilt, as the model builds one per batch for all its layers)
+* ``triton``   the block-mask kernel (lum_dist.kernels.group_attention), CUDA only (its plan, the tile tables,
+               prebuilt likewise)
 * ``reference`` plain PyTorch per sequence (float32), only in ``--smoke``
 
 FLOPs are counted by the exact pair formula for every method (the work the mask asks for, not what a
@@ -35,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table, write_result  # noqa: E402
 
-from lum_dist.ops.group_query import flops, group_query_attention  # noqa: E402
+from lum_dist.ops.group_query import (  # noqa: E402
+    flops,
+    group_query_attention,
+    group_query_attention_plan,
+    plan_group_query,
+)
 
 MAX_DIFF = {torch.float32: 1e-4, torch.bfloat16: 6e-2}  # a method further from the dense-mask output is wrong
 FLOP_FORMULA = "4 * H * D * sum_s (L_s * (L_s + 1) / 2 + Q_s * (L_s + 1))  (forward: QK^T and PV; exact pairs)"
@@ -93,10 +100,14 @@ def flex_fn(q, k, v, cu, nq) -> Callable[[], torch.Tensor]:
 
 
 def method_fn(name: str, q, k, v, cu, nq, max_len: int) -> Callable[[], torch.Tensor]:
-    """A zero-argument forward of ``name``; its mask / block mask is built here, outside the timed calls."""
+    """A zero-argument forward of ``name``; what it prepares once per batch (mask, block mask, or the plan: layout
+    read, tile tables, indices, as the model does for all its layers) is built here, outside the timed calls."""
     builders = {"sdpa": sdpa_fn, "flex": flex_fn}
     if name in builders:
         return builders[name](q, k, v, cu, nq)
+    if name in ("triton", "cascade"):
+        plan = plan_group_query(cu, nq, max_len, backend=name, dtype=q.dtype, head_dim=q.shape[-1])
+        return functools.partial(group_query_attention_plan, q, k, v, plan)
     return functools.partial(group_query_attention, q, k, v, cu, nq, max_len, backend=name)
 
 
@@ -219,7 +230,7 @@ def main() -> None:
             "dtype": str(dtype).removeprefix("torch."), "L": Ls, "Q": Qs, "head_dims": dims, "hidden": hidden,
             "row_tokens": args.row_tokens, "matmul_peak_tflops_bf16": peak, "warmup": args.warmup,
             "iters": args.iters, "smoke": args.smoke,
-            "notes": "masks / block masks are built outside the timed calls; max_abs_diff is against the "
+            "notes": "masks, block masks and plans are built outside the timed calls; max_abs_diff is against the "
                      "dense-mask SDPA output (reference in smoke runs when sdpa is skipped)"}
     path = write_result("group_query_cpu_smoke" if args.smoke else "group_query", rows, meta)
     print(f"wrote {path}")

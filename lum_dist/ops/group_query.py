@@ -204,10 +204,12 @@ def build_group_query_plan(layout: GroupQueryLayout, device: torch.device | str,
 
 def plan_group_query(cu_seqlens: torch.Tensor, num_queries: torch.Tensor, max_seqlen: int,
                      backend: str = "auto", needs_grad: bool = False, block_m: int | None = None,
-                     loaded_bounds: bool | None = None) -> GroupQueryPlan:
+                     loaded_bounds: bool | None = None, dtype: torch.dtype | None = None,
+                     head_dim: int | None = None) -> GroupQueryPlan:
     """:func:`read_group_layout` then :func:`build_group_query_plan` on cu_seqlens' device."""
     layout = read_group_layout(cu_seqlens, num_queries, max_seqlen)
-    return build_group_query_plan(layout, cu_seqlens.device, backend, needs_grad, block_m, loaded_bounds)
+    return build_group_query_plan(layout, cu_seqlens.device, backend, needs_grad, block_m, loaded_bounds, dtype,
+                                  head_dim)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
