@@ -98,7 +98,7 @@ def close_process_group() -> bool:
 
 def exit_without_teardown(status: int) -> None:
     """Leave a finished distributed command: the atexit handlers run and the streams are flushed, but not the
-    interpreter's teardown. Seen on this project's CPU machines (1 in 6 to 10 two-rank gloo runs under load): after
+    interpreter's teardown. Seen on this project's CPU machines (2 of 18 two-rank gloo runs under load): after
     ``destroy_process_group`` and every atexit handler, a rank aborts in that teardown ("terminate called without
     an active exception", SIGABRT), so torchrun reports a run whose work is all written as failed."""
     atexit._run_exitfuncs()
