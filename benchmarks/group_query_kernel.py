@@ -4,8 +4,8 @@ tile's own bounds, read from its tile table), rows per history tile, keys per bl
 
 Every variant runs the same packed inputs (``--row-tokens`` // (L + Q) sequences of ``L`` history + ``Q`` query
 tokens) through the model's launch (the torch op over prebuilt tile tables) and is checked against the float32
-reference. Time is the
-median of ``triton.testing.do_bench``; FLOPs by the exact pair formula of benchmarks/group_query.py.
+reference. Time is the median of ``triton.testing.do_bench``; FLOPs by the exact pair formula of
+benchmarks/group_query.py.
 
     python benchmarks/group_query_kernel.py            # CUDA, bf16
     python benchmarks/group_query_kernel.py --smoke    # the Triton interpreter on the CPU, float32, tiny
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_result  # noqa: E402
 from group_query import FLOP_FORMULA, MAX_DIFF, matmul_peak_tflops, packed  # noqa: E402
 
-from lum_dist.kernels.group_attention import group_attention_op, tile_tables  # noqa: E402
+from lum_dist.kernels.group_attention import group_attention_op, launch_config, tile_tables  # noqa: E402
 from lum_dist.ops.group_query import flops, group_query_reference  # noqa: E402
 
-# (key loop bound, history tile rows, keys per block, warps, stages); None warps: the op's rule (4 if D <= 64 else 8)
+# (key loop bound, history tile rows, keys per block, warps, stages); None warps: launch_config's for the case
 VARIANTS = [("arg", 64, 64, None, 2), ("loaded", 64, 64, None, 2), ("loaded", 64, 64, None, 3),
             ("loaded", 128, 64, 8, 3), ("loaded", 128, 128, 8, 2), ("loaded", 64, 128, 8, 2), ("arg", 128, 64, 8, 3)]
 CASES = [(2048, 16, 16, 128), (2048, 256, 16, 128), (2048, 64, 8, 64)]  # (L, Q, heads, head dim)
@@ -44,11 +44,10 @@ SMOKE_CASES = [(40, 5, 2, 16)]
 
 def launch(q, k, v, cu: list[int], nq: list[int], variant: tuple, scale: float) -> Callable[[], torch.Tensor]:
     """The model's launch (the op lum_dist::group_attention_fwd over prebuilt tile tables) with the variant's
-    parameters."""
+    parameters (warps resolved)."""
     bound, block_m, block_n, warps, stages = variant
     tables = tile_tables(cu, nq, q.device, block_m, loaded_bounds=bound == "loaded")
     max_kv_blocks = math.ceil(tables.max_history / block_n)
-    warps = warps or (4 if q.shape[-1] <= 64 else 8)
     return lambda: group_attention_op(q, k, v, tables.hist, tables.query, scale, max_kv_blocks, tables.block_m,
                                       tables.block_q, block_n, tables.loaded_bounds, warps, stages)
 
@@ -61,10 +60,10 @@ def measure(case: tuple, variants: list[tuple], users: int, device, dtype, budge
         ref = group_query_reference(q.float(), k.float(), v.float(), cu_t, nq_t, L + Q)
     work = users * flops(L, Q, H, D)
     rows, t_end = [], time.monotonic() + budget_s
-    for variant in variants:
-        row = {"L": L, "Q": Q, "users": users, "heads": H, "head_dim": D, "bound": variant[0],
-               "block_m": variant[1], "block_n": variant[2], "warps": variant[3] or (4 if D <= 64 else 8),
-               "stages": variant[4]}
+    for bound, block_m, block_n, warps, stages in variants:
+        variant = (bound, block_m, block_n, warps or launch_config(dtype, D).num_warps, stages)
+        row = {"L": L, "Q": Q, "users": users, "heads": H, "head_dim": D,
+               **dict(zip(("bound", "block_m", "block_n", "warps", "stages"), variant, strict=True))}
         if time.monotonic() > t_end:
             rows.append({**row, "status": "skipped (budget)"})
             continue
