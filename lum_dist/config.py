@@ -84,6 +84,10 @@ class LossConfig:
     # pass), weighted against the condition tokens' loss; 0 = the paper's next-condition-item loss alone.
     item_token_weight: float = 0.0
     label_smoothing: float = 0.0  # full only: the target puts this much mass evenly over every item
+    # Items the user already had before a target (in its packed sequence) are no candidates for it, as in the
+    # evaluation's full ranking, which leaves the user's history out: the loss stops spending the embedding
+    # space on pushing them below the next item.
+    exclude_seen: bool = False
 
     def __post_init__(self) -> None:
         check(0 < self.min_temperature <= self.temperature <= self.max_temperature, "temperature",

@@ -76,22 +76,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, user: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor, chunk: int,
-                smoothing: float) -> torch.Tensor:
+                smoothing: float, exclude: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         loss = user.new_zeros(())
         grad_user, grad_cand = torch.empty_like(user), torch.zeros_like(cand)
         rows = torch.arange(chunk, device=user.device)
-        for a in range(0, user.shape[0], chunk):
+        if exclude is not None:  # (row, column) pairs sorted by row: each chunk's are one slice
+            ex_rows, ex_cols = exclude
+            bounds = torch.searchsorted(ex_rows, torch.arange(0, user.shape[0] + chunk, chunk, device=ex_rows.device))
+            bounds = bounds.tolist()
+        for i, a in enumerate(range(0, user.shape[0], chunk)):
             u, lab = user[a : a + chunk], labels[a : a + chunk]
             logits = u @ cand.T
+            num_cand = torch.full_like(lab, cand.shape[0], dtype=logits.dtype)
+            if exclude is not None:
+                r, c = ex_rows[bounds[i] : bounds[i + 1]] - a, ex_cols[bounds[i] : bounds[i + 1]]
+                if smoothing:  # the smoothed target spreads over the remaining candidates only
+                    num_cand -= torch.bincount(r, minlength=len(lab))
+                    row_sum = logits.sum(-1) - torch.zeros_like(num_cand).index_add_(0, r, logits[r, c])
+                logits[r, c] = float("-inf")
+            elif smoothing:
+                row_sum = logits.sum(-1)
             lse = logits.logsumexp(-1)
             target = (1.0 - smoothing) * logits.gather(1, lab[:, None]).squeeze(1)
             if smoothing:  # the target distribution puts smoothing / C on every candidate
-                target += smoothing * logits.mean(-1)
+                target += smoothing * row_sum / num_cand
             loss += (lse - target).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place (0 where excluded)
             grad_logits[rows[: len(lab)], lab] -= 1.0 - smoothing
             if smoothing:
-                grad_logits -= smoothing / cand.shape[0]
+                grad_logits -= (smoothing / num_cand)[:, None]
+                if exclude is not None:
+                    grad_logits[r, c] = 0.0
             grad_user[a : a + chunk] = grad_logits @ cand
             grad_cand.addmm_(grad_logits.T, u)
         ctx.save_for_backward(grad_user, grad_cand)
@@ -100,15 +115,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_user, grad_cand = ctx.saved_tensors
-        return grad_user * grad, grad_cand * grad, None, None, None
+        return grad_user * grad, grad_cand * grad, None, None, None, None
 
 
 def linear_cross_entropy(user: torch.Tensor, cand: torch.Tensor, labels: torch.Tensor,
-                         chunk_elements: int = 1 << 22, label_smoothing: float = 0.0) -> torch.Tensor:
+                         chunk_elements: int = 1 << 22, label_smoothing: float = 0.0,
+                         exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``F.cross_entropy(user @ cand.T, labels, reduction="sum", label_smoothing=label_smoothing)`` in float32, in
-    row chunks of about ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU)."""
+    row chunks of about ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU). ``exclude``: unique
+    (row, column) pairs sorted by row whose logits are -inf (never a row's label); label smoothing then spreads
+    over each row's remaining columns."""
     chunk = max(1, chunk_elements // max(1, cand.shape[0]))
-    return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk, label_smoothing)
+    return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk, label_smoothing, exclude)
 
 
 class InfoNCE(nn.Module):
@@ -152,7 +170,7 @@ class InfoNCE(nn.Module):
         temperature = self.temperature().to(user.device)
         return (user / temperature) @ cand.T, temperature
 
-    def _full_softmax(self, user_out, target_ids, item_embeddings):
+    def _full_softmax(self, user_out, target_ids, item_embeddings, exclude):
         device = user_out.device
         _, world = dist_info()
         global_count = sum(self._counts(user_out.shape[0], device))
@@ -161,8 +179,12 @@ class InfoNCE(nn.Module):
         if self.cfg.similarity == "cosine":
             user, cand = F.normalize(user, dim=-1), F.normalize(cand, dim=-1)
         temperature = self.temperature().to(user.device)
+        if exclude is not None:
+            rows, items = exclude
+            real = items >= NUM_SPECIAL_IDS
+            exclude = (rows[real], items[real] - NUM_SPECIAL_IDS)
         loss = linear_cross_entropy(user / temperature, cand, target_ids - NUM_SPECIAL_IDS,
-                                    label_smoothing=self.cfg.label_smoothing)
+                                    label_smoothing=self.cfg.label_smoothing, exclude=exclude)
         return loss * world / max(global_count, 1), self._stats(global_count, temperature)
 
     @staticmethod
@@ -187,11 +209,16 @@ class InfoNCE(nn.Module):
         return (in_batch + uniform).log().float()
 
     def forward(
-        self, user_out: torch.Tensor, target_ids: torch.Tensor, item_embeddings: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        user_out: torch.Tensor,
+        target_ids: torch.Tensor,
+        item_embeddings: Callable[[torch.Tensor], torch.Tensor],
+        exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """user_out [N, E], target_ids [N] -> (loss, {"temperature", "count"})."""
+        """user_out [N, E], target_ids [N] -> (loss, {"temperature", "count"}). ``exclude``: unique (target row,
+        item id) pairs sorted by row, items that are no candidate for that row (``PackedBatch.items_before``)."""
         if self.cfg.negatives == "full":
-            return self._full_softmax(user_out, target_ids, item_embeddings)
+            return self._full_softmax(user_out, target_ids, item_embeddings, exclude)
         device = user_out.device
         rank, world = dist_info()
         gather = world > 1 and self.cfg.gather_negatives
@@ -219,6 +246,11 @@ class InfoNCE(nn.Module):
             same = cand_ids[None, :] == target_ids[:, None]
             same[torch.arange(n, device=device), pos_col] = False
             logits = logits.masked_fill(same, float("-inf"))
+        if exclude is not None:  # a candidate column holding an item excluded for that row
+            rows, items = exclude
+            stride = self.num_items
+            cand_keys = torch.arange(n, device=device)[:, None] * stride + cand_ids[None, :]
+            logits = logits.masked_fill(torch.isin(cand_keys, rows * stride + items), float("-inf"))
         loss_sum = F.cross_entropy(logits, pos_col, reduction="sum")
         loss = loss_sum * world / max(global_count, 1)
 

@@ -102,6 +102,25 @@ class PackedBatch:
             self.item_ids.device
         )
 
+    def items_before(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, item) pairs, unique: ``item`` is on an item token of the same sequence before ``tokens[k]`` and is
+        not ``targets[tokens[k]]`` (a repeated item stays a positive). What the user had already had, as far as
+        this packed sequence shows, for the loss to leave out of the candidates as evaluation does.
+
+        Sequences are contiguous, so the pairs are the token ranges ``[start of its sequence, token)``:
+        O(sum of history lengths) memory, never [targets x tokens]."""
+        tokens = tokens.long()
+        starts = self.cu_seqlens.long().to(tokens.device)[self.seq_index()[tokens]]
+        lens = tokens - starts
+        k = torch.repeat_interleave(torch.arange(tokens.numel(), device=tokens.device), lens)
+        offset = torch.arange(k.numel(), device=tokens.device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        src = starts[k] + offset
+        item = self.item_ids[src]
+        keep = (self.token_type[src] == ITEM_TOKEN) & (item != PAD_ID) & (item != self.targets[tokens][k])
+        stride = int(self.item_ids.max()) + 1
+        key = torch.unique(k[keep] * stride + item[keep])  # sorted by k: the loss takes them in row chunks
+        return key // stride, key % stride
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         moved = {}
         for f in fields(self):

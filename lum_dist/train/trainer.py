@@ -63,11 +63,13 @@ class PretrainModule(nn.Module):
         # condition tokens whose item is in the training vocabulary, where the model has a state to predict from
         has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
-        loss, stats = self.loss(out[has_target], target_ids, self.model.item_embeddings)
+        seen = batch.items_before(has_target.nonzero().squeeze(1)) if self.loss.cfg.exclude_seen else None
+        loss, stats = self.loss(out[has_target], target_ids, self.model.item_embeddings, seen)
         weight = self.loss.cfg.item_token_weight
         if weight > 0:
             source, target = item_token_targets(batch, has_target)
-            item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings)
+            seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
+            item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
             loss = loss + weight * item_loss
         return loss, stats
 

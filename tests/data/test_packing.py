@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lum_dist.data.batch import ITEM_TOKEN
 from lum_dist.data.packing import best_fit_decreasing, best_fit_reference, collate, pad_rows
-from lum_dist.data.schema import DatasetMeta
+from lum_dist.data.schema import PAD_ID, DatasetMeta
 from lum_dist.data.tokenize import tokenize_train
+from lum_dist.testing.batches import random_packed_batch
 
 META = DatasetMeta(name="t", source_format="hand", cond_fields=["cat"])
 
@@ -112,3 +114,22 @@ def test_pad_policy_really_pads_and_padding_changes_no_real_output():
         torch.testing.assert_close(model.forward_batch(padded)[real], model.forward_batch(plain), rtol=1e-5, atol=1e-5)
         module = PretrainModule(model, InfoNCE(LossConfig(logq_correction=False), 20))
         torch.testing.assert_close(module(padded)[0], module(plain)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_items_before_are_each_targets_earlier_items_of_its_own_sequence():
+    # 6 item ids in sequences of up to 6 behaviours: repeats, repeated targets and a 1-token sequence
+    b = random_packed_batch([13, 1, 12, 4, 9], num_items=9, cond_vocab_sizes=[4], seed=3)
+    tokens = (b.targets > 0).nonzero().squeeze(1)
+    rows, items = b.items_before(tokens)
+    starts, seq = b.cu_seqlens.long(), b.seq_index()
+    expected = set()
+    for k, t in enumerate(tokens.tolist()):
+        for j in range(int(starts[seq[t]]), t):
+            item = int(b.item_ids[j])
+            if b.token_type[j] == ITEM_TOKEN and item != PAD_ID and item != int(b.targets[t]):
+                expected.add((k, item))
+    pairs = list(zip(rows.tolist(), items.tolist(), strict=True))
+    assert len(pairs) == len(set(pairs)) and pairs == sorted(pairs)  # unique, sorted by row for the loss chunks
+    assert set(pairs) == expected
+    assert any(int(b.targets[t]) in b.item_ids[int(starts[seq[t]]) : t].tolist() for t in tokens.tolist())
+    assert b.items_before(tokens[:0])[0].numel() == 0

@@ -24,8 +24,23 @@ def inputs(n: int, seed: int = 0):
     return user, ids, table, log_q
 
 
-def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=()):
-    """Mean over rows of -log softmax, one row at a time, candidates = all positives + extra ids."""
+def seen_pairs(ids: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) pairs as ``PackedBatch.items_before`` makes them: unique, sorted by row, never the row's own
+    target; about a third of the real items for each row."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(len(ids), NUM_ITEMS, generator=g) < 0.35
+    keep[:, :NUM_SPECIAL_IDS] = False
+    keep[torch.arange(len(ids)), ids] = False
+    return keep.nonzero(as_tuple=True)
+
+
+def excluded_items(exclude, row: int) -> set[int]:
+    return set() if exclude is None else set(exclude[1][exclude[0] == row].tolist())
+
+
+def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=(), exclude=None):
+    """Mean over rows of -log softmax, one row at a time, candidates = all positives + extra ids (less the row's
+    excluded items)."""
     cand_ids = torch.cat([ids, torch.as_tensor(extra_ids, dtype=torch.long)])
     total = 0.0
     for i in range(len(ids)):
@@ -37,6 +52,7 @@ def reference_loss(cfg: LossConfig, user, ids, table, log_q, extra_ids=()):
             expected = len(ids) * log_q[cand_ids].exp() + len(extra_ids) / (NUM_ITEMS - NUM_SPECIAL_IDS)
             logits = logits - expected.log()
         keep = [j for j in range(len(cand_ids)) if j == i or cand_ids[j] != ids[i] or not cfg.mask_false_negatives]
+        keep = [j for j in keep if int(cand_ids[j]) not in excluded_items(exclude, i)]
         pos = keep.index(i)
         total = total - torch.log_softmax(logits[keep], 0)[pos]
     return total / len(ids)
@@ -78,14 +94,18 @@ def test_learnable_temperature_is_clamped_and_trained():
     assert loss_fn(user, ids, lambda i: table[i])[1]["temperature"] == pytest.approx(1.0)
 
 
-def full_softmax_reference(cfg: LossConfig, user, ids, table):
-    """Mean over rows of -log softmax over every real item (reserved ids are never candidates)."""
+def full_softmax_reference(cfg: LossConfig, user, ids, table, exclude=None):
+    """Mean over rows of -log softmax over every real item (reserved and the row's excluded ids are never
+    candidates), smoothed over the same candidates."""
     total = 0.0
     for i in range(len(ids)):
-        u, c = user[i], table[NUM_SPECIAL_IDS:]
+        items = [j for j in range(NUM_SPECIAL_IDS, NUM_ITEMS) if j not in excluded_items(exclude, i)]
+        u, c = user[i], table[items]
         if cfg.similarity == "cosine":
             u, c = u / u.norm(), c / c.norm(dim=1, keepdim=True)
-        total = total - torch.log_softmax(c @ u / cfg.temperature, 0)[ids[i] - NUM_SPECIAL_IDS]
+        log_p = torch.log_softmax(c @ u / cfg.temperature, 0)
+        s = cfg.label_smoothing
+        total = total - (1 - s) * log_p[items.index(int(ids[i]))] - s * log_p.mean()
     return total / len(ids)
 
 
@@ -99,6 +119,55 @@ def test_full_softmax_equals_reference(name):
     loss, stats = InfoNCE(FULL[name], NUM_ITEMS)(user, ids, lambda i=None: table if i is None else table[i])
     torch.testing.assert_close(loss, full_softmax_reference(FULL[name], user, ids, table), **TOL)
     assert stats["count"] == 9
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_excluded_items_are_no_candidates_in_batch(name):
+    cfg = CONFIGS[name]
+    user, ids, table, log_q = inputs(9)
+    loss_fn = InfoNCE(cfg, NUM_ITEMS, log_q)
+    extra = loss_fn.random_negative_ids(torch.device("cpu")).tolist() if cfg.num_random_negatives else []
+    exclude = seen_pairs(ids)
+    loss, _ = loss_fn(user, ids, lambda i: table[i], exclude)
+    expected = reference_loss(cfg, user, ids, table, log_q, extra, exclude)
+    torch.testing.assert_close(loss, expected, **TOL)
+    assert not torch.allclose(loss, reference_loss(cfg, user, ids, table, log_q, extra))  # the exclusion matters
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_excluded_items_are_no_candidates_in_the_full_softmax(smoothing):
+    cfg = LossConfig(negatives="full", temperature=0.1, label_smoothing=smoothing)
+    user, ids, table, _ = inputs(9)
+    exclude = seen_pairs(ids)
+    loss, _ = InfoNCE(cfg, NUM_ITEMS)(user, ids, lambda i=None: table if i is None else table[i], exclude)
+    torch.testing.assert_close(loss, full_softmax_reference(cfg, user, ids, table, exclude), **TOL)
+    assert not torch.allclose(loss, full_softmax_reference(cfg, user, ids, table))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_linear_cross_entropy_with_exclusions_equals_masked_torch(smoothing):
+    """Excluded logits are -inf and smoothing spreads over what is left; chunks of 2 rows cut the pairs."""
+    g = torch.Generator().manual_seed(4)
+    user, cand = torch.randn(37, DIM, generator=g), torch.randn(50, DIM, generator=g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    mask = torch.rand(37, 50, generator=g) < 0.3
+    mask[torch.arange(37), labels] = False
+    mask[5] = False  # a row with nothing excluded
+    grads = []
+    for fused in (True, False):
+        u, c = user.clone().requires_grad_(), cand.clone().requires_grad_()
+        if fused:
+            loss = linear_cross_entropy(u, c, labels, chunk_elements=100, label_smoothing=smoothing,
+                                        exclude=mask.nonzero(as_tuple=True))
+        else:
+            logits = (u @ c.T).masked_fill(mask, float("-inf"))
+            log_p = logits.log_softmax(-1)
+            kept_mean = log_p.masked_fill(mask, 0.0).sum(-1) / (~mask).sum(-1)
+            loss = -((1 - smoothing) * log_p.gather(1, labels[:, None]).squeeze(1) + smoothing * kept_mean).sum()
+        (2.0 * loss).backward()
+        grads.append((loss.detach(), u.grad, c.grad))
+    for fused, plain in zip(*grads, strict=True):  # gradients: sums of ~50 float32 terms of size ~2
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -151,33 +220,41 @@ def test_bad_config_is_named():
 DIST_CFG = LossConfig(learnable_temperature=True, logq_correction=True, num_random_negatives=4)
 
 
-def one_step(cfg: LossConfig, user, ids, table, log_q):
+def one_step(cfg: LossConfig, user, ids, table, log_q, exclude=None):
     """Loss, stats and gradients of user outputs, item table and temperature (what the trainer backprops)."""
     user = user.clone().requires_grad_()
     emb = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False)
     loss_fn = InfoNCE(cfg, NUM_ITEMS, log_q)
-    loss, stats = loss_fn(user, ids, lambda i=None: emb(torch.arange(NUM_ITEMS) if i is None else i))
+    loss, stats = loss_fn(user, ids, lambda i=None: emb(torch.arange(NUM_ITEMS) if i is None else i), exclude)
     loss.backward()
     temp_grad = loss_fn.log_temperature.grad if loss_fn.log_temperature is not None else torch.zeros(1)
     return loss.detach(), stats, user.grad, emb.weight.grad, temp_grad
 
 
-def _rank_step(cfg: LossConfig, split: list[int]):
+def _rank_step(cfg: LossConfig, split: list[int], exclude_seen: bool = False):
     rank = dist.get_rank()
     user, ids, table, log_q = inputs(sum(split))
-    a = sum(split[:rank])
-    return one_step(cfg, user[a : a + split[rank]], ids[a : a + split[rank]], table, log_q)
+    a, b = sum(split[:rank]), sum(split[: rank + 1])
+    exclude = None
+    if exclude_seen:  # this rank's rows of the global pairs, numbered from 0
+        rows, items = seen_pairs(ids)
+        mine = (rows >= a) & (rows < b)
+        exclude = (rows[mine] - a, items[mine])
+    return one_step(cfg, user[a:b], ids[a:b], table, log_q, exclude)
 
 
 @pytest.mark.parametrize(
-    "cfg,split",
-    [(DIST_CFG, [5, 3]), (LossConfig(), [5, 3]), (DIST_CFG, [4, 0])],  # uneven; a rank with no targets
-    ids=["full", "default", "empty-rank"],
+    "cfg,split,exclude_seen",
+    [(DIST_CFG, [5, 3], False), (LossConfig(), [5, 3], False), (DIST_CFG, [4, 0], False),  # uneven; no targets
+     (DIST_CFG, [5, 3], True), (LossConfig(negatives="full", label_smoothing=0.1), [5, 3], True)],
+    ids=["full", "default", "empty-rank", "exclude-seen", "exclude-seen-full-softmax"],
 )
-def test_two_ranks_equal_one_process(cfg, split):
+def test_two_ranks_equal_one_process(cfg, split, exclude_seen):
     world = len(split)
-    ranks = run_distributed(_rank_step, world, cfg, split)
-    loss, stats, user_grad, table_grad, temp_grad = one_step(cfg, *inputs(sum(split)))
+    ranks = run_distributed(_rank_step, world, cfg, split, exclude_seen)
+    user, ids, table, log_q = inputs(sum(split))
+    loss, stats, user_grad, table_grad, temp_grad = one_step(cfg, user, ids, table, log_q,
+                                                             seen_pairs(ids) if exclude_seen else None)
     # DeepSpeed averages parameter gradients over ranks: the mean of the ranks' losses and grads is the global one.
     torch.testing.assert_close(sum(r[0] for r in ranks) / world, loss, **TOL)
     torch.testing.assert_close(sum(r[3] for r in ranks) / world, table_grad, **TOL)

@@ -17,9 +17,11 @@ from lum_dist.train.trainer import PretrainModule, item_token_targets, pretrain
 NUM_ITEMS, SEQ_LENS = 40, [9, 1, 6, 2, 11]  # odd and even lengths, a lone condition token, a single behaviour
 
 
-def _full_softmax_ce(user: torch.Tensor, items: torch.Tensor, target: int, temperature: float) -> torch.Tensor:
+def _full_softmax_ce(user: torch.Tensor, items: torch.Tensor, target: int, temperature: float,
+                     excluded: frozenset[int] = frozenset()) -> torch.Tensor:
     logits = F.normalize(user, dim=-1) @ F.normalize(items[NUM_SPECIAL_IDS:], dim=-1).T / temperature
-    return F.cross_entropy(logits[None], torch.tensor([target - NUM_SPECIAL_IDS]))
+    drop = torch.tensor([i in excluded for i in range(NUM_SPECIAL_IDS, len(items))])
+    return F.cross_entropy(logits.masked_fill(drop, float("-inf"))[None], torch.tensor([target - NUM_SPECIAL_IDS]))
 
 
 def test_item_token_targets_pair_each_item_with_the_next_behaviour_of_its_sequence():
@@ -36,11 +38,12 @@ def test_item_token_targets_pair_each_item_with_the_next_behaviour_of_its_sequen
     assert (batch.token_type[target] == COND_TOKEN).all()
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_item_token_loss_matches_a_per_sequence_reference(weight):
+@pytest.mark.parametrize("weight,exclude_seen", [(0.0, False), (0.5, False), (0.5, True)])
+def test_item_token_loss_matches_a_per_sequence_reference(weight, exclude_seen):
+    """Also ``loss.exclude_seen``: the items of a sequence before a target, but the target, are no candidates."""
     torch.manual_seed(0)
     cfg = load_preset("lum-tiny", NUM_ITEMS, [5], hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
-    loss_cfg = LossConfig(negatives="full", temperature=0.1, item_token_weight=weight)
+    loss_cfg = LossConfig(negatives="full", temperature=0.1, item_token_weight=weight, exclude_seen=exclude_seen)
     module = PretrainModule(LUMModel(cfg).eval(), InfoNCE(loss_cfg, NUM_ITEMS))
     batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=2)
     loss, _ = module(batch)
@@ -51,9 +54,11 @@ def test_item_token_loss_matches_a_per_sequence_reference(weight):
         target = int(batch.targets[t])
         if target < NUM_SPECIAL_IDS:
             continue
-        condition.append(_full_softmax_ce(out[t], items, target, 0.1))
+        start = t - int(batch.positions[t])
+        seen = frozenset(batch.item_ids[start:t].tolist()) - {target} if exclude_seen else frozenset()
+        condition.append(_full_softmax_ce(out[t], items, target, 0.1, seen))
         if batch.positions[t] > 0:  # the previous token is the item of the same user's previous behaviour
-            item.append(_full_softmax_ce(out[t - 1], items, target, 0.1))
+            item.append(_full_softmax_ce(out[t - 1], items, target, 0.1, seen))
     reference = torch.stack(condition).mean() + weight * torch.stack(item).mean()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
 
