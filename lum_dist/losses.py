@@ -90,12 +90,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             num_cand = torch.full_like(lab, cand.shape[0], dtype=logits.dtype)
             if exclude is not None:
                 r, c = ex_rows[bounds[i] : bounds[i + 1]] - a, ex_cols[bounds[i] : bounds[i + 1]]
-                if smoothing:  # the smoothed target spreads over the remaining candidates only
-                    num_cand -= torch.bincount(r, minlength=len(lab))
-                    row_sum = logits.sum(-1) - torch.zeros_like(num_cand).index_add_(0, r, logits[r, c])
                 logits[r, c] = float("-inf")
-            elif smoothing:
+            if smoothing and exclude is None:
                 row_sum = logits.sum(-1)
+            elif smoothing:  # the smoothed target spreads over the remaining candidates only
+                kept = logits.isfinite()
+                row_sum, num_cand = torch.where(kept, logits, 0.0).sum(-1), kept.sum(-1).to(logits.dtype)
             lse = logits.logsumexp(-1)
             target = (1.0 - smoothing) * logits.gather(1, lab[:, None]).squeeze(1)
             if smoothing:  # the target distribution puts smoothing / C on every candidate
@@ -122,8 +122,8 @@ def linear_cross_entropy(user: torch.Tensor, cand: torch.Tensor, labels: torch.T
                          chunk_elements: int = 1 << 22, label_smoothing: float = 0.0,
                          exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``F.cross_entropy(user @ cand.T, labels, reduction="sum", label_smoothing=label_smoothing)`` in float32, in
-    row chunks of about ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU). ``exclude``: unique
-    (row, column) pairs sorted by row whose logits are -inf (never a row's label); label smoothing then spreads
+    row chunks of about ``chunk_elements`` logits (4M: 16 MB, cache-sized on a CPU). ``exclude``: (row, column)
+    pairs sorted by row (repeats allowed) whose logits are -inf (never a row's label); label smoothing then spreads
     over each row's remaining columns."""
     chunk = max(1, chunk_elements // max(1, cand.shape[0]))
     return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk, label_smoothing, exclude)
@@ -215,8 +215,8 @@ class InfoNCE(nn.Module):
         item_embeddings: Callable[[torch.Tensor], torch.Tensor],
         exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """user_out [N, E], target_ids [N] -> (loss, {"temperature", "count"}). ``exclude``: unique (target row,
-        item id) pairs sorted by row, items that are no candidate for that row (``PackedBatch.items_before``)."""
+        """user_out [N, E], target_ids [N] -> (loss, {"temperature", "count"}). ``exclude``: (target row, item id)
+        pairs sorted by row, items that are no candidate for that row (``PackedBatch.items_before``)."""
         if self.cfg.negatives == "full":
             return self._full_softmax(user_out, target_ids, item_embeddings, exclude)
         device = user_out.device

@@ -103,23 +103,25 @@ class PackedBatch:
         )
 
     def items_before(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, item) pairs, unique: ``item`` is on an item token of the same sequence before ``tokens[k]`` and is
-        not ``targets[tokens[k]]`` (a repeated item stays a positive). What the user had already had, as far as
-        this packed sequence shows, for the loss to leave out of the candidates as evaluation does.
+        """(k, item) pairs, sorted by k: ``item`` is on an item token of the same sequence before ``tokens[k]`` and
+        is not ``targets[tokens[k]]`` (a repeated item stays a positive); an item the user had twice is listed
+        twice. What the user had already had, as far as this packed sequence shows, for the loss to leave out of
+        the candidates as evaluation does.
 
-        Sequences are contiguous, so the pairs are the token ranges ``[start of its sequence, token)``:
-        O(sum of history lengths) memory, never [targets x tokens]."""
+        Sequences are contiguous, so a token's pairs are the item tokens from its sequence's start up to it:
+        O(sum of history lengths) memory, never [targets x tokens]. (4 sequences of 4,096 tokens: 8.4M pairs.)"""
         tokens = tokens.long()
+        is_item = (self.token_type == ITEM_TOKEN) & (self.item_ids != PAD_ID)
+        item_tokens = is_item.nonzero().squeeze(1)
+        items_before = torch.cumsum(is_item, 0) - is_item.long()  # item tokens strictly before each token
         starts = self.cu_seqlens.long().to(tokens.device)[self.seq_index()[tokens]]
-        lens = tokens - starts
+        lo, hi = items_before[starts], items_before[tokens]
+        lens = hi - lo
         k = torch.repeat_interleave(torch.arange(tokens.numel(), device=tokens.device), lens)
         offset = torch.arange(k.numel(), device=tokens.device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-        src = starts[k] + offset
-        item = self.item_ids[src]
-        keep = (self.token_type[src] == ITEM_TOKEN) & (item != PAD_ID) & (item != self.targets[tokens][k])
-        stride = int(self.item_ids.max()) + 1
-        key = torch.unique(k[keep] * stride + item[keep])  # sorted by k: the loss takes them in row chunks
-        return key // stride, key % stride
+        item = self.item_ids[item_tokens[lo[k] + offset]]
+        keep = item != self.targets[tokens][k]
+        return k[keep], item[keep]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         moved = {}
