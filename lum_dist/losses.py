@@ -13,6 +13,9 @@ over the candidates c:
   by all ranks), with false negatives (same item id as the positive, other than the positive itself)
   masked out. For catalogues too large for the full softmax.
 
+Either way, ``exclude`` (``loss.exclude_seen``) takes per-target items out of the candidates (-inf logits): the
+items the user had before the target, which the evaluation's ranking leaves out too.
+
 logQ correction (Yi et al., RecSys 2019): in-batch candidates are drawn in proportion to item
 frequency, so an uncorrected softmax learns to push popular items down and ranks poorly over the
 whole catalogue. ``q(c)`` is the expected number of times c is a candidate: ``B * p(c)`` for B
