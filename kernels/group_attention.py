@@ -66,8 +66,9 @@ def launch_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
     Triton 3.6 (benchmarks/group_query_kernel.py; benchmarks/results/group_query_kernel.json): head dim 128,
     128-row tiles, 8 warps, 3 stages, 3.2-3.4x the first kernel's 64 rows and 2 stages (2,048-token
     histories, 16-256 queries); head dim 64, 64 rows, 4 warps, 3 stages, 1.5x. Wider heads (not measured) take
-    64 rows and 32 keys, 2 stages, to fit shared memory. float32 (the interpreter tests; not measured on a GPU) keeps the first kernel's
-    shapes, with 32 keys per block from head dim 128 (fp32 K/V tiles crowd shared memory)."""
+    64 rows and 32 keys, 2 stages, to fit shared memory. float32 (the interpreter tests; not measured on a GPU)
+    keeps the first kernel's shapes, with 32 keys per block from head dim 128 (fp32 K/V tiles crowd shared
+    memory)."""
     if dtype == torch.float32:
         return LaunchConfig(BLOCK_M, 32 if head_dim >= 128 else BLOCK_N, 4 if head_dim <= 64 else 8, 2)
     if head_dim > 128:

@@ -90,12 +90,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i, a in enumerate(range(0, user.shape[0], chunk)):
             u, lab = user[a : a + chunk], labels[a : a + chunk]
             logits = u @ cand.T
-            num_cand = torch.full_like(lab, cand.shape[0], dtype=logits.dtype)
             if exclude is not None:
                 r, c = ex_rows[bounds[i] : bounds[i + 1]] - a, ex_cols[bounds[i] : bounds[i + 1]]
                 logits[r, c] = float("-inf")
             if smoothing and exclude is None:
-                row_sum = logits.sum(-1)
+                row_sum, num_cand = logits.sum(-1), logits.new_full((len(lab),), cand.shape[0])
             elif smoothing:  # the smoothed target spreads over the remaining candidates only
                 kept = logits.isfinite()
                 row_sum, num_cand = torch.where(kept, logits, 0.0).sum(-1), kept.sum(-1).to(logits.dtype)
