@@ -121,7 +121,8 @@ def test_exit_zero_without_result_is_a_failure(tmp_path):
 def run_model(sweep, run):
     """A sweep run's config and its model config (tables sized for a dummy dataset: only the shape matters)."""
     cfg = load_config(PretrainConfig, resolve_path(sweep.base_config), run.overrides)
-    return cfg, load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], **cfg.model.overrides)
+    return cfg, load_preset(cfg.model.preset, num_items=100, cond_vocab_sizes=[2], item_attr_vocab_sizes=[3],
+                            **cfg.model.overrides)
 
 
 def test_shipped_sweep_configs_expand():
@@ -146,6 +147,14 @@ def test_shipped_sweep_configs_expand():
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
         assert len(real) == 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
+    # SASRec at the sizes of the ML-latest-small LUM sweep, run for run, to print each size beside its yardstick
+    lum_sweep, sasrec_sweep = (load_sweep(REPO_ROOT / f"configs/sweeps/{n}.yaml")
+                               for n in ("mlsmall-size", "mlsmall-size-sasrec"))
+    pairs = list(zip(expand_grid(lum_sweep), expand_grid(sasrec_sweep), strict=True))
+    for lum_run, sasrec_run in pairs:
+        lum_model, sasrec_model = run_model(lum_sweep, lum_run)[1], run_model(sasrec_sweep, sasrec_run)[1]
+        assert lum_run.name == sasrec_run.name and sasrec_model.model_type == "sasrec"
+        assert (sasrec_model.hidden_size, sasrec_model.num_layers) == (lum_model.hidden_size, lum_model.num_layers)
     for name in ("ml100k-context", "mlsmall-context"):  # 32 .. 512 behaviours, each to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
         assert {r.max_seq_len for r in real} == {64, 128, 256, 512, 1024} and {r.max_epochs for r in real} == {60}
