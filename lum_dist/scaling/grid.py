@@ -77,6 +77,9 @@ class SweepConfig:
     report_dir: str = "benchmarks/results/scaling"
     memory_presets: list[str] = field(default_factory=list)  # presets for the report's GPU table
     memory_num_items: int = 1_000_000  # item table size assumed by that table
+    # another sweep YAML whose runs have this sweep's run names (e.g. SASRec at the same sizes): the report
+    # prints every run beside the yardstick's run of the same name
+    yardstick: str = ""
 
     def __post_init__(self) -> None:
         if not self.presets or not self.max_seq_lens or not self.seeds:

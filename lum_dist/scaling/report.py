@@ -4,7 +4,9 @@ Rows come from each run's ``result.json`` and ``metrics.jsonl`` (written by lum_
 Figures (matplotlib, Agg): ranking metrics vs dense parameters (log x, one series per sequence length),
 vs sequence length (one series per model), final training loss vs training compute (log-log) and the
 learning curves. Metrics are averaged over seeds before the a*ln(x)+b fits; the compute fit uses every
-run. Every file is written atomically, so a report is never seen half-written.
+run. A sweep with a ``yardstick`` (another sweep with the same run names, e.g. SASRec at the same sizes) also
+gets each run beside the yardstick's run of the same name. Every file is written atomically, so a report is
+never seen half-written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lum_dist.scaling.fit import LogFit, PowerLawFit, fit_log, fit_power_law  # noqa: E402
-from lum_dist.scaling.grid import Run, SweepConfig, resolve_path  # noqa: E402
+from lum_dist.scaling.grid import Run, SweepConfig, expand_grid, load_sweep, resolve_path  # noqa: E402
 from lum_dist.scaling.memory import H100_80GB, ModelShape, TrainSetup, gpus_table, shape_from_preset  # noqa: E402
 from lum_dist.utils import atomic_write_bytes, atomic_write_text, format_number  # noqa: E402
 
@@ -33,7 +35,7 @@ METRICS = ("hr@10", "ndcg@10")
 FINISHED = ("ok", "skipped")  # run statuses whose result.json exists
 COLUMNS = ("name", "model", "max_seq_len", "seed", "status", "dense_params", "embedding_params",
            "flops_per_token", "tokens", "compute", "final_loss", "hr@10", "ndcg@10", "mrr", "pop_hr@10",
-           "tokens_per_s", "mfu", "split")
+           "tokens_per_s", "mfu", "split", "valid_hr@10", "valid_ndcg@10")
 
 
 def read_run_metrics(path: Path) -> dict[int, dict[str, float]]:
@@ -85,6 +87,8 @@ def collect_row(run: Run, status: str = "") -> dict[str, Any]:
         for key in ("hr@10", "ndcg@10", "mrr", "pop_hr@10"):
             row[key], split = _eval_metric(result["eval"], key)
             row["split"] = row["split"] or split
+        for key in METRICS:  # the selection split beside the reported one (runs select on validation)
+            row[f"valid_{key}"] = result["eval"].get(f"valid/{key}")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{run.result_path}: malformed result.json ({type(e).__name__}: {e})") from e
     row["status"] = status or "ok"  # a run that wrote result.json but exited non-zero stays "failed"
@@ -280,9 +284,45 @@ def _fit_lines(fits: dict[str, dict], group: str, xname: str) -> list[str]:
     return lines
 
 
+def beside_yardstick(rows: list[dict[str, Any]], yardstick_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each finished run beside the finished yardstick run of the same name: dense parameters, validation and
+    test HR@10 / NDCG@10 of both (``run / yardstick``) and the test ratios."""
+    yard = {r["name"]: r for r in _done(yardstick_rows)}
+    out = []
+    for r in _done(rows):
+        y = yard.get(r["name"])
+        if y is None:
+            continue
+        row: dict[str, Any] = {"name": r["name"], "dense_params": r["dense_params"],
+                               "yardstick dense_params": y["dense_params"]}
+        for split, prefix in (("valid", "valid_"), ("test", "")):
+            for m in METRICS:
+                a, b = r[prefix + m], y[prefix + m]
+                row[f"{split} {m}"] = "-" if a is None or b is None else f"{a:.4f} / {b:.4f}"
+        row["test ratio"] = " / ".join(f"{r[m] / y[m]:.2f}" if r[m] and y[m] else "-" for m in METRICS)
+        out.append(row)
+    return out
+
+
+def yardstick_section(rows: list[dict[str, Any]], name: str, yard_rows: list[dict[str, Any]], yard_name: str,
+                      report_dir: Path) -> list[str]:
+    """The report's lines on sweep ``name`` beside sweep ``yard_name``, and their figure (metrics vs size)."""
+    series = [{**r, "sweep": name} for r in rows] + [{**r, "sweep": yard_name} for r in yard_rows]
+    fits = plot_metric_fits(series, "sweep", "dense_params", "dense parameters",
+                            report_dir / "metric_vs_params_yardstick.png")
+    table = beside_yardstick(rows, yard_rows)
+    return [f"## Beside the yardstick ({yard_name})", "", "Cells are `this sweep / yardstick`; the ratio is this sweep's "
+            "test metric over the yardstick's (HR@10 / NDCG@10).", "",
+            markdown_table(table, table[0].keys()) if table else "No run has a finished yardstick run yet.", "",
+            "![metric vs params, beside the yardstick](metric_vs_params_yardstick.png)", "",
+            *_fit_lines(fits, "sweep", "N"), ""]
+
+
 def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,
-                 title: str, memory_rows: list[dict[str, Any]] | None = None, memory_note: str = "") -> Path:
-    """Figures + ``report.md`` under ``report_dir``; returns the markdown's path."""
+                 title: str, memory_rows: list[dict[str, Any]] | None = None, memory_note: str = "",
+                 yardstick_lines: list[str] | None = None) -> Path:
+    """Figures + ``report.md`` under ``report_dir``; returns the markdown's path. ``yardstick_lines``
+    (:func:`yardstick_section`) go after the metrics vs dense parameters."""
     report_dir = Path(report_dir)
     by_params = plot_metric_fits(rows, "max_seq_len", "dense_params", "dense parameters",
                                  report_dir / "metric_vs_params.png")
@@ -311,6 +351,9 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
            f"{loss_fit.n} runs" if loss_fit else "- not fitted (< 2 distinct compute values)"), "",
           "## Learning curves", "", "![learning curves](learning_curves.png)", "",
           "## Runs", "", markdown_table(rows, COLUMNS), ""]
+    if yardstick_lines:
+        at = md.index("## Metric vs sequence length")
+        md[at:at] = yardstick_lines
     if memory_rows:
         md += ["## GPUs needed per preset (memory model, lum_dist/scaling/memory.py)", "", memory_note, "",
                markdown_table(memory_rows, memory_rows[0].keys()), ""]
@@ -337,4 +380,10 @@ def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] |
             f"GiB per GPU at {setup.num_gpus} GPUs and the fewest GPUs (power of two) per ZeRO stage "
             f"('-': does not fit on any count).")
     memory_rows = gpus_table(memory_shapes, H100_80GB, setup) if memory_shapes else None
-    return write_report(rows, curves, resolve_path(sweep.report_dir), f"Scaling sweep {sweep.name}", memory_rows, note)
+    report_dir = resolve_path(sweep.report_dir)
+    yardstick_lines = None
+    if sweep.yardstick:
+        other = load_sweep(resolve_path(sweep.yardstick))
+        other_rows = [collect_row(run) for run in expand_grid(other)]
+        yardstick_lines = yardstick_section(rows, sweep.name, other_rows, other.name, report_dir)
+    return write_report(rows, curves, report_dir, f"Scaling sweep {sweep.name}", memory_rows, note, yardstick_lines)

@@ -40,7 +40,8 @@ def fake_runner(calls: list[list[str]], fail_names: tuple[str, ...] = ()):
             f.write(json.dumps({"step": steps, "loss": loss, "tokens_per_s": 1000.0}) + "\n")  # re-logged: last wins
             f.write(json.dumps({"step": steps, "test/hr@10": 0.1}) + "\n")  # the final eval, at the same step
         hr = expected_hr(dense, seq_len)
-        result = {"eval": {"test/hr@10": hr, "test/ndcg@10": hr / 2, "test/mrr": hr / 3, "test/pop_hr@10": 0.05},
+        result = {"eval": {"test/hr@10": hr, "test/ndcg@10": hr / 2, "test/mrr": hr / 3, "test/pop_hr@10": 0.05,
+                           "valid/hr@10": 1.5 * hr, "valid/ndcg@10": 0.75 * hr},
                   "params": {"dense": dense, "embedding": 1000, "total": dense + 1000}, "flops_per_token": fpt,
                   "max_steps": steps, "tokens_budgeted": tokens, "world_size": 1, "preset": "lum-tiny",
                   "max_seq_len": seq_len}

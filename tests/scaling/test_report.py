@@ -57,6 +57,35 @@ def test_report_from_fake_runs(tmp_path):
     assert not list((tmp_path / "report").glob("*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_report_prints_each_run_beside_its_yardstick(tmp_path):
+    """A sweep with a yardstick (the same run names, another model): each finished run beside the yardstick's."""
+    yard_dir = tmp_path / "yardstick"
+    yard_dir.mkdir()
+    yard_sweep, yard_runs = make_sweep(yard_dir, seeds=(0,))
+    (yard_dir / "sweep.yaml").write_text(yaml.safe_dump({**yaml.safe_load((yard_dir / "sweep.yaml").read_text()),
+                                                          "name": "baseline", "tokens_per_run": 8192}))
+    run_sweep(yard_sweep, yard_runs, fake_runner([], ("h128_L32_seed0",)), lambda s: None)
+    halved = yard_dir / "runs" / "h64_L32_seed0" / "result.json"  # the yardstick half as good on one run
+    result = json.loads(halved.read_text())
+    result["eval"]["test/hr@10"] /= 2
+    halved.write_text(json.dumps(result))
+
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    sweep.yardstick = str(yard_dir / "sweep.yaml")
+    run_sweep(sweep, runs, fake_runner([]), lambda s: None)
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Metric vs sequence length")]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| h")}
+    assert len(rows) == 8 and "h128_L32_seed0" not in rows  # its yardstick run failed
+    hr = expected_hr(40_000, 32)
+    assert f"{1.5 * hr:.4f} / {1.5 * hr:.4f}" in rows["h64_L32_seed0"]  # validation, both
+    assert f"{hr:.4f} / {hr / 2:.4f}" in rows["h64_L32_seed0"] and rows["h64_L32_seed0"].endswith("| 2.00 / 1.00 |")
+    assert all(line.endswith("| 1.00 / 1.00 |") for name, line in rows.items() if name != "h64_L32_seed0")
+    assert (tmp_path / "report" / "metric_vs_params_yardstick.png").read_bytes()[:8] == PNG_MAGIC
+    assert "hr@10, sweep = fake (3 points)" in section and "hr@10, sweep = baseline (3 points)" in section
+
+
 def test_fits_average_seeds_and_skip_failed(tmp_path):
     sweep, runs = make_sweep(tmp_path)
     statuses = {s.run.name: s.status for s in run_sweep(sweep, runs, fake_runner([], ("h32_L32_seed0",)),
