@@ -306,16 +306,20 @@ def beside_yardstick(rows: list[dict[str, Any]], yardstick_rows: list[dict[str, 
 
 def yardstick_section(rows: list[dict[str, Any]], name: str, yard_rows: list[dict[str, Any]], yard_name: str,
                       report_dir: Path) -> list[str]:
-    """The report's lines on sweep ``name`` beside sweep ``yard_name``, and their figure (metrics vs size)."""
+    """The report's lines on sweep ``name`` beside sweep ``yard_name``, and their figure: metrics vs dense
+    parameters for a size sweep, vs sequence length for a context sweep (one size, several lengths)."""
+    by_len = len({r["dense_params"] for r in rows}) == 1 and len({r["max_seq_len"] for r in rows}) > 1
+    x, xlabel, xname, figure = (("max_seq_len", "max sequence length (tokens)", "L", "metric_vs_seq_len_yardstick.png")
+                                if by_len else
+                                ("dense_params", "dense parameters", "N", "metric_vs_params_yardstick.png"))
     series = [{**r, "sweep": name} for r in rows] + [{**r, "sweep": yard_name} for r in yard_rows]
-    fits = plot_metric_fits(series, "sweep", "dense_params", "dense parameters",
-                            report_dir / "metric_vs_params_yardstick.png")
+    fits = plot_metric_fits(series, "sweep", x, xlabel, report_dir / figure)
     table = beside_yardstick(rows, yard_rows)
     return [f"## Beside the yardstick ({yard_name})", "", "Cells are `this sweep / yardstick`; the ratio is this sweep's "
             "test metric over the yardstick's (HR@10 / NDCG@10).", "",
             markdown_table(table, table[0].keys()) if table else "No run has a finished yardstick run yet.", "",
-            "![metric vs params, beside the yardstick](metric_vs_params_yardstick.png)", "",
-            *_fit_lines(fits, "sweep", "N"), ""]
+            f"![metrics vs {xlabel}, beside the yardstick]({figure})", "",
+            *_fit_lines(fits, "sweep", xname), ""]
 
 
 def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,

@@ -17,8 +17,8 @@ from .fake_runs import HIDDEN_TO_DENSE, expected_hr, fake_runner
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_sweep(tmp_path, seeds=(0, 1)):
-    presets = [{"name": f"h{h}", "preset": "lum-tiny", "overrides": {"hidden_size": h}} for h in HIDDEN_TO_DENSE]
+def make_sweep(tmp_path, seeds=(0, 1), hiddens=tuple(HIDDEN_TO_DENSE)):
+    presets = [{"name": f"h{h}", "preset": "lum-tiny", "overrides": {"hidden_size": h}} for h in hiddens]
     spec = {"name": "fake", "base_config": "configs/pretrain/debug-cpu.yaml", "presets": presets,
             "max_seq_lens": [32, 64, 128], "seeds": list(seeds), "out_dir": str(tmp_path / "runs"),
             "report_dir": str(tmp_path / "report"), "overrides": ["data.token_budget=2048"]}
@@ -57,21 +57,25 @@ def test_report_from_fake_runs(tmp_path):
     assert not list((tmp_path / "report").glob("*.tmp"))  # atomic writes leave no temporaries
 
 
-def test_report_prints_each_run_beside_its_yardstick(tmp_path):
-    """A sweep with a yardstick (the same run names, another model): each finished run beside the yardstick's."""
+def make_yardstick(tmp_path, hiddens=tuple(HIDDEN_TO_DENSE), fail=(), halve="h64_L32_seed0"):
+    """A finished fake sweep "baseline" with the fake sweep's run names; ``halve``'s test HR@10 halved."""
     yard_dir = tmp_path / "yardstick"
     yard_dir.mkdir()
-    yard_sweep, yard_runs = make_sweep(yard_dir, seeds=(0,))
+    yard_sweep, yard_runs = make_sweep(yard_dir, seeds=(0,), hiddens=hiddens)
     (yard_dir / "sweep.yaml").write_text(yaml.safe_dump({**yaml.safe_load((yard_dir / "sweep.yaml").read_text()),
                                                           "name": "baseline", "tokens_per_run": 8192}))
-    run_sweep(yard_sweep, yard_runs, fake_runner([], ("h128_L32_seed0",)), lambda s: None)
-    halved = yard_dir / "runs" / "h64_L32_seed0" / "result.json"  # the yardstick half as good on one run
+    run_sweep(yard_sweep, yard_runs, fake_runner([], fail), lambda s: None)
+    halved = yard_dir / "runs" / halve / "result.json"
     result = json.loads(halved.read_text())
     result["eval"]["test/hr@10"] /= 2
     halved.write_text(json.dumps(result))
+    return yard_dir / "sweep.yaml"
 
+
+def test_report_prints_each_run_beside_its_yardstick(tmp_path):
+    """A sweep with a yardstick (the same run names, another model): each finished run beside the yardstick's."""
     sweep, runs = make_sweep(tmp_path, seeds=(0,))
-    sweep.yardstick = str(yard_dir / "sweep.yaml")
+    sweep.yardstick = str(make_yardstick(tmp_path, fail=("h128_L32_seed0",)))
     run_sweep(sweep, runs, fake_runner([]), lambda s: None)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
 
@@ -84,6 +88,20 @@ def test_report_prints_each_run_beside_its_yardstick(tmp_path):
     assert all(line.endswith("| 1.00 / 1.00 |") for name, line in rows.items() if name != "h64_L32_seed0")
     assert (tmp_path / "report" / "metric_vs_params_yardstick.png").read_bytes()[:8] == PNG_MAGIC
     assert "hr@10, sweep = fake (3 points)" in section and "hr@10, sweep = baseline (3 points)" in section
+
+
+def test_context_sweep_beside_its_yardstick_is_plotted_against_length(tmp_path):
+    """One size at several lengths: the yardstick figure and fits are against sequence length, not parameters."""
+    sweep, runs = make_sweep(tmp_path, seeds=(0,), hiddens=(64,))
+    sweep.yardstick = str(make_yardstick(tmp_path, hiddens=(64,)))
+    run_sweep(sweep, runs, fake_runner([]), lambda s: None)
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Metric vs sequence length")]
+    assert "(metric_vs_seq_len_yardstick.png)" in section and "metric_vs_params_yardstick" not in section
+    assert (tmp_path / "report" / "metric_vs_seq_len_yardstick.png").read_bytes()[:8] == PNG_MAGIC
+    assert "hr@10, sweep = fake (3 points): `hr@10 = 0.01 * ln(L)" in section  # the planted length law
+    assert "hr@10, sweep = baseline (3 points)" in section and section.count("| h64_L") == 3
 
 
 def test_fits_average_seeds_and_skip_failed(tmp_path):
