@@ -88,8 +88,16 @@ class LossConfig:
     # evaluation's full ranking, which leaves the user's history out: the loss stops spending the embedding
     # space on pushing them below the next item.
     exclude_seen: bool = False
+    # A second training pass with fresh dropout gives every target a second view of its user representation; an
+    # InfoNCE between the two views (negatives: the other targets' second views on every rank, a view of the same
+    # next item excepted) regularises the representation (DuoRec, Qiu et al. WSDM 2022; SimCSE). 0 = off.
+    view_contrast_weight: float = 0.0
+    view_contrast_temperature: float = 1.0  # cosine similarity / this
 
     def __post_init__(self) -> None:
+        check(self.view_contrast_weight >= 0, "view_contrast_weight", f"{self.view_contrast_weight} < 0")
+        check(self.view_contrast_temperature > 0, "view_contrast_temperature",
+              f"{self.view_contrast_temperature}: need > 0")
         check(0 < self.min_temperature <= self.temperature <= self.max_temperature, "temperature",
               f"need 0 < min_temperature ({self.min_temperature}) <= temperature ({self.temperature}) <= "
               f"max_temperature ({self.max_temperature})")

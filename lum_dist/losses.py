@@ -21,6 +21,9 @@ frequency, so an uncorrected softmax learns to push popular items down and ranks
 whole catalogue. ``q(c)`` is the expected number of times c is a candidate: ``B * p(c)`` for B
 in-batch candidates plus ``R / num_real_items`` for R uniform negatives (one proposal mixing both).
 
+``view_contrast`` is the regulariser of ``loss.view_contrast_weight``: two dropout views of each target's user
+representation, contrasted against the other targets' views gathered from every rank.
+
 The gather is autograd-aware: a candidate's gradient is summed over every rank whose loss used it and
 returned to the rank that embedded it.
 
@@ -131,6 +134,38 @@ def linear_cross_entropy(user: torch.Tensor, cand: torch.Tensor, labels: torch.T
     return _LinearCrossEntropy.apply(user.float(), cand.float(), labels, chunk, label_smoothing, exclude)
 
 
+def target_counts(n: int, device: torch.device) -> list[int]:
+    """Targets on every rank (one all-gather of a scalar)."""
+    _, world = dist_info()
+    if world == 1:
+        return [n]
+    counts_t = torch.tensor([n], device=device)
+    parts = [torch.empty_like(counts_t) for _ in range(world)]
+    dist.all_gather(parts, counts_t)
+    return [int(c) for c in torch.cat(parts).tolist()]
+
+
+def view_contrast(view: torch.Tensor, other_view: torch.Tensor, target_ids: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """InfoNCE of each row of ``view`` [N, E] against its own row of ``other_view`` (a second dropout pass of the
+    same targets), the other rows of every rank's ``other_view`` as negatives; a row with the same target item is
+    no negative (DuoRec's supervised positive). Cosine similarity / ``temperature``; normalised as ``InfoNCE``
+    (rank r returns local_sum * world / global_count, so averaging over ranks gives the global mean)."""
+    rank, world = dist_info()
+    counts = target_counts(view.shape[0], view.device)
+    cand, cand_ids, offset = F.normalize(other_view.float(), dim=-1), target_ids, 0
+    if world > 1:
+        cand = _GatherWithGrad.apply(cand, counts, rank)
+        cand_ids = all_gather_varlen(target_ids, counts)
+        offset = sum(counts[:rank])
+    logits = F.normalize(view.float(), dim=-1) @ cand.T / temperature
+    rows = torch.arange(view.shape[0], device=view.device)
+    same = cand_ids[None, :] == target_ids[:, None]
+    same[rows, offset + rows] = False
+    loss_sum = F.cross_entropy(logits.masked_fill(same, float("-inf")), offset + rows, reduction="sum")
+    return loss_sum * world / max(sum(counts), 1)
+
+
 class InfoNCE(nn.Module):
     def __init__(self, loss_cfg: LossConfig, num_items: int, item_log_prob: torch.Tensor | None = None):
         super().__init__()
@@ -153,16 +188,6 @@ class InfoNCE(nn.Module):
                              persistent=False)
         self.num_calls = 0  # seeds the shared random negatives; checkpointed by the trainer (exact resume)
 
-    def _counts(self, n: int, device: torch.device) -> list[int]:
-        """Targets on every rank (one all-gather of a scalar)."""
-        _, world = dist_info()
-        if world == 1:
-            return [n]
-        counts_t = torch.tensor([n], device=device)
-        parts = [torch.empty_like(counts_t) for _ in range(world)]
-        dist.all_gather(parts, counts_t)
-        return [int(c) for c in torch.cat(parts).tolist()]
-
     def _scores(self, user: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarity / temperature logits in float32, the temperature). The temperature scales the
         [N, E] user side, not the [N, C] logits: the same numbers, a C/E-times smaller division."""
@@ -175,7 +200,7 @@ class InfoNCE(nn.Module):
     def _full_softmax(self, user_out, target_ids, item_embeddings, exclude):
         device = user_out.device
         _, world = dist_info()
-        global_count = sum(self._counts(user_out.shape[0], device))
+        global_count = sum(target_counts(user_out.shape[0], device))
         # Column j scores item NUM_SPECIAL_IDS + j: reserved ids are never candidates.
         user, cand = user_out.float(), item_embeddings(None)[NUM_SPECIAL_IDS:].float()
         if self.cfg.similarity == "cosine":
@@ -226,7 +251,7 @@ class InfoNCE(nn.Module):
         gather = world > 1 and self.cfg.gather_negatives
         positives = item_embeddings(target_ids)
         n = user_out.shape[0]
-        counts = self._counts(n, device)
+        counts = target_counts(n, device)
         global_count = sum(counts)
 
         cand, cand_ids, offset = positives, target_ids, 0

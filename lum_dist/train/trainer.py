@@ -35,7 +35,7 @@ from lum_dist.data.batch import ITEM_TOKEN, PackedBatch
 from lum_dist.data.prepare import item_log_prob, load_meta, prepare
 from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.data.workers import DevicePrefetcher, train_loader
-from lum_dist.losses import InfoNCE
+from lum_dist.losses import InfoNCE, view_contrast
 from lum_dist.model import (
     LUMModel,
     SASRecConfig,
@@ -71,6 +71,10 @@ class PretrainModule(nn.Module):
             seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
             item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
             loss = loss + weight * item_loss
+        if self.loss.cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
+            other_view = self.model.forward_batch(batch)[has_target]
+            loss = loss + self.loss.cfg.view_contrast_weight * view_contrast(
+                out[has_target], other_view, target_ids, self.loss.cfg.view_contrast_temperature)
         return loss, stats
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from lum_dist.config import ConfigError, LossConfig
 from lum_dist.data.schema import NUM_SPECIAL_IDS
-from lum_dist.losses import InfoNCE, linear_cross_entropy
+from lum_dist.losses import InfoNCE, linear_cross_entropy, view_contrast
 from lum_dist.testing.distributed import run_distributed
 
 NUM_ITEMS, DIM = 12, 8
@@ -257,3 +257,62 @@ def test_two_ranks_equal_one_process(cfg, split, exclude_seen):
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, user_grad, **TOL)
     for r in ranks:
         assert r[1]["count"] == sum(split)
+
+
+def reference_view_contrast(view, other, ids, temperature):
+    """Mean over rows of -log softmax of cos(view_i, other_j) / t over j = i and every j with another target."""
+    total = 0.0
+    for i in range(len(ids)):
+        keep = [j for j in range(len(ids)) if j == i or ids[j] != ids[i]]
+        logits = torch.stack([torch.cosine_similarity(view[i], other[j], dim=0) for j in keep]) / temperature
+        total = total - torch.log_softmax(logits, 0)[keep.index(i)]
+    return total / len(ids)
+
+
+def view_contrast_step(view, other, ids, temperature=0.5):
+    view, other = view.clone().requires_grad_(), other.clone().requires_grad_()
+    loss = view_contrast(view, other, ids, temperature)
+    loss.backward()
+    return loss.detach(), view.grad, other.grad
+
+
+def test_view_contrast_equals_reference():
+    view, ids, _, _ = inputs(9)  # 9 targets among 10 real items: some repeat, and those pairs are no negatives
+    other = torch.randn(9, DIM, generator=torch.Generator().manual_seed(3))
+    assert len(set(ids.tolist())) < len(ids)
+    loss, view_grad, other_grad = view_contrast_step(view, other, ids)
+    v, o = view.clone().requires_grad_(), other.clone().requires_grad_()
+    reference = reference_view_contrast(v, o, ids, 0.5)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), **TOL)
+    torch.testing.assert_close(view_grad, v.grad, **TOL)
+    torch.testing.assert_close(other_grad, o.grad, **TOL)
+    # identical views of distinct targets score better than unrelated ones
+    assert view_contrast(view, view, ids, 0.5) < loss
+
+
+def _rank_view_contrast(split: list[int]):
+    rank = dist.get_rank()
+    view, ids, _, _ = inputs(sum(split))
+    other = torch.randn(sum(split), DIM, generator=torch.Generator().manual_seed(3))
+    a, b = sum(split[:rank]), sum(split[: rank + 1])
+    return view_contrast_step(view[a:b], other[a:b], ids[a:b])
+
+
+@pytest.mark.parametrize("split", [[5, 3], [4, 0]], ids=["uneven", "empty-rank"])
+def test_view_contrast_two_ranks_equal_one_process(split):
+    ranks = run_distributed(_rank_view_contrast, len(split), split)
+    view, ids, _, _ = inputs(sum(split))
+    other = torch.randn(sum(split), DIM, generator=torch.Generator().manual_seed(3))
+    loss, view_grad, other_grad = view_contrast_step(view, other, ids)
+    torch.testing.assert_close(sum(r[0] for r in ranks) / 2, loss, **TOL)
+    # each row lives on one rank: its gradient there is world x its share of the global mean
+    torch.testing.assert_close(torch.cat([r[1] for r in ranks]) / 2, view_grad, **TOL)
+    torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / 2, other_grad, **TOL)
+
+
+def test_view_contrast_config_is_checked():
+    with pytest.raises(ConfigError, match="view_contrast_weight"):
+        LossConfig(view_contrast_weight=-1.0)
+    with pytest.raises(ConfigError, match="view_contrast_temperature"):
+        LossConfig(view_contrast_temperature=0.0)
