@@ -25,7 +25,8 @@ def _train_zero3(negatives: str) -> dict:
     cfg = PretrainConfig()
     cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
     cfg.loss = (LossConfig(learnable_temperature=True, num_random_negatives=8) if negatives == "in_batch"  # logQ
-                else LossConfig(learnable_temperature=True, negatives="full"))  # the item table gathered whole
+                # the item table gathered whole; a second forward of the sharded model for the view contrast
+                else LossConfig(learnable_temperature=True, negatives="full", view_contrast_weight=0.1))
     log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
     # The full softmax also scores items with their attribute embeddings (extra tables and a buffer under ZeRO-3).
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, item_attr_vocab_sizes=VOCABS[:1],

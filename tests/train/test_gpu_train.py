@@ -21,7 +21,8 @@ LOSSES = {
     # logQ-corrected in-batch negatives plus shared uniform ones: the item prior and the sampler live on the device
     "in_batch": ["loss.negatives=in_batch", "loss.logq_correction=true", "loss.num_random_negatives=32",
                  "loss.exclude_seen=true"],
-    "full": ["loss.negatives=full", "loss.label_smoothing=0.1", "loss.item_token_weight=0.5", "loss.exclude_seen=true"],
+    "full": ["loss.negatives=full", "loss.label_smoothing=0.1", "loss.item_token_weight=0.5", "loss.exclude_seen=true",
+             "loss.view_contrast_weight=0.1"],
     "sasrec": ["model.preset=sasrec", "loss.negatives=full"],
 }
 
