@@ -145,24 +145,35 @@ def target_counts(n: int, device: torch.device) -> list[int]:
     return [int(c) for c in torch.cat(parts).tolist()]
 
 
+def gather_candidates(cand: torch.Tensor, cand_ids: torch.Tensor,
+                      counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's candidate rows (autograd-aware) and ids in rank order, and the column of this rank's first."""
+    rank, _ = dist_info()
+    return _GatherWithGrad.apply(cand, counts, rank), all_gather_varlen(cand_ids, counts), sum(counts[:rank])
+
+
+def mask_same_item(logits: torch.Tensor, cand_ids: torch.Tensor, target_ids: torch.Tensor,
+                   pos_col: torch.Tensor) -> torch.Tensor:
+    """-inf where a candidate holds a row's target item outside the row's own positive column: a false negative."""
+    same = cand_ids[None, :] == target_ids[:, None]
+    same[torch.arange(len(target_ids), device=logits.device), pos_col] = False
+    return logits.masked_fill(same, float("-inf"))
+
+
 def view_contrast(view: torch.Tensor, other_view: torch.Tensor, target_ids: torch.Tensor,
                   temperature: float) -> torch.Tensor:
     """InfoNCE of each row of ``view`` [N, E] against its own row of ``other_view`` (a second dropout pass of the
     same targets), the other rows of every rank's ``other_view`` as negatives; a row with the same target item is
     no negative (DuoRec's supervised positive). Cosine similarity / ``temperature``; normalised as ``InfoNCE``
     (rank r returns local_sum * world / global_count, so averaging over ranks gives the global mean)."""
-    rank, world = dist_info()
+    _, world = dist_info()
     counts = target_counts(view.shape[0], view.device)
     cand, cand_ids, offset = F.normalize(other_view.float(), dim=-1), target_ids, 0
     if world > 1:
-        cand = _GatherWithGrad.apply(cand, counts, rank)
-        cand_ids = all_gather_varlen(target_ids, counts)
-        offset = sum(counts[:rank])
+        cand, cand_ids, offset = gather_candidates(cand, target_ids, counts)
     logits = F.normalize(view.float(), dim=-1) @ cand.T / temperature
-    rows = torch.arange(view.shape[0], device=view.device)
-    same = cand_ids[None, :] == target_ids[:, None]
-    same[rows, offset + rows] = False
-    loss_sum = F.cross_entropy(logits.masked_fill(same, float("-inf")), offset + rows, reduction="sum")
+    pos_col = offset + torch.arange(view.shape[0], device=view.device)
+    loss_sum = F.cross_entropy(mask_same_item(logits, cand_ids, target_ids, pos_col), pos_col, reduction="sum")
     return loss_sum * world / max(sum(counts), 1)
 
 
@@ -247,7 +258,7 @@ class InfoNCE(nn.Module):
         if self.cfg.negatives == "full":
             return self._full_softmax(user_out, target_ids, item_embeddings, exclude)
         device = user_out.device
-        rank, world = dist_info()
+        _, world = dist_info()
         gather = world > 1 and self.cfg.gather_negatives
         positives = item_embeddings(target_ids)
         n = user_out.shape[0]
@@ -256,9 +267,7 @@ class InfoNCE(nn.Module):
 
         cand, cand_ids, offset = positives, target_ids, 0
         if gather:
-            cand = _GatherWithGrad.apply(positives, counts, rank)
-            cand_ids = all_gather_varlen(target_ids, counts)
-            offset = sum(counts[:rank])
+            cand, cand_ids, offset = gather_candidates(positives, target_ids, counts)
         if self.cfg.num_random_negatives > 0:
             rand_ids = self.random_negative_ids(device)
             self.num_calls += 1
@@ -270,9 +279,7 @@ class InfoNCE(nn.Module):
             logits = logits - self.log_expected_count(cand_ids, global_count if gather else n)[None, :]
         pos_col = offset + torch.arange(n, device=device)
         if self.cfg.mask_false_negatives:
-            same = cand_ids[None, :] == target_ids[:, None]
-            same[torch.arange(n, device=device), pos_col] = False
-            logits = logits.masked_fill(same, float("-inf"))
+            logits = mask_same_item(logits, cand_ids, target_ids, pos_col)
         if exclude is not None:  # a candidate column holding an item excluded for that row
             rows, items = exclude
             stride = self.num_items
