@@ -85,12 +85,18 @@ def _debug(argv: list[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get("LUM_DEBUG", "") not in ("", "0")
 
 
-def close_process_group() -> bool:
-    """Barrier, then destroy the default process group, if the command made one (torch is only looked up here,
-    never imported). Returns whether there was one."""
+def _has_process_group() -> bool:
+    """Whether the command made a default process group (torch is only looked up here, never imported)."""
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def close_process_group() -> bool:
+    """Barrier, then destroy the default process group, if the command made one. Returns whether there was
+    one."""
+    if not _has_process_group():
         return False
+    dist = sys.modules["torch.distributed"]
     dist.barrier()  # no rank tears down while another still talks to it
     dist.destroy_process_group()
     return True
@@ -126,6 +132,8 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
             # Exiting at once could make the launcher stop rank 0 before it printed; waiting, this rank is
             # stopped by the launcher once rank 0 has said it and exited.
             time.sleep(OTHER_RANKS_WAIT_S)
+        if _has_process_group():  # the other ranks are gone or waiting: no barrier, and no teardown (see above)
+            exit_without_teardown(USER_ERROR_EXIT)
         raise SystemExit(USER_ERROR_EXIT) from None
     status = result if isinstance(result, int) and not isinstance(result, bool) else 0
     if distributed:

@@ -195,3 +195,36 @@ cli.run(main, [])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr[-2000:]
     assert "atexit: group alive False" in out.stdout
+
+
+def test_a_user_error_in_a_distributed_command_exits_2_without_teardown(tmp_path):
+    """A user error with a live process group: one line, status 2, atexit handlers run, and no interpreter teardown
+    (a rank that tore down with its gloo group alive was seen to abort with SIGABRT, so torchrun reported a signal
+    instead of the error's status 2)."""
+    script = f"""
+import atexit
+import torch.distributed as dist
+from lum_dist import cli
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+witness = Teardown()  # collected when the interpreter tears down __main__
+
+def main(argv):
+    dist.init_process_group("gloo", init_method="file://{tmp_path / 'init'}", rank=0, world_size=1)
+    atexit.register(lambda: print("atexit: group alive", dist.is_initialized(), flush=True))
+    raise FileNotFoundError("no such file: data.parquet")
+
+cli.run(main, [])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.endswith("error: no such file: data.parquet\n"), out.stderr[-2000:]
+    assert "atexit: group alive True" in out.stdout
+    assert "teardown ran" not in out.stdout
+    plain = script.replace('    dist.init_process_group("gloo"', '    pass  # dist.init_process_group("gloo"')
+    plain = plain.replace("dist.is_initialized()", "False")
+    out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "teardown ran" in out.stdout, out  # the witness works: without a group, teardown
