@@ -1,9 +1,9 @@
 """Sweep results -> run table (runs.csv / runs.json), figures and a markdown report with the fits.
 
 Rows come from each run's ``result.json`` and ``metrics.jsonl`` (written by lum_dist.train.trainer).
-Figures (matplotlib, Agg): ranking metrics vs dense parameters (log x, one series per sequence length),
-vs sequence length (one series per model), final training loss vs training compute (log-log) and the
-learning curves. Metrics are averaged over seeds before the a*ln(x)+b fits; the compute fit uses every
+Figures (matplotlib, Agg), for the axes a sweep varies: ranking metrics and final training loss vs dense
+parameters (log x, one series per sequence length) and vs sequence length (one series per model); always
+training loss vs training compute (log-log) and the learning curves. Metrics are averaged over seeds before the a*ln(x)+b fits; the compute fit uses every
 run. A sweep with a ``yardstick`` (another sweep with the same run names, e.g. SASRec at the same sizes) also
 gets each run beside the yardstick's run of the same name. Every file is written atomically, so a report is
 never seen half-written.
@@ -325,39 +325,52 @@ def yardstick_section(rows: list[dict[str, Any]], name: str, yard_rows: list[dic
 def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,
                  title: str, memory_rows: list[dict[str, Any]] | None = None, memory_note: str = "",
                  yardstick_lines: list[str] | None = None) -> Path:
-    """Figures + ``report.md`` under ``report_dir``; returns the markdown's path. ``yardstick_lines``
-    (:func:`yardstick_section`) go after the metrics vs dense parameters."""
+    """Figures + ``report.md`` under ``report_dir``; returns the markdown's path. Only the axes the sweep varies
+    get a section and a figure (a size sweep at one length has nothing to fit against length); a figure of an
+    axis that no longer varies is removed. ``yardstick_lines`` (:func:`yardstick_section`) go after the
+    metric sections."""
     report_dir = Path(report_dir)
-    by_params = plot_metric_fits(rows, "max_seq_len", "dense_params", "dense parameters",
-                                 report_dir / "metric_vs_params.png")
-    by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
-                              report_dir / "metric_vs_seq_len.png")
-    loss_by_params = plot_loss_fits(rows, "max_seq_len", "dense_params", "dense parameters",
-                                    report_dir / "loss_vs_params.png")
-    loss_by_len = plot_loss_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
-                                 report_dir / "loss_vs_seq_len.png")
+    models, lengths = list(dict.fromkeys(r["model"] for r in rows)), sorted({r["max_seq_len"] for r in rows})
+    by_size, by_length = len(models) > 1 or len(lengths) < 2, len(lengths) > 1
+    metric_md: list[str] = []
+    loss_md: list[str] = []
+    if by_size:
+        by_params = plot_metric_fits(rows, "max_seq_len", "dense_params", "dense parameters",
+                                     report_dir / "metric_vs_params.png")
+        loss_by_params = plot_loss_fits(rows, "max_seq_len", "dense_params", "dense parameters",
+                                        report_dir / "loss_vs_params.png")
+        metric_md += ["## Metric vs dense parameters", "", "![metric vs params](metric_vs_params.png)", "",
+                      *_fit_lines(by_params, "max_seq_len", "N"), ""]
+        loss_md += ["## Loss at equal tokens vs dense parameters", "", "![loss vs params](loss_vs_params.png)", "",
+                    *_loss_fit_lines(loss_by_params, "max_seq_len", "N"), ""]
+    if by_length:
+        by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
+                                  report_dir / "metric_vs_seq_len.png")
+        loss_by_len = plot_loss_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
+                                     report_dir / "loss_vs_seq_len.png")
+        metric_md += ["## Metric vs sequence length", "", "![metric vs seq len](metric_vs_seq_len.png)", "",
+                      *_fit_lines(by_len, "model", "L"), ""]
+        loss_md += ["## Loss at equal tokens vs sequence length", "", "![loss vs seq len](loss_vs_seq_len.png)", "",
+                    *_loss_fit_lines(loss_by_len, "model", "L"), ""]
+    stale = ([] if by_size else ["metric_vs_params", "loss_vs_params"]) + \
+            ([] if by_length else ["metric_vs_seq_len", "loss_vs_seq_len"])
+    for name in stale:  # left by an earlier report of another grid
+        (report_dir / f"{name}.png").unlink(missing_ok=True)
     loss_fit = plot_loss_vs_compute(rows, report_dir / "loss_vs_compute.png")
     plot_learning_curves(rows, curves, report_dir / "learning_curves.png")
 
     done, failed = _done(rows), [r for r in rows if r["status"] not in FINISHED]
+    fixed = ([f"Every run has max_seq_len = {lengths[0]}."] if not by_length and lengths else []) + \
+            ([f"Every run is model {models[0]}."] if not by_size else [])
     md = [f"# {title}", "", f"{len(done)} of {len(rows)} runs finished"
           + (f"; not finished: {', '.join(r['name'] + ' (' + r['status'] + ')' for r in failed)}." if failed else "."),
-          "", "## Metric vs dense parameters", "", "![metric vs params](metric_vs_params.png)", "",
-          *_fit_lines(by_params, "max_seq_len", "N"), "",
-          "## Metric vs sequence length", "", "![metric vs seq len](metric_vs_seq_len.png)", "",
-          *_fit_lines(by_len, "model", "L"), "",
-          "## Loss at equal tokens vs dense parameters", "", "![loss vs params](loss_vs_params.png)", "",
-          *_loss_fit_lines(loss_by_params, "max_seq_len", "N"), "",
-          "## Loss at equal tokens vs sequence length", "", "![loss vs seq len](loss_vs_seq_len.png)", "",
-          *_loss_fit_lines(loss_by_len, "model", "L"), "",
+          *([" ".join(fixed)] if fixed else []), "",
+          *metric_md, *(yardstick_lines or []), *loss_md,
           "## Loss vs training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
           (f"- `{loss_fit.equation()}` (C in FLOPs = flops_per_token x tokens), R² (log-log) = {loss_fit.r2:.3f}, "
            f"{loss_fit.n} runs" if loss_fit else "- not fitted (< 2 distinct compute values)"), "",
           "## Learning curves", "", "![learning curves](learning_curves.png)", "",
           "## Runs", "", markdown_table(rows, COLUMNS), ""]
-    if yardstick_lines:
-        at = md.index("## Metric vs sequence length")
-        md[at:at] = yardstick_lines
     if memory_rows:
         md += ["## GPUs needed per preset (memory model, lum_dist/scaling/memory.py)", "", memory_note, "",
                markdown_table(memory_rows, memory_rows[0].keys()), ""]

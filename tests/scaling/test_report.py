@@ -79,7 +79,7 @@ def test_report_prints_each_run_beside_its_yardstick(tmp_path):
     run_sweep(sweep, runs, fake_runner([]), lambda s: None)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
 
-    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Metric vs sequence length")]
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Loss at equal tokens")]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| h")}
     assert len(rows) == 8 and "h128_L32_seed0" not in rows  # its yardstick run failed
     hr = expected_hr(40_000, 32)
@@ -97,11 +97,30 @@ def test_context_sweep_beside_its_yardstick_is_plotted_against_length(tmp_path):
     run_sweep(sweep, runs, fake_runner([]), lambda s: None)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
 
-    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Metric vs sequence length")]
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Loss at equal tokens")]
     assert "(metric_vs_seq_len_yardstick.png)" in section and "metric_vs_params_yardstick" not in section
     assert (tmp_path / "report" / "metric_vs_seq_len_yardstick.png").read_bytes()[:8] == PNG_MAGIC
     assert "hr@10, sweep = fake (3 points): `hr@10 = 0.01 * ln(L)" in section  # the planted length law
     assert "hr@10, sweep = baseline (3 points)" in section and section.count("| h64_L") == 3
+    # one size: nothing to fit against parameters, and the report says which model every run is
+    assert "Every run is model h64." in text and "## Metric vs dense parameters" not in text
+    assert not (tmp_path / "report" / "metric_vs_params.png").exists()
+
+
+def test_a_size_sweep_at_one_length_reports_only_the_size_axis(tmp_path):
+    """One length, several sizes: the sections and figures against length (one point per model, nothing to fit)
+    are left out, and a stale figure of them from an earlier report of the folder is removed."""
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    sweep.max_seq_lens = [64]
+    runs = expand_grid(sweep)
+    run_sweep(sweep, runs, fake_runner([]), lambda s: None)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "loss_vs_seq_len.png").write_bytes(PNG_MAGIC)
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    assert "Every run has max_seq_len = 64." in text and "not fitted" not in text
+    assert "sequence length" not in text and text.count("hr@10 = 0.02 * ln(N)") == 1
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
+        "learning_curves.png", "loss_vs_compute.png", "loss_vs_params.png", "metric_vs_params.png"]
 
 
 def test_fits_average_seeds_and_skip_failed(tmp_path):
