@@ -146,11 +146,11 @@ def test_shipped_sweep_configs_expand():
         assert cfg.optim.lr * cfg.optim.hidden_lr_scale(width) == pytest.approx(1.2e-3 * 512 / width)
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
-        assert len(real) == 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
+        assert len(real) >= 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
     # Every sweep with a yardstick (SASRec at the same sizes or lengths) pairs with it run for run
     paired = [sweep for sweep in map(load_sweep, sorted((REPO_ROOT / "configs/sweeps").glob("*.yaml")))
               if sweep.yardstick]
-    assert {s.name for s in paired} == {"mlsmall-size", "ml100k-context", "mlsmall-context"}
+    assert {s.name for s in paired} == {"beauty-size", "mlsmall-size", "ml100k-context", "mlsmall-context"}
     for lum_sweep in paired:
         sasrec_sweep = load_sweep(REPO_ROOT / lum_sweep.yardstick)
         for lum_run, sasrec_run in zip(expand_grid(lum_sweep), expand_grid(sasrec_sweep), strict=True):
