@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 import matplotlib.ticker
@@ -304,22 +304,45 @@ def beside_yardstick(rows: list[dict[str, Any]], yardstick_rows: list[dict[str, 
     return out
 
 
+class Axis(NamedTuple):
+    """What a sweep can vary: series by ``group``, ``x`` on the horizontal axis, figures ``*_vs_<stem>.png``."""
+    group: str
+    x: str
+    heading: str
+    xlabel: str
+    xname: str  # the variable in the fitted equations
+    stem: str
+
+
+SIZE_AXIS = Axis("max_seq_len", "dense_params", "dense parameters", "dense parameters", "N", "params")
+LENGTH_AXIS = Axis("model", "max_seq_len", "sequence length", "max sequence length (tokens)", "L", "seq_len")
+
+
 def yardstick_section(rows: list[dict[str, Any]], name: str, yard_rows: list[dict[str, Any]], yard_name: str,
                       report_dir: Path) -> list[str]:
     """The report's lines on sweep ``name`` beside sweep ``yard_name``, and their figure: metrics vs dense
     parameters for a size sweep, vs sequence length for a context sweep (one size, several lengths)."""
     by_len = len({r["dense_params"] for r in rows}) == 1 and len({r["max_seq_len"] for r in rows}) > 1
-    x, xlabel, xname, figure = (("max_seq_len", "max sequence length (tokens)", "L", "metric_vs_seq_len_yardstick.png")
-                                if by_len else
-                                ("dense_params", "dense parameters", "N", "metric_vs_params_yardstick.png"))
+    axis = LENGTH_AXIS if by_len else SIZE_AXIS
+    figure = f"metric_vs_{axis.stem}_yardstick.png"
     series = [{**r, "sweep": name} for r in rows] + [{**r, "sweep": yard_name} for r in yard_rows]
-    fits = plot_metric_fits(series, "sweep", x, xlabel, report_dir / figure)
+    fits = plot_metric_fits(series, "sweep", axis.x, axis.xlabel, report_dir / figure)
     table = beside_yardstick(rows, yard_rows)
     return [f"## Beside the yardstick ({yard_name})", "", "Cells are `this sweep / yardstick`; the ratio is this sweep's "
             "test metric over the yardstick's (HR@10 / NDCG@10).", "",
             markdown_table(table, table[0].keys()) if table else "No run has a finished yardstick run yet.", "",
-            f"![metrics vs {xlabel}, beside the yardstick]({figure})", "",
-            *_fit_lines(fits, "sweep", xname), ""]
+            f"![metrics vs {axis.xlabel}, beside the yardstick]({figure})", "",
+            *_fit_lines(fits, "sweep", axis.xname), ""]
+
+
+def axis_sections(rows: list[dict[str, Any]], report_dir: Path, axis: Axis) -> tuple[list[str], list[str]]:
+    """The metric and the loss sections (markdown lines) against one axis, with their figures."""
+    metric = plot_metric_fits(rows, axis.group, axis.x, axis.xlabel, report_dir / f"metric_vs_{axis.stem}.png")
+    loss = plot_loss_fits(rows, axis.group, axis.x, axis.xlabel, report_dir / f"loss_vs_{axis.stem}.png")
+    return ([f"## Metric vs {axis.heading}", "", f"![metric vs {axis.heading}](metric_vs_{axis.stem}.png)", "",
+             *_fit_lines(metric, axis.group, axis.xname), ""],
+            [f"## Loss at equal tokens vs {axis.heading}", "", f"![loss vs {axis.heading}](loss_vs_{axis.stem}.png)",
+             "", *_loss_fit_lines(loss, axis.group, axis.xname), ""])
 
 
 def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,
@@ -334,28 +357,14 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
     by_size, by_length = len(models) > 1 or len(lengths) < 2, len(lengths) > 1
     metric_md: list[str] = []
     loss_md: list[str] = []
-    if by_size:
-        by_params = plot_metric_fits(rows, "max_seq_len", "dense_params", "dense parameters",
-                                     report_dir / "metric_vs_params.png")
-        loss_by_params = plot_loss_fits(rows, "max_seq_len", "dense_params", "dense parameters",
-                                        report_dir / "loss_vs_params.png")
-        metric_md += ["## Metric vs dense parameters", "", "![metric vs params](metric_vs_params.png)", "",
-                      *_fit_lines(by_params, "max_seq_len", "N"), ""]
-        loss_md += ["## Loss at equal tokens vs dense parameters", "", "![loss vs params](loss_vs_params.png)", "",
-                    *_loss_fit_lines(loss_by_params, "max_seq_len", "N"), ""]
-    if by_length:
-        by_len = plot_metric_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
-                                  report_dir / "metric_vs_seq_len.png")
-        loss_by_len = plot_loss_fits(rows, "model", "max_seq_len", "max sequence length (tokens)",
-                                     report_dir / "loss_vs_seq_len.png")
-        metric_md += ["## Metric vs sequence length", "", "![metric vs seq len](metric_vs_seq_len.png)", "",
-                      *_fit_lines(by_len, "model", "L"), ""]
-        loss_md += ["## Loss at equal tokens vs sequence length", "", "![loss vs seq len](loss_vs_seq_len.png)", "",
-                    *_loss_fit_lines(loss_by_len, "model", "L"), ""]
-    stale = ([] if by_size else ["metric_vs_params", "loss_vs_params"]) + \
-            ([] if by_length else ["metric_vs_seq_len", "loss_vs_seq_len"])
-    for name in stale:  # left by an earlier report of another grid
-        (report_dir / f"{name}.png").unlink(missing_ok=True)
+    for varies, axis in ((by_size, SIZE_AXIS), (by_length, LENGTH_AXIS)):
+        if varies:
+            metric_lines, loss_lines = axis_sections(rows, report_dir, axis)
+            metric_md += metric_lines
+            loss_md += loss_lines
+        else:  # a figure left by an earlier report of another grid
+            for kind in ("metric", "loss"):
+                (report_dir / f"{kind}_vs_{axis.stem}.png").unlink(missing_ok=True)
     loss_fit = plot_loss_vs_compute(rows, report_dir / "loss_vs_compute.png")
     plot_learning_curves(rows, curves, report_dir / "learning_curves.png")
 
