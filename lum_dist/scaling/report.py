@@ -3,10 +3,10 @@
 Rows come from each run's ``result.json`` and ``metrics.jsonl`` (written by lum_dist.train.trainer).
 Figures (matplotlib, Agg), for the axes a sweep varies: ranking metrics and final training loss vs dense
 parameters (log x, one series per sequence length) and vs sequence length (one series per model); always
-training loss vs training compute (log-log) and the learning curves. Metrics are averaged over seeds before the a*ln(x)+b fits; the compute fit uses every
-run. A sweep with a ``yardstick`` (another sweep with the same run names, e.g. SASRec at the same sizes) also
-gets each run beside the yardstick's run of the same name. Every file is written atomically, so a report is
-never seen half-written.
+training loss vs training compute (log-log) and the learning curves. Metrics are averaged over seeds before
+the a*ln(x)+b fits; the compute fit uses every run. A sweep with a ``yardstick`` (another sweep with the
+same run names, e.g. SASRec at the same sizes) also gets each run beside the yardstick's run of the same
+name. Every file is written atomically, so a report is never seen half-written.
 """
 
 from __future__ import annotations
