@@ -70,6 +70,9 @@ class LUMConfig(PretrainedConfig):
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
         previous_item_dropout: float = 0.0,  # training only: the slot stays PAD for this share of condition tokens
+        # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
+        # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):
+        item_id_dropout: float = 0.0,
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -98,6 +101,7 @@ class LUMConfig(PretrainedConfig):
         self.max_item_tags = max_item_tags
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
+        self.item_id_dropout = item_id_dropout
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -114,7 +118,8 @@ class LUMConfig(PretrainedConfig):
                               "a dataset prepared before item tags existed: lum-prepare --force)")
         if previous_item_dropout and not previous_item_slot:
             raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot")
-        for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout"):
+        for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout",
+                     "item_id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
 
@@ -133,7 +138,7 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
-        "item_tags", "previous_item_slot", "previous_item_dropout",
+        "item_tags", "previous_item_slot", "previous_item_dropout", "item_id_dropout",
     })
 
     @classmethod

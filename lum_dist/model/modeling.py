@@ -95,6 +95,13 @@ def previous_items(item_ids: torch.Tensor, token_type: torch.Tensor, positions: 
     return torch.where(use, item_ids[prev], item_ids)
 
 
+def drop_item_ids(item_ids: torch.Tensor, token_type: torch.Tensor, p: float) -> torch.Tensor:
+    """``item_ids`` with a ``p`` share of the item tokens, drawn at random, reading PAD: such a token still says
+    that the user acted, and on what attributes (its condition fields), but not on which item."""
+    drop = (token_type == ITEM_TOKEN) & (torch.rand(item_ids.shape, device=item_ids.device) < p)
+    return item_ids.masked_fill(drop, PAD_ID)
+
+
 def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, 1, head_dim / 2] for each token's position (computed per call: no buffers to shard)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
@@ -250,6 +257,8 @@ class LUMModel(PreTrainedModel):
         if self.config.previous_item_slot:
             dropout = self.config.previous_item_dropout if self.training else 0.0
             item_ids = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
+        if self.training and self.config.item_id_dropout > 0:
+            item_ids = drop_item_ids(item_ids, token_type, self.config.item_id_dropout)
         x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
         cos, sin = rotary(positions, self.config.head_dim, self.config.rope_theta)
         # Group queries: the layout is read (one host sync) and the plan built once here, not in every layer.

@@ -7,6 +7,7 @@ import torch
 
 from lum_dist.config import ConfigError
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
+from lum_dist.data.schema import PAD_ID
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
 from lum_dist.testing.batches import random_packed_batch
@@ -275,3 +276,21 @@ def test_scaled_init_shrinks_the_residual_output_projections_with_depth():
             for w in (block.attn.out.weight, block.mlp.down.weight):
                 assert abs(w.std().item() / std - 1) < 0.05
             assert abs(block.attn.qkv.weight.std().item() / model.config.initializer_range - 1) < 0.05
+
+
+def test_item_id_dropout_blanks_a_share_of_item_tokens_in_training_only():
+    batch = random_packed_batch([60] * 40, 60, VOCABS, seed=3)
+    torch.manual_seed(0)
+    dropped = modeling.drop_item_ids(batch.item_ids, batch.token_type, 0.3)
+    items, changed = batch.token_type == ITEM_TOKEN, dropped != batch.item_ids
+    assert (changed <= items).all() and (dropped[changed] == PAD_ID).all()  # only item tokens, only to PAD
+    assert 0.25 < changed.sum() / (items & (batch.item_ids != PAD_ID)).sum() < 0.35
+    a, b = tiny(item_id_dropout=0.3), tiny()
+    with torch.no_grad():  # evaluation reads every id
+        torch.testing.assert_close(a.forward_batch(batch), b.forward_batch(batch), rtol=0, atol=0)
+    a.train()
+    torch.manual_seed(0)
+    with torch.no_grad():  # training: a masked id changes the output (other dropout is 0 in tiny)
+        assert not torch.allclose(a.forward_batch(batch), b.forward_batch(batch))
+    with pytest.raises(ConfigError, match="item_id_dropout"):
+        tiny(item_id_dropout=1.0)
