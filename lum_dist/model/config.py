@@ -73,6 +73,10 @@ class LUMConfig(PretrainedConfig):
         # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
         # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):
         item_id_dropout: float = 0.0,
+        # Wide & deep (Cheng et al. 2016): a condition token's output also adds a learned vector of the previous
+        # behaviour's item (zero at init), a bigram memory in the item space beside the transformer, which
+        # generalises: exact item-to-item transitions are remembered without the transformer leaning on them.
+        transition_memory: bool = False,
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -102,6 +106,7 @@ class LUMConfig(PretrainedConfig):
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
         self.item_id_dropout = item_id_dropout
+        self.transition_memory = transition_memory
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -139,6 +144,7 @@ class LUMConfig(PretrainedConfig):
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
         "item_tags", "previous_item_slot", "previous_item_dropout", "item_id_dropout",
+        "transition_memory",
     })
 
     @classmethod
@@ -165,6 +171,7 @@ class LUMConfig(PretrainedConfig):
             + 2 * h  # token-type embedding
             + (sum(self.item_attr_vocab_sizes) * self.item_emb_dim if self.attribute_targets else 0)
             + (self.num_item_tags * self.item_emb_dim if self.item_tags else 0)
+            + (self.num_items * self.item_emb_dim if self.transition_memory else 0)
         )
         return {"dense": dense, "embedding": embedding, "total": dense + embedding}
 

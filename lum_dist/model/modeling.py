@@ -179,6 +179,10 @@ class LUMModel(PreTrainedModel):
         self.attr_targets = nn.ModuleList(
             nn.Embedding(v, config.item_emb_dim, padding_idx=PAD_ID) for v in config.item_attr_vocab_sizes
         ) if config.attribute_targets else nn.ModuleList()
+        self.transition = nn.Embedding(config.num_items, config.item_emb_dim, padding_idx=PAD_ID) \
+            if config.transition_memory else None
+        if self.transition is not None:
+            self.transition.zero_init = True  # the model starts as it would without it
         # Each item's attribute ids. The dataset is their source of truth (set_item_attributes), so they are not
         # saved with the weights.
         self.register_buffer("item_attrs", torch.zeros(config.num_items, len(self.attr_targets), dtype=torch.long),
@@ -202,7 +206,7 @@ class LUMModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
+            nn.init.normal_(module.weight, 0.0, 0.0 if getattr(module, "zero_init", False) else std)
             # Under ZeRO-3 a parameter outside a gather is empty: the trainer re-runs this gathered.
             if module.padding_idx is not None and module.weight.numel() > 0:
                 module.weight[module.padding_idx].zero_()
@@ -254,6 +258,9 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
+        if self.transition is not None:  # PAD (a zero row) where a token has no previous item or is an item
+            last_item = torch.where(token_type == COND_TOKEN,
+                                    previous_items(item_ids, token_type, positions, cu_seqlens), PAD_ID)
         if self.config.previous_item_slot:
             dropout = self.config.previous_item_dropout if self.training else 0.0
             item_ids = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
@@ -272,7 +279,8 @@ class LUMModel(PreTrainedModel):
                                               head_dim=self.config.head_dim)
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
-        return self.head(self.norm(x))
+        out = self.head(self.norm(x))
+        return out if self.transition is None else out + self.transition(last_item)
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:
         """bool [T]: every token's output is a prediction (the condition token carries what it needs)."""
