@@ -31,10 +31,12 @@ from common import print_table, write_result  # noqa: E402
 from context_use import smoke_checkpoint  # noqa: E402
 
 from lum_dist.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from lum_dist.config import PretrainConfig  # noqa: E402
 from lum_dist.data.packing import best_fit_decreasing, collate  # noqa: E402
 from lum_dist.data.prepare import read_users  # noqa: E402
 from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets  # noqa: E402
+from lum_dist.model import LUMModel, SASRecModel  # noqa: E402
 from lum_dist.train.evaluate import as_scored, evaluate_checkpoint, item_scoring_table  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
@@ -57,25 +59,36 @@ def run_name(checkpoint: Path) -> str:
     return checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.name or str(checkpoint)
 
 
+def users_with_both_splits(data_path: str | Path, max_users: int = 0) -> list[dict]:
+    """The users whose validation and test targets both exist (the first ``max_users``; 0: all)."""
+    rows = [r for r in read_users(data_path).to_pylist() if r["train_end"] < r["valid_end"] < len(r["item"])]
+    return rows[:max_users] if max_users else rows
+
+
 @torch.no_grad()
+def rank_users(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[TokenSeq]) -> np.ndarray:
+    """int64 [len(seqs)]: the 0-based rank of each sequence's target under its generic query, scored as
+    ``launch/evaluate.py`` does (its history's items excluded)."""
+    items = item_scoring_table(model, cfg.loss.similarity)
+    budget = max(cfg.eval.token_budget, cfg.data.max_seq_len)
+    ranks = np.zeros(len(seqs), dtype=np.int64)
+    for packed in best_fit_decreasing(np.array([len(s) for s in seqs]), budget):
+        batch = collate(seqs, [packed], budget)  # sequences in the order of ``packed``
+        query = batch.query_index()
+        user = as_scored(model.forward_batch(batch)[query], cfg.loss.similarity)
+        ranks[packed] = rank_of_targets(user @ items.T, batch.targets[query], batch.seen_items).cpu().numpy()
+    return ranks
+
+
 def probe(checkpoint: Path, max_users: int) -> list[dict]:
     model, cfg, meta = load_model(resolve_checkpoint(checkpoint))
     model.eval()
-    rows = [r for r in read_users(cfg.data.path).to_pylist() if r["train_end"] < r["valid_end"] < len(r["item"])]
-    rows = rows[:max_users] if max_users else rows
-    seqs = [sequences(r, meta, cfg.data.max_seq_len, cfg.data.item_attributes) for r in rows]
-    items = item_scoring_table(model, cfg.loss.similarity)
-    budget = max(cfg.eval.token_budget, cfg.data.max_seq_len)
+    seqs = [sequences(r, meta, cfg.data.max_seq_len, cfg.data.item_attributes)
+            for r in users_with_both_splits(cfg.data.path, max_users)]
     out = []
     for ranking in RANKINGS:
-        these = [s[ranking] for s in seqs]
-        acc = RankingAccumulator([10])
-        for packed in best_fit_decreasing(np.array([len(s) for s in these]), budget):
-            batch = collate(these, [packed], budget)
-            query = batch.query_index()
-            user = as_scored(model.forward_batch(batch)[query], cfg.loss.similarity)
-            acc.update(rank_of_targets(user @ items.T, batch.targets[query], batch.seen_items))
-        m = acc.compute()
+        ranks = torch.from_numpy(rank_users(model, cfg, [s[ranking] for s in seqs]))
+        m = RankingAccumulator([10]).update(ranks).compute()
         out.append({"checkpoint": run_name(checkpoint), "model": cfg.model.preset, "ranking": ranking,
                     "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"], "users": int(m["count"])})
     return out

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lum_dist.config import PretrainConfig, load_config
@@ -67,15 +68,15 @@ def test_group_query_kernel_smoke(tmp_path):
 
 # --- benchmarks/gpu_check.py: its CPU dry run, its budget, and the pieces it is built from ---
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("_gpu_check", REPO / "benchmarks" / "gpu_check.py")
+def _load_benchmark(script: str):
+    spec = importlib.util.spec_from_file_location(f"_{script}", REPO / "benchmarks" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-gpu_check = _load_gpu_check()
+gpu_check = _load_benchmark("gpu_check")
 
 
 def _gpu_check_run(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
@@ -293,3 +294,35 @@ def test_valid_test_gap_smoke(tmp_path):
             assert rows[split][k] == pytest.approx(reference[f"{split}/{k}"], rel=1e-6)
     assert (tmp_path / "results" / "valid_test_gap_smoke.md").is_file()
 
+
+
+def test_transition_buckets_smoke(tmp_path):
+    data = _smoke(tmp_path, "transition_buckets.py")
+    rows = data["rows"]
+    for split in ("valid", "test"):
+        these = {(r["bucketing"], r["bucket"]): r for r in rows if r["split"] == split}
+        assert these[("all", "all")]["users"] == 20
+        for key in ("transition", "target popularity"):  # each bucketing splits the same users
+            assert sum(r["users"] for (k, _), r in these.items() if k == key) == 20
+        assert all(r["hr_ratio"] == 1.0 or r["users"] == 0 or r["hr@10"] == 0 for r in these.values())
+    assert (tmp_path / "results" / "transition_buckets_smoke.md").is_file()
+
+
+def test_transition_buckets_count_training_pairs_and_bucket_each_user():
+    tb = _load_benchmark("transition_buckets")
+    users = [{"item": [5, 6, 7, 8, 9], "train_end": 3, "valid_end": 4},  # trains on 5 6 7
+             {"item": [5, 6, 5, 6, 7], "train_end": 3, "valid_end": 4},  # trains on 5 6 5
+             {"item": [6, 7, 8, 5], "train_end": 2, "valid_end": 3}]  # trains on 6 7
+    pairs, items = tb.training_counts(users)
+    assert pairs == {(5, 6): 2, (6, 7): 2, (6, 5): 1} and items == {5: 3, 6: 3, 7: 2}
+    valid = tb.user_features(users, "valid", pairs, items)  # (7 -> 8), (5 -> 6), (7 -> 8)
+    assert valid["transition"].tolist() == [0, 2, 0] and valid["target popularity"].tolist() == [0, 3, 0]
+    test = tb.user_features(users, "test", pairs, items)  # (8 -> 9), (6 -> 7), (8 -> 5)
+    assert test["transition"].tolist() == [0, 2, 0] and test["target popularity"].tolist() == [0, 2, 3]
+    rows = tb.bucket_rows("m", "test", np.array([0, 12, 3]), test)
+    by = {(r["bucketing"], r["bucket"]): r for r in rows}
+    assert by[("all", "all")]["hr@10"] == pytest.approx(2 / 3)
+    assert (by[("transition", "0")]["users"], by[("transition", "0")]["hr@10"]) == (2, 1.0)
+    assert (by[("transition", "2-4")]["users"], by[("transition", "2-4")]["hr@10"]) == (1, 0.0)
+    assert by[("transition", "5+")]["users"] == 0
+    assert [by[("target popularity", b)]["users"] for b in ("0-4", "5-19", "20-99", "100+")] == [3, 0, 0, 0]
