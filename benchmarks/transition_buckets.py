@@ -115,7 +115,11 @@ def markdown(rows: list[dict]) -> str:
     names = list(dict.fromkeys(r["checkpoint"] for r in rows))
     head = "| split | bucketing | bucket | users | " + " | ".join(f"{n} HR@10 / NDCG@10" for n in names)
     head += "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |"
-    lines = [head, "|---" * (4 + 2 * len(names) - 1) + "|"]
+    lines = ["# Per-user ranks bucketed by the training data (`benchmarks/transition_buckets.py`)", "",
+             "HR@10 / NDCG@10 of each checkpoint's generic query (the history's items excluded, as `launch/evaluate.py`);",
+             "users bucketed by how often their (last history item -> held-out item) pair follows one another in",
+             f"training, and by how often the held-out item occurs there. Ratios are to `{names[0]}`.", "",
+             head, "|---" * (4 + 2 * len(names) - 1) + "|"]
     keys = list(dict.fromkeys((r["split"], r["bucketing"], r["bucket"]) for r in rows))
     for key in keys:
         these = [next(r for r in rows if r["checkpoint"] == n and (r["split"], r["bucketing"], r["bucket"]) == key)
