@@ -73,10 +73,10 @@ class LUMConfig(PretrainedConfig):
         # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
         # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):
         item_id_dropout: float = 0.0,
-        # Wide & deep (Cheng et al. 2016): a condition token's output also adds a learned vector of the previous
-        # behaviour's item (zero at init), a bigram memory in the item space beside the transformer, which
-        # generalises: exact item-to-item transitions are remembered without the transformer leaning on them.
-        transition_memory: bool = False,
+        # A condition token's output also adds W v, v the previous behaviour's item as scored (W zero at init): SASRec's
+        # residual path from its last item to its output, so an item-to-item transition is a bilinear v_i W v_j
+        # of the shared item vectors, remembered beside the transformer, which generalises.
+        previous_item_skip: bool = False,
         **kwargs: Any,
     ):
         self.hidden_size = hidden_size
@@ -106,7 +106,7 @@ class LUMConfig(PretrainedConfig):
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
         self.item_id_dropout = item_id_dropout
-        self.transition_memory = transition_memory
+        self.previous_item_skip = previous_item_skip
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ConfigError(f"LUMConfig: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
@@ -144,7 +144,7 @@ class LUMConfig(PretrainedConfig):
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
         "item_tags", "previous_item_slot", "previous_item_dropout", "item_id_dropout",
-        "transition_memory",
+        "previous_item_skip",
     })
 
     @classmethod
@@ -156,10 +156,11 @@ class LUMConfig(PretrainedConfig):
                    max_item_tags=max_item_tags, **arch)
 
     def matmul_params(self) -> int:
-        """Weights of every matrix multiply per token: input projection, blocks, output projection."""
-        h, i = self.hidden_size, self.intermediate_size
+        """Weights of every matrix multiply per token: input projection, blocks, output projection (and the
+        previous-item skip)."""
+        h, i, e = self.hidden_size, self.intermediate_size, self.item_emb_dim
         per_layer = 4 * h * h + 3 * h * i  # q, k, v, o + SwiGLU gate, up, down
-        return self.token_feature_dim * h + self.num_layers * per_layer + h * self.item_emb_dim
+        return self.token_feature_dim * h + self.num_layers * per_layer + h * e + (e * e if self.previous_item_skip else 0)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by formula. dense = everything but the lookup tables (matmuls, biases, norms)."""
@@ -171,7 +172,6 @@ class LUMConfig(PretrainedConfig):
             + 2 * h  # token-type embedding
             + (sum(self.item_attr_vocab_sizes) * self.item_emb_dim if self.attribute_targets else 0)
             + (self.num_item_tags * self.item_emb_dim if self.item_tags else 0)
-            + (self.num_items * self.item_emb_dim if self.transition_memory else 0)
         )
         return {"dense": dense, "embedding": embedding, "total": dense + embedding}
 

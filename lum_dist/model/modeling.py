@@ -179,10 +179,10 @@ class LUMModel(PreTrainedModel):
         self.attr_targets = nn.ModuleList(
             nn.Embedding(v, config.item_emb_dim, padding_idx=PAD_ID) for v in config.item_attr_vocab_sizes
         ) if config.attribute_targets else nn.ModuleList()
-        self.transition = nn.Embedding(config.num_items, config.item_emb_dim, padding_idx=PAD_ID) \
-            if config.transition_memory else None
-        if self.transition is not None:
-            self.transition.zero_init = True  # the model starts as it would without it
+        self.previous_item_skip = nn.Linear(config.item_emb_dim, config.item_emb_dim, bias=False) \
+            if config.previous_item_skip else None
+        if self.previous_item_skip is not None:
+            self.previous_item_skip.zero_init = True  # the model starts as it would without it
         # Each item's attribute ids. The dataset is their source of truth (set_item_attributes), so they are not
         # saved with the weights.
         self.register_buffer("item_attrs", torch.zeros(config.num_items, len(self.attr_targets), dtype=torch.long),
@@ -195,10 +195,12 @@ class LUMModel(PreTrainedModel):
 
         With ``scaled_init`` the projections that write into the residual stream (attention output, MLP
         down) start ``sqrt(2 * num_layers)`` smaller (GPT-2), so the stream's variance at init does not
-        grow with depth. Called per module (also by the trainer under ZeRO-3 with the module's parameters
+        grow with depth; modules marked ``zero_init`` (the previous-item skip) start at zero. Called per module (also by the trainer under ZeRO-3 with the module's parameters
         gathered); modules that are not ours (e.g. the loss) are left alone.
         """
         std = self.config.initializer_range
+        if getattr(module, "zero_init", False):
+            std = 0.0
         if isinstance(module, nn.Linear):
             if self.config.scaled_init and getattr(module, "is_residual_out", False):
                 std = std / math.sqrt(2 * self.config.num_layers)
@@ -206,7 +208,7 @@ class LUMModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, 0.0 if getattr(module, "zero_init", False) else std)
+            nn.init.normal_(module.weight, 0.0, std)
             # Under ZeRO-3 a parameter outside a gather is empty: the trainer re-runs this gathered.
             if module.padding_idx is not None and module.weight.numel() > 0:
                 module.weight[module.padding_idx].zero_()
@@ -258,7 +260,7 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
-        if self.transition is not None:  # PAD (a zero row) where a token has no previous item or is an item
+        if self.previous_item_skip is not None:  # PAD (a zero vector) where a token is an item or has none before
             last_item = torch.where(token_type == COND_TOKEN,
                                     previous_items(item_ids, token_type, positions, cu_seqlens), PAD_ID)
         if self.config.previous_item_slot:
@@ -280,7 +282,9 @@ class LUMModel(PreTrainedModel):
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
         out = self.head(self.norm(x))
-        return out if self.transition is None else out + self.transition(last_item)
+        if self.previous_item_skip is None:
+            return out
+        return out + self.previous_item_skip(self.item_embeddings(last_item))
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:
         """bool [T]: every token's output is a prediction (the condition token carries what it needs)."""

@@ -107,7 +107,7 @@ def _group_query_by_definition(q, k, v, cu_seqlens, num_queries, max_seqlen, sof
 
 @pytest.mark.parametrize("op,options", [("definition", {}), ("lum_dist.ops.group_query", {}),
                                         ("lum_dist.ops.group_query", {"previous_item_slot": True}),
-                                        ("lum_dist.ops.group_query", {"transition_memory": True})])
+                                        ("lum_dist.ops.group_query", {"previous_item_skip": True})])
 def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, op, options):
     """num_queries > 1 goes to lum_dist.ops.group_query (the real op, or a stub doing it by definition);
     query j's output equals the history + query j alone, at position L."""
@@ -118,8 +118,8 @@ def test_group_queries_dispatch_and_each_query_equals_its_own_pass(monkeypatch, 
 
         monkeypatch.setattr(modeling, "group_query_attention_plan", stub)
     model = tiny(**options)
-    if model.transition is not None:  # a learned table, not its zero init
-        torch.nn.init.normal_(model.transition.weight)
+    if model.previous_item_skip is not None:  # a learned map, not its zero init
+        torch.nn.init.normal_(model.previous_item_skip.weight)
     batch = random_packed_batch([8, 3], 60, VOCABS, num_queries=[3, 2], seed=5)
     with torch.no_grad():
         out = model.forward_batch(batch)
@@ -299,18 +299,18 @@ def test_item_id_dropout_blanks_a_share_of_item_tokens_in_training_only():
         tiny(item_id_dropout=1.0)
 
 
-def test_transition_memory_adds_the_previous_items_vector_to_condition_tokens_only():
+def test_previous_item_skip_adds_the_previous_items_scored_vector_to_condition_tokens_only():
     batch = random_packed_batch([9, 1, 6, 7, 3], 60, VOCABS, num_queries=[1, 1, 3, 3, 1], seed=4)
-    base, wide = tiny(), tiny(transition_memory=True)
-    assert not wide.transition.weight.any()  # zero at init: the same model as without it
-    wide.load_state_dict(base.state_dict(), strict=False)  # the rest as base's (the table drew random numbers)
+    base, skip = tiny(), tiny(previous_item_skip=True)
+    assert not skip.previous_item_skip.weight.any()  # zero at init: the same model as without it
+    skip.load_state_dict(base.state_dict(), strict=False)  # the rest as base's (the skip drew random numbers)
     with torch.no_grad():
-        torch.testing.assert_close(wide.forward_batch(batch), base.forward_batch(batch), rtol=0, atol=0)
-        wide.transition.weight.normal_()
-        wide.transition.weight[PAD_ID].zero_()
-        got = wide.forward_batch(batch) - base.forward_batch(batch)
-    prev = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens)
-    has_prev = (batch.token_type == COND_TOKEN) & (prev != batch.item_ids)
-    want = torch.where(has_prev[:, None], wide.transition.weight[prev], torch.zeros(()))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(skip.forward_batch(batch), base.forward_batch(batch), rtol=0, atol=0)
+        skip.previous_item_skip.weight.normal_()
+        got = skip.forward_batch(batch) - base.forward_batch(batch)
+        prev = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens)
+        has_prev = (batch.token_type == COND_TOKEN) & (prev != batch.item_ids)
+        mapped = skip.item_embeddings(prev) @ skip.previous_item_skip.weight.T
+        want = torch.where(has_prev[:, None], mapped, torch.zeros(()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert has_prev.sum() == 10  # as in the previous-item-slot test: the rows that changed are those
