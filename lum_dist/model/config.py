@@ -69,13 +69,14 @@ class LUMConfig(PretrainedConfig):
         # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
-        previous_item_dropout: float = 0.0,  # training only: the slot stays PAD for this share of condition tokens
+        # Training only: for this share of condition tokens the slot stays PAD and the skip (below) adds nothing:
+        previous_item_dropout: float = 0.0,
         # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
         # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):
         item_id_dropout: float = 0.0,
-        # A condition token's output also adds W v, v the previous behaviour's item as scored (W zero at init): SASRec's
-        # residual path from its last item to its output, so an item-to-item transition is a bilinear v_i W v_j
-        # of the shared item vectors, remembered beside the transformer, which generalises.
+        # A condition token's output also adds W dropout(v), v the previous behaviour's item as scored (W zero at init;
+        # feature_dropout): SASRec's residual path from its last item to its output, so an item-to-item transition
+        # is a bilinear v_i W v_j of the shared item vectors, remembered beside the transformer, which generalises.
         previous_item_skip: bool = False,
         **kwargs: Any,
     ):
@@ -121,8 +122,8 @@ class LUMConfig(PretrainedConfig):
         if item_tags and not (num_item_tags > 0 and max_item_tags > 0):
             raise ConfigError("LUMConfig: item_tags needs a dataset whose items have tags (meta.max_item_tags is 0; "
                               "a dataset prepared before item tags existed: lum-prepare --force)")
-        if previous_item_dropout and not previous_item_slot:
-            raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot")
+        if previous_item_dropout and not (previous_item_slot or previous_item_skip):
+            raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot or previous_item_skip")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout",
                      "item_id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:

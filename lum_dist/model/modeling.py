@@ -260,11 +260,11 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
+        dropout = self.config.previous_item_dropout if self.training else 0.0
         if self.previous_item_skip is not None:  # PAD (a zero vector) where a token is an item or has none before
             last_item = torch.where(token_type == COND_TOKEN,
-                                    previous_items(item_ids, token_type, positions, cu_seqlens), PAD_ID)
+                                    previous_items(item_ids, token_type, positions, cu_seqlens, dropout), PAD_ID)
         if self.config.previous_item_slot:
-            dropout = self.config.previous_item_dropout if self.training else 0.0
             item_ids = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
         if self.training and self.config.item_id_dropout > 0:
             item_ids = drop_item_ids(item_ids, token_type, self.config.item_id_dropout)
@@ -284,7 +284,7 @@ class LUMModel(PreTrainedModel):
         out = self.head(self.norm(x))
         if self.previous_item_skip is None:
             return out
-        return out + self.previous_item_skip(self.item_embeddings(last_item))
+        return out + self.previous_item_skip(self.dropout(self.item_embeddings(last_item)))
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:
         """bool [T]: every token's output is a prediction (the condition token carries what it needs)."""

@@ -72,7 +72,7 @@ def test_previous_item_dropout_blanks_a_share_of_the_slots_in_training_only():
     with torch.no_grad():  # evaluation: every slot filled, as without dropout
         a, b = tiny(previous_item_slot=True, previous_item_dropout=0.5), tiny(previous_item_slot=True)
         torch.testing.assert_close(a.forward_batch(batch), b.forward_batch(batch), rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="previous_item_dropout needs previous_item_slot"):
+    with pytest.raises(ConfigError, match="previous_item_dropout needs previous_item_slot or previous_item_skip"):
         tiny(previous_item_dropout=0.5)
 
 
@@ -314,3 +314,18 @@ def test_previous_item_skip_adds_the_previous_items_scored_vector_to_condition_t
         want = torch.where(has_prev[:, None], mapped, torch.zeros(()))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert has_prev.sum() == 10  # as in the previous-item-slot test: the rows that changed are those
+
+
+def test_previous_item_dropout_leaves_the_skip_out_for_a_share_of_condition_tokens_in_training():
+    batch = random_packed_batch([60] * 40, 60, VOCABS, seed=2)
+    base, skip = tiny(), tiny(previous_item_skip=True, previous_item_dropout=0.5)
+    skip.load_state_dict(base.state_dict(), strict=False)
+    torch.nn.init.normal_(skip.previous_item_skip.weight)
+    prev = modeling.previous_items(batch.item_ids, batch.token_type, batch.positions, batch.cu_seqlens)
+    has_prev = (batch.token_type == COND_TOKEN) & (prev != batch.item_ids)
+    with torch.no_grad():  # tiny has no other dropout: a token's output is base's exactly where its skip is left out
+        skip.train()
+        left_out = (skip.forward_batch(batch) == base.forward_batch(batch)).all(-1)
+        assert 0.4 < (left_out & has_prev).sum() / has_prev.sum() < 0.6
+        skip.eval()
+        assert not ((skip.forward_batch(batch) == base.forward_batch(batch)).all(-1) & has_prev).any()
