@@ -161,7 +161,8 @@ class LUMConfig(PretrainedConfig):
         previous-item skip)."""
         h, i, e = self.hidden_size, self.intermediate_size, self.item_emb_dim
         per_layer = 4 * h * h + 3 * h * i  # q, k, v, o + SwiGLU gate, up, down
-        return self.token_feature_dim * h + self.num_layers * per_layer + h * e + (e * e if self.previous_item_skip else 0)
+        skip = e * e if self.previous_item_skip else 0
+        return self.token_feature_dim * h + self.num_layers * per_layer + h * e + skip
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts by formula. dense = everything but the lookup tables (matmuls, biases, norms)."""

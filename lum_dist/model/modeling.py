@@ -12,6 +12,9 @@ about DeepSpeed or process groups; the trainer shards it from outside.
   a final RMSNorm and ``Linear(hidden -> item_emb_dim)``. Dropout (0 in the large presets, as in LLM
   pretraining; small datasets need it) acts on the token features, the attention probabilities and each
   residual branch, each with its own rate.
+* Options for the newest behaviour: ``previous_item_slot`` (the previous item as the predicting condition token's
+  own input) and ``previous_item_skip`` (``W dropout(v)`` of the previous item's scored vector added to that
+  token's output, SASRec's residual path); ``item_id_dropout`` hides a share of item ids in training.
 * The output lives in the item embedding space: InfoNCE compares it with the SAME item vectors that item
   tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's row also adds an embedding of
   each of its attributes (e.g. its category): most items are seen a handful of times, and an attribute shared
@@ -195,8 +198,9 @@ class LUMModel(PreTrainedModel):
 
         With ``scaled_init`` the projections that write into the residual stream (attention output, MLP
         down) start ``sqrt(2 * num_layers)`` smaller (GPT-2), so the stream's variance at init does not
-        grow with depth; modules marked ``zero_init`` (the previous-item skip) start at zero. Called per module (also by the trainer under ZeRO-3 with the module's parameters
-        gathered); modules that are not ours (e.g. the loss) are left alone.
+        grow with depth; modules marked ``zero_init`` (the previous-item skip) start at zero. Called per module
+        (also by the trainer under ZeRO-3 with the module's parameters gathered); modules that are not ours
+        (e.g. the loss) are left alone.
         """
         std = self.config.initializer_range
         if getattr(module, "zero_init", False):
