@@ -69,7 +69,8 @@ class LUMConfig(PretrainedConfig):
         # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
-        # Training only: for this share of condition tokens the slot stays PAD and the skip (below) adds nothing:
+        # Training only: for this share of condition tokens the slot stays PAD and the skip (below) adds nothing
+        # (one draw for both):
         previous_item_dropout: float = 0.0,
         # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
         # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):

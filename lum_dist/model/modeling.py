@@ -264,12 +264,12 @@ class LUMModel(PreTrainedModel):
         numeric: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, item_emb_dim]: the user representation after every token."""
-        dropout = self.config.previous_item_dropout if self.training else 0.0
-        if self.previous_item_skip is not None:  # PAD (a zero vector) where a token is an item or has none before
-            last_item = torch.where(token_type == COND_TOKEN,
-                                    previous_items(item_ids, token_type, positions, cu_seqlens, dropout), PAD_ID)
-        if self.config.previous_item_slot:
-            item_ids = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
+        if self.config.previous_item_slot or self.previous_item_skip is not None:
+            # One draw of previous_item_dropout: a condition token loses slot and skip together.
+            dropout = self.config.previous_item_dropout if self.training else 0.0
+            before = previous_items(item_ids, token_type, positions, cu_seqlens, dropout)
+            if self.config.previous_item_slot:
+                item_ids = before
         if self.training and self.config.item_id_dropout > 0:
             item_ids = drop_item_ids(item_ids, token_type, self.config.item_id_dropout)
         x = self.dropout(self.tokens(item_ids, cond_ids, token_type, time_gaps, numeric))
@@ -288,6 +288,7 @@ class LUMModel(PreTrainedModel):
         out = self.head(self.norm(x))
         if self.previous_item_skip is None:
             return out
+        last_item = torch.where(token_type == COND_TOKEN, before, PAD_ID)  # PAD (a zero vector): item tokens, no item
         return out + self.previous_item_skip(self.dropout(self.item_embeddings(last_item)))
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:

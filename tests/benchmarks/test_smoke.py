@@ -295,7 +295,6 @@ def test_valid_test_gap_smoke(tmp_path):
     assert (tmp_path / "results" / "valid_test_gap_smoke.md").is_file()
 
 
-
 def test_transition_buckets_smoke(tmp_path):
     data = _smoke(tmp_path, "transition_buckets.py")
     rows = data["rows"]
