@@ -80,11 +80,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def smoke_checkpoint(work: Path) -> Path:
-    """A LUM trained for 4 steps on a tiny synthetic dataset (item tokens carry their category)."""
+def smoke_checkpoint(work: Path, overrides: list[str] | None = None) -> Path:
+    """A LUM trained for 4 steps on a tiny synthetic dataset (item tokens carry their category); ``overrides``
+    (``key=value``) change its config."""
     cfg = load_config(PretrainConfig, REPO / "configs/pretrain/debug-cpu.yaml", [
         f"data.path={work / 'data'}", f"train.output_dir={work / 'run'}", "train.max_steps=4", "train.zero_stage=0",
-        "train.save_every=0", "data.item_attributes=true", "eval.final_splits=[valid]", "eval.max_users=20"])
+        "train.save_every=0", "data.item_attributes=true", "eval.final_splits=[valid]", "eval.max_users=20",
+        *(overrides or [])])
     pretrain(cfg)
     return work / "run"
 

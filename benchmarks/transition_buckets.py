@@ -10,7 +10,11 @@ its user falls in two bucketings, both read from the training sequences (every u
 * **target popularity**: how often the held-out item occurs in training.
 
     python benchmarks/transition_buckets.py --checkpoints runs/sasrec runs/lum --name quality/transition-buckets-beauty
+    python benchmarks/transition_buckets.py --checkpoints runs/lum --skip-scales 0 0.5 1 1.5 --name quality/skip-scale
     python benchmarks/transition_buckets.py --smoke     # a 4-step model on a tiny synthetic dataset (CI)
+
+``--skip-scales`` scores a model with ``model.overrides.previous_item_skip`` once per scale a of its skip's
+contribution (``out + a W v``; 1 as trained, 0 without it): how much of each bucket the remembered transition holds.
 
 The first checkpoint is the yardstick: every other one gets its HR@10 ratio to it per bucket. Writes
 ``benchmarks/results/<name>.{json,md}``.
@@ -34,8 +38,10 @@ from context_use import smoke_checkpoint  # noqa: E402
 from valid_test_gap import rank_users, run_name, users_with_both_splits  # noqa: E402
 
 from lum_dist.checkpoint import load_model, resolve_checkpoint  # noqa: E402
-from lum_dist.data.tokenize import tokenize_eval  # noqa: E402
+from lum_dist.config import PretrainConfig  # noqa: E402
+from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator  # noqa: E402
+from lum_dist.model import LUMModel  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
 SPLIT_END = {"valid": "train_end", "test": "valid_end"}  # the index of each split's held-out behaviour
@@ -84,9 +90,29 @@ def bucket_rows(name: str, split: str, ranks: np.ndarray, features: dict[str, np
     return rows
 
 
-def probe(checkpoint: Path, splits: list[str], max_users: int) -> list[dict]:
+def ranks_per_skip_scale(model: LUMModel, cfg: PretrainConfig, seqs: list[TokenSeq],
+                         scales: list[float]) -> dict[float, np.ndarray]:
+    """``rank_users`` once per scale a of the previous-item skip's contribution (``out + a W v``; the skip is
+    linear in W, so W is scaled); W is restored afterwards."""
+    skip = model.previous_item_skip
+    trained = skip.weight.detach().clone()
+    ranks = {}
+    try:
+        for scale in scales:
+            skip.weight.data = scale * trained
+            ranks[scale] = rank_users(model, cfg, seqs)
+    finally:
+        skip.weight.data = trained
+    return ranks
+
+
+def probe(checkpoint: Path, splits: list[str], max_users: int, skip_scales: list[float] | None = None) -> list[dict]:
+    """Bucket rows of one checkpoint, once per scale of its previous-item skip (``skip_scales``; None, or a model
+    without the skip: as trained)."""
     model, cfg, meta = load_model(resolve_checkpoint(checkpoint))
     model.eval()
+    if getattr(model, "previous_item_skip", None) is None:
+        skip_scales = None  # e.g. the SASRec yardstick: scored as trained
     users = users_with_both_splits(cfg.data.path)
     pairs, items = training_counts(users)  # from every user, whatever max_users scores
     users = users[:max_users] if max_users else users
@@ -94,8 +120,12 @@ def probe(checkpoint: Path, splits: list[str], max_users: int) -> list[dict]:
     for split in splits:
         seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u[SPLIT_END[split]], cfg.data.item_attributes)
                 for u in users]
-        out += bucket_rows(run_name(checkpoint), split, rank_users(model, cfg, seqs),
-                           user_features(users, split, pairs, items))
+        features = user_features(users, split, pairs, items)
+        if not skip_scales:
+            out += bucket_rows(run_name(checkpoint), split, rank_users(model, cfg, seqs), features)
+            continue
+        for scale, ranks in ranks_per_skip_scale(model, cfg, seqs, skip_scales).items():
+            out += bucket_rows(f"{run_name(checkpoint)} (skip x{scale:g})", split, ranks, features)
     return out
 
 
@@ -137,6 +167,8 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=["valid", "test"], choices=list(SPLIT_END))
     ap.add_argument("--max-users", type=int, default=0, help="the first N users with both splits (0: all)")
     ap.add_argument("--name", default="transition_buckets", help="output: benchmarks/results/<name>.{json,md}")
+    ap.add_argument("--skip-scales", nargs="+", type=float, default=None,
+                    help="score each checkpoint with a previous-item skip once per scale of it (1: as trained)")
     ap.add_argument("--smoke", action="store_true", help="a 4-step model on a tiny synthetic dataset (CI)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +177,8 @@ def main() -> None:
             args.name = "transition_buckets_smoke"
         if not args.checkpoints:
             sys.exit("transition_buckets.py: name at least one --checkpoints run (or --smoke)")
-        rows = with_ratios([row for ckpt in args.checkpoints for row in probe(ckpt, args.splits, args.max_users)])
+        rows = with_ratios([row for ckpt in args.checkpoints for row in probe(ckpt, args.splits, args.max_users,
+                                                                                 args.skip_scales)])
     print_table(rows)
     meta = {"max_users": args.max_users, "checkpoints": [str(c) for c in args.checkpoints], "yardstick": 0,
             "protocol": "generic query, the history's items excluded (as launch/evaluate.py); buckets counted over "

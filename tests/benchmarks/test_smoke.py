@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from lum_dist.checkpoint import load_model, resolve_checkpoint
 from lum_dist.config import PretrainConfig, load_config
+from lum_dist.data.tokenize import tokenize_eval
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -305,6 +308,27 @@ def test_transition_buckets_smoke(tmp_path):
             assert sum(r["users"] for (k, _), r in these.items() if k == key) == 20
         assert all(r["hr_ratio"] == 1.0 or r["users"] == 0 or r["hr@10"] == 0 for r in these.values())
     assert (tmp_path / "results" / "transition_buckets_smoke.md").is_file()
+
+
+def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp_path):
+    """Each scale a ranks as the same model with W set to a W; W is restored; the probe names each scale."""
+    tb = _load_benchmark("transition_buckets")
+    ckpt = tb.smoke_checkpoint(tmp_path, ["model.overrides.previous_item_skip=true"])
+    model, cfg, meta = load_model(resolve_checkpoint(ckpt))
+    model.eval()
+    seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u["valid_end"], cfg.data.item_attributes)
+            for u in tb.users_with_both_splits(cfg.data.path)]
+    w = torch.randn_like(model.previous_item_skip.weight)  # large enough to move ranks, unlike 4 steps' W
+    model.previous_item_skip.weight.data = w.clone()
+    scaled = tb.ranks_per_skip_scale(model, cfg, seqs, [1.0, 0.0, 0.5])
+    assert torch.equal(model.previous_item_skip.weight, w)
+    for scale, ranks in scaled.items():
+        model.previous_item_skip.weight.data = scale * w
+        np.testing.assert_array_equal(ranks, tb.rank_users(model, cfg, seqs))
+    assert (scaled[0.0] != scaled[1.0]).any()  # the skip matters here, so the comparisons above can fail
+
+    rows = tb.probe(ckpt, ["test"], 20, [1.0, 0.0])
+    assert {r["checkpoint"] for r in rows} == {f"{tb.run_name(ckpt)} (skip x1)", f"{tb.run_name(ckpt)} (skip x0)"}
 
 
 def test_transition_buckets_count_training_pairs_and_bucket_each_user():
