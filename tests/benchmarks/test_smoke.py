@@ -313,7 +313,14 @@ def test_transition_buckets_smoke(tmp_path):
 def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp_path):
     """Each scale a ranks as the same model with W set to a W; W is restored; the probe names each scale."""
     tb = _load_benchmark("transition_buckets")
-    ckpt = tb.smoke_checkpoint(tmp_path, ["model.overrides.previous_item_skip=true"])
+    # Trained in a child process: pretrain leaves its process group in the process that ran it, and the
+    # distributed tests fork from this one.
+    train = ("import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from context_use import "
+             f"smoke_checkpoint; smoke_checkpoint(Path({str(tmp_path)!r}), ['model.overrides.previous_item_skip=true'])")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", train], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "run"
     model, cfg, meta = load_model(resolve_checkpoint(ckpt))
     model.eval()
     seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u["valid_end"], cfg.data.item_attributes)
