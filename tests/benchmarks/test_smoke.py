@@ -21,11 +21,15 @@ from lum_dist.data.tokenize import tokenize_eval
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _smoke(tmp: Path, script: str, *args: str) -> dict:
-    env = {**os.environ, "LUM_BENCH_RESULTS": str(tmp / "results"), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _run_python(*args: str, **env: str) -> None:
+    """``python *args`` in a child process from the repository root, on the CPU without wandb; it must succeed."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", **env}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _smoke(tmp: Path, script: str, *args: str) -> dict:
+    _run_python(str(REPO / "benchmarks" / script), "--smoke", *args, LUM_BENCH_RESULTS=str(tmp / "results"))
     (result,) = (tmp / "results").glob("*.json")
     data = json.loads(result.read_text())
     assert {"device", "git_commit", "torch", "timestamp"} <= set(data["meta"]) and data["rows"]
@@ -315,11 +319,8 @@ def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp
     tb = _load_benchmark("transition_buckets")
     # Trained in a child process: pretrain leaves its process group in the process that ran it, and the
     # distributed tests fork from this one.
-    train = ("import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from context_use import "
-             f"smoke_checkpoint; smoke_checkpoint(Path({str(tmp_path)!r}), ['model.overrides.previous_item_skip=true'])")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-c", train], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_python("-c", "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from context_use import "
+                f"smoke_checkpoint; smoke_checkpoint(Path({str(tmp_path)!r}), ['model.overrides.previous_item_skip=true'])")
     ckpt = tmp_path / "run"
     model, cfg, meta = load_model(resolve_checkpoint(ckpt))
     model.eval()
