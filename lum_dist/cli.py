@@ -120,7 +120,8 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     args = sys.argv[1:] if argv is None else argv
     try:
         result = main(argv)
-        distributed = close_process_group()
+        # A job may close the group it made itself (pretrain does); a launcher's rank skips the teardown anyway.
+        distributed = close_process_group() or int(os.environ.get("WORLD_SIZE", "1")) > 1
     except Exception as exc:
         if _debug(args) or not is_user_error(exc):
             raise

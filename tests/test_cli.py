@@ -197,6 +197,33 @@ cli.run(main, [])
     assert "atexit: group alive False" in out.stdout
 
 
+def test_a_launched_rank_whose_job_closed_its_own_group_still_exits_without_teardown(tmp_path):
+    """``pretrain`` closes the group it made before returning: a rank started by a launcher (WORLD_SIZE > 1) skips
+    the interpreter's teardown all the same."""
+    script = f"""
+import torch.distributed as dist
+from lum_dist import cli
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+witness = Teardown()
+
+def main(argv):
+    dist.init_process_group("gloo", init_method="file://{tmp_path / 'init'}", rank=0, world_size=1)
+    dist.destroy_process_group()
+    return 0
+
+cli.run(main, [])
+"""
+    for world, teardown in (("2", False), ("1", True)):
+        env = {**os.environ, "WORLD_SIZE": world}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("teardown ran" in out.stdout) is teardown, (world, out.stdout)
+
+
 def test_a_user_error_in_a_distributed_command_exits_2_without_teardown(tmp_path):
     """A user error with a live process group: one line, status 2, atexit handlers run, and no interpreter teardown
     (a rank that tore down with its gloo group alive was seen to abort with SIGABRT, so torchrun reported a signal

@@ -132,6 +132,8 @@ class BestTracker:
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train under any launcher (or none) and return the final evaluation. Also a Python call: a process group it
+    had to make is closed again before it returns, so a notebook or sweep can call it twice in one process."""
     started = time.perf_counter()
     spec = check_model_spec(cfg.model.preset, cfg.model.overrides)  # before any data is read or process group made
     if isinstance(spec, SASRecConfig) and (cfg.eval.condition_query or cfg.eval.attribute_query_weight):
@@ -140,10 +142,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if isinstance(spec, SASRecConfig) and cfg.loss.item_token_weight:
         raise ConfigError(f"loss.item_token_weight: SASRec already predicts from its item tokens (model.preset "
                           f"{cfg.model.preset!r})", "loss.item_token_weight")
+    made_group = not dist.is_initialized()
     rank, world, device = parallel.init_distributed()
     # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
     with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):
-        return _pretrain(cfg, rank, world, device, started)
+        result = _pretrain(cfg, rank, world, device, started)
+    if made_group:  # an in-process caller (a notebook, a test, a sweep) is left as it came
+        parallel.close_distributed()
+    return result
 
 
 def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,

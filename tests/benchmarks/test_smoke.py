@@ -317,8 +317,7 @@ def test_transition_buckets_smoke(tmp_path):
 def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp_path):
     """Each scale a ranks as the same model with W set to a W; W is restored; the probe names each scale."""
     tb = _load_benchmark("transition_buckets")
-    # Trained in a child process: pretrain leaves its process group in the process that ran it, and the
-    # distributed tests fork from this one.
+    # Trained in a child process, as the other smokes: the test session stays free of DeepSpeed's global state.
     _run_python("-c", "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from context_use import "
                 f"smoke_checkpoint; smoke_checkpoint(Path({str(tmp_path)!r}), ['model.overrides.previous_item_skip=true'])")
     ckpt = tmp_path / "run"
