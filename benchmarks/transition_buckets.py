@@ -11,10 +11,16 @@ its user falls in two bucketings, both read from the training sequences (every u
 
     python benchmarks/transition_buckets.py --checkpoints runs/sasrec runs/lum --name quality/transition-buckets-beauty
     python benchmarks/transition_buckets.py --checkpoints runs/lum --skip-scales 0 0.5 1 1.5 --name quality/skip-scale
+    python benchmarks/transition_buckets.py --checkpoints runs/sasrec runs/lum --prior-weights 0 1 2 --name quality/prior
     python benchmarks/transition_buckets.py --smoke     # a 4-step model on a tiny synthetic dataset (CI)
 
 ``--skip-scales`` scores a model with ``model.overrides.previous_item_skip`` once per scale a of its skip's
 contribution (``out + a W v``; 1 as trained, 0 without it): how much of each bucket the remembered transition holds.
+
+``--prior-weights`` scores every model once per weight w of a transition prior, item-to-item collaborative
+filtering's bigram counts: the logit of item j (similarity / the run's loss temperature) gains
+``w * log(1 + count(last history item -> j))``, counted over the training behaviours. It asks whether plain counting
+closes a model's gap on remembered transitions, and whether it helps LUM more than SASRec.
 
 The first checkpoint is the yardstick: every other one gets its HR@10 ratio to it per bucket. Writes
 ``benchmarks/results/<name>.{json,md}``.
@@ -41,7 +47,7 @@ from lum_dist.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from lum_dist.config import PretrainConfig  # noqa: E402
 from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator  # noqa: E402
-from lum_dist.model import LUMModel  # noqa: E402
+from lum_dist.model import LUMModel, SASRecModel  # noqa: E402
 from lum_dist.utils import atomic_write_text  # noqa: E402
 
 SPLIT_END = {"valid": "train_end", "test": "valid_end"}  # the index of each split's held-out behaviour
@@ -90,6 +96,29 @@ def bucket_rows(name: str, split: str, ranks: np.ndarray, features: dict[str, np
     return rows
 
 
+def transition_prior(users: list[dict], num_items: int) -> torch.Tensor:
+    """Sparse COO [num_items, num_items] float32: log(1 + how often item j follows item i in training)."""
+    pairs, _ = training_counts(users)
+    index = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2).T
+    counts = torch.tensor(list(pairs.values()), dtype=torch.float32)
+    return torch.sparse_coo_tensor(index, counts.log1p(), (num_items, num_items), check_invariants=True).coalesce()
+
+
+def ranks_per_prior_weight(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[TokenSeq],
+                           last_items: np.ndarray, prior: torch.Tensor,
+                           weights: list[float]) -> dict[float, np.ndarray]:
+    """``rank_users`` once per weight w: the logit of item j (score / temperature) plus w * prior[last item, j]."""
+    if cfg.loss.learnable_temperature:
+        raise ValueError("--prior-weights: the run learned its temperature; the logit scale is not in its config")
+    scale = cfg.loss.temperature  # score = logit * temperature: the bonus in the loss's logit units
+    last = torch.from_numpy(last_items)
+
+    def bonus_for(weight: float):
+        return lambda packed: weight * scale * prior.index_select(0, last[packed]).to_dense()
+
+    return {w: rank_users(model, cfg, seqs, bonus_for(w) if w else None) for w in weights}
+
+
 def ranks_per_skip_scale(model: LUMModel, cfg: PretrainConfig, seqs: list[TokenSeq],
                          scales: list[float]) -> dict[float, np.ndarray]:
     """``rank_users`` once per scale a of the previous-item skip's contribution (``out + a W v``; the skip is
@@ -106,26 +135,35 @@ def ranks_per_skip_scale(model: LUMModel, cfg: PretrainConfig, seqs: list[TokenS
     return ranks
 
 
-def probe(checkpoint: Path, splits: list[str], max_users: int, skip_scales: list[float] | None = None) -> list[dict]:
-    """Bucket rows of one checkpoint, once per scale of its previous-item skip (``skip_scales``; None, or a model
-    without the skip: as trained)."""
+def probe(checkpoint: Path, splits: list[str], max_users: int, skip_scales: list[float] | None = None,
+          prior_weights: list[float] | None = None) -> list[dict]:
+    """Bucket rows of one checkpoint: as trained, or once per scale of its previous-item skip (``skip_scales``; a
+    model without the skip is scored as trained), or once per weight of the transition prior (``prior_weights``)."""
     model, cfg, meta = load_model(resolve_checkpoint(checkpoint))
     model.eval()
     if getattr(model, "previous_item_skip", None) is None:
         skip_scales = None  # e.g. the SASRec yardstick: scored as trained
     users = users_with_both_splits(cfg.data.path)
     pairs, items = training_counts(users)  # from every user, whatever max_users scores
+    prior = transition_prior(users, meta.num_items) if prior_weights else None
     users = users[:max_users] if max_users else users
+    name = run_name(checkpoint)
     out = []
     for split in splits:
-        seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u[SPLIT_END[split]], cfg.data.item_attributes)
-                for u in users]
+        end = [u[SPLIT_END[split]] for u in users]
+        seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, e, cfg.data.item_attributes)
+                for u, e in zip(users, end, strict=True)]
         features = user_features(users, split, pairs, items)
-        if not skip_scales:
-            out += bucket_rows(run_name(checkpoint), split, rank_users(model, cfg, seqs), features)
-            continue
-        for scale, ranks in ranks_per_skip_scale(model, cfg, seqs, skip_scales).items():
-            out += bucket_rows(f"{run_name(checkpoint)} (skip x{scale:g})", split, ranks, features)
+        if prior is not None:
+            last = np.array([u["item"][e - 1] if e > 0 else 0 for u, e in zip(users, end, strict=True)])
+            variants = {f"{name} (prior x{w:g})": r
+                        for w, r in ranks_per_prior_weight(model, cfg, seqs, last, prior, prior_weights).items()}
+        elif skip_scales:
+            variants = {f"{name} (skip x{a:g})": r for a, r in ranks_per_skip_scale(model, cfg, seqs, skip_scales).items()}
+        else:
+            variants = {name: rank_users(model, cfg, seqs)}
+        for label, ranks in variants.items():
+            out += bucket_rows(label, split, ranks, features)
     return out
 
 
@@ -167,8 +205,11 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=["valid", "test"], choices=list(SPLIT_END))
     ap.add_argument("--max-users", type=int, default=0, help="the first N users with both splits (0: all)")
     ap.add_argument("--name", default="transition_buckets", help="output: benchmarks/results/<name>.{json,md}")
-    ap.add_argument("--skip-scales", nargs="+", type=float, default=None,
-                    help="score each checkpoint with a previous-item skip once per scale of it (1: as trained)")
+    variants = ap.add_mutually_exclusive_group()
+    variants.add_argument("--skip-scales", nargs="+", type=float, default=None,
+                          help="score each checkpoint with a previous-item skip once per scale of it (1: as trained)")
+    variants.add_argument("--prior-weights", nargs="+", type=float, default=None,
+                          help="score each checkpoint once per weight of the transition prior (0: as trained)")
     ap.add_argument("--smoke", action="store_true", help="a 4-step model on a tiny synthetic dataset (CI)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,9 +219,10 @@ def main() -> None:
         if not args.checkpoints:
             sys.exit("transition_buckets.py: name at least one --checkpoints run (or --smoke)")
         rows = with_ratios([row for ckpt in args.checkpoints for row in probe(ckpt, args.splits, args.max_users,
-                                                                                 args.skip_scales)])
+                                                                                 args.skip_scales, args.prior_weights)])
     print_table(rows)
     meta = {"max_users": args.max_users, "checkpoints": [str(c) for c in args.checkpoints], "yardstick": 0,
+            "skip_scales": args.skip_scales, "prior_weights": args.prior_weights,
             "protocol": "generic query, the history's items excluded (as launch/evaluate.py); buckets counted over "
                         "every user's training behaviours [0, train_end)"}
     path = write_result(args.name, rows, meta)

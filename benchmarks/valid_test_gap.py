@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,11 @@ def users_with_both_splits(data_path: str | Path, max_users: int = 0) -> list[di
 
 
 @torch.no_grad()
-def rank_users(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[TokenSeq]) -> np.ndarray:
+def rank_users(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[TokenSeq],
+               bonus: Callable[[np.ndarray], torch.Tensor] | None = None) -> np.ndarray:
     """int64 [len(seqs)]: the 0-based rank of each sequence's target under its generic query, scored as
-    ``launch/evaluate.py`` does (its history's items excluded)."""
+    ``launch/evaluate.py`` does (its history's items excluded). ``bonus(indices)``, if given, is added to the
+    [len(indices), num_items] scores of those sequences."""
     items = item_scoring_table(model, cfg.loss.similarity)
     budget = max(cfg.eval.token_budget, cfg.data.max_seq_len)
     ranks = np.zeros(len(seqs), dtype=np.int64)
@@ -76,7 +79,8 @@ def rank_users(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[To
         batch = collate(seqs, [packed], budget)  # sequences in the order of ``packed``
         query = batch.query_index()
         user = as_scored(model.forward_batch(batch)[query], cfg.loss.similarity)
-        ranks[packed] = rank_of_targets(user @ items.T, batch.targets[query], batch.seen_items).cpu().numpy()
+        scores = user @ items.T if bonus is None else user @ items.T + bonus(packed)
+        ranks[packed] = rank_of_targets(scores, batch.targets[query], batch.seen_items).cpu().numpy()
     return ranks
 
 

@@ -314,13 +314,20 @@ def test_transition_buckets_smoke(tmp_path):
     assert (tmp_path / "results" / "transition_buckets_smoke.md").is_file()
 
 
-def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp_path):
-    """Each scale a ranks as the same model with W set to a W; W is restored; the probe names each scale."""
-    tb = _load_benchmark("transition_buckets")
+@pytest.fixture(scope="module")
+def skip_checkpoint(tmp_path_factory) -> Path:
+    """A 4-step LUM with the previous-item skip."""
+    work = tmp_path_factory.mktemp("skip")
     # Trained in a child process, as the other smokes: the test session stays free of DeepSpeed's global state.
     _run_python("-c", "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from context_use import "
-                f"smoke_checkpoint; smoke_checkpoint(Path({str(tmp_path)!r}), ['model.overrides.previous_item_skip=true'])")
-    ckpt = tmp_path / "run"
+                f"smoke_checkpoint; smoke_checkpoint(Path({str(work)!r}), ['model.overrides.previous_item_skip=true'])")
+    return work / "run"
+
+
+def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(skip_checkpoint):
+    """Each scale a ranks as the same model with W set to a W; W is restored; the probe names each scale."""
+    tb = _load_benchmark("transition_buckets")
+    ckpt = skip_checkpoint
     model, cfg, meta = load_model(resolve_checkpoint(ckpt))
     model.eval()
     seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u["valid_end"], cfg.data.item_attributes)
@@ -336,6 +343,35 @@ def test_transition_buckets_skip_scales_score_the_model_with_its_skip_scaled(tmp
 
     rows = tb.probe(ckpt, ["test"], 20, [1.0, 0.0])
     assert {r["checkpoint"] for r in rows} == {f"{tb.run_name(ckpt)} (skip x1)", f"{tb.run_name(ckpt)} (skip x0)"}
+
+
+def test_transition_prior_adds_weighted_log_counts_of_the_last_items_successors(skip_checkpoint):
+    """The prior is log(1 + count) of the training pairs; each weight ranks as the scores plus weight x temperature x
+    the last item's prior row; the probe names each weight."""
+    tb = _load_benchmark("transition_buckets")
+    users = [{"item": [5, 6, 7, 8], "train_end": 3, "valid_end": 4}, {"item": [5, 6, 5], "train_end": 3, "valid_end": 3}]
+    prior = tb.transition_prior(users, 10).to_dense()
+    expected = torch.zeros(10, 10)
+    expected[5, 6], expected[6, 7], expected[6, 5] = np.log(3), np.log(2), np.log(2)
+    torch.testing.assert_close(prior, expected)
+
+    model, cfg, meta = load_model(resolve_checkpoint(skip_checkpoint))
+    model.eval()
+    users = tb.users_with_both_splits(cfg.data.path)
+    seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u["valid_end"], cfg.data.item_attributes) for u in users]
+    last = np.array([u["item"][u["valid_end"] - 1] for u in users])
+    prior = tb.transition_prior(users, meta.num_items)
+    w = 0.2 / cfg.loss.temperature  # a bonus of 0.2 x log(1 + count) on the cosine scores: moves some ranks
+    weighted = tb.ranks_per_prior_weight(model, cfg, seqs, last, prior, [0.0, w])
+    np.testing.assert_array_equal(weighted[0.0], tb.rank_users(model, cfg, seqs))
+    dense = prior.to_dense()
+    by_hand = tb.rank_users(model, cfg, seqs, lambda packed: 0.2 * dense[last[packed]])
+    np.testing.assert_array_equal(weighted[w], by_hand)
+    assert (weighted[w] != weighted[0.0]).any()  # the prior moves ranks here, so the comparisons above can fail
+
+    rows = tb.probe(skip_checkpoint, ["test"], 20, prior_weights=[0.0, 1.0])
+    name = tb.run_name(skip_checkpoint)
+    assert {r["checkpoint"] for r in rows} == {f"{name} (prior x0)", f"{name} (prior x1)"}
 
 
 def test_transition_buckets_count_training_pairs_and_bucket_each_user():
