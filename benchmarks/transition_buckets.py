@@ -96,9 +96,9 @@ def bucket_rows(name: str, split: str, ranks: np.ndarray, features: dict[str, np
     return rows
 
 
-def transition_prior(users: list[dict], num_items: int) -> torch.Tensor:
-    """Sparse COO [num_items, num_items] float32: log(1 + how often item j follows item i in training)."""
-    pairs, _ = training_counts(users)
+def transition_prior(pairs: Counter, num_items: int) -> torch.Tensor:
+    """Sparse COO [num_items, num_items] float32: log(1 + how often item j follows item i in training), from
+    ``training_counts``' pairs."""
     index = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2).T
     counts = torch.tensor(list(pairs.values()), dtype=torch.float32)
     return torch.sparse_coo_tensor(index, counts.log1p(), (num_items, num_items), check_invariants=True).coalesce()
@@ -145,7 +145,7 @@ def probe(checkpoint: Path, splits: list[str], max_users: int, skip_scales: list
         skip_scales = None  # e.g. the SASRec yardstick: scored as trained
     users = users_with_both_splits(cfg.data.path)
     pairs, items = training_counts(users)  # from every user, whatever max_users scores
-    prior = transition_prior(users, meta.num_items) if prior_weights else None
+    prior = transition_prior(pairs, meta.num_items) if prior_weights else None
     users = users[:max_users] if max_users else users
     name = run_name(checkpoint)
     out = []

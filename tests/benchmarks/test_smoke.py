@@ -350,7 +350,7 @@ def test_transition_prior_adds_weighted_log_counts_of_the_last_items_successors(
     the last item's prior row; the probe names each weight."""
     tb = _load_benchmark("transition_buckets")
     users = [{"item": [5, 6, 7, 8], "train_end": 3, "valid_end": 4}, {"item": [5, 6, 5], "train_end": 3, "valid_end": 3}]
-    prior = tb.transition_prior(users, 10).to_dense()
+    prior = tb.transition_prior(tb.training_counts(users)[0], 10).to_dense()
     expected = torch.zeros(10, 10)
     expected[5, 6], expected[6, 7], expected[6, 5] = np.log(3), np.log(2), np.log(2)
     torch.testing.assert_close(prior, expected)
@@ -360,7 +360,7 @@ def test_transition_prior_adds_weighted_log_counts_of_the_last_items_successors(
     users = tb.users_with_both_splits(cfg.data.path)
     seqs = [tokenize_eval(u, meta, cfg.data.max_seq_len, u["valid_end"], cfg.data.item_attributes) for u in users]
     last = np.array([u["item"][u["valid_end"] - 1] for u in users])
-    prior = tb.transition_prior(users, meta.num_items)
+    prior = tb.transition_prior(tb.training_counts(users)[0], meta.num_items)
     w = 0.2 / cfg.loss.temperature  # a bonus of 0.2 x log(1 + count) on the cosine scores: moves some ranks
     weighted = tb.ranks_per_prior_weight(model, cfg, seqs, last, prior, [0.0, w])
     np.testing.assert_array_equal(weighted[0.0], tb.rank_users(model, cfg, seqs))
