@@ -83,6 +83,11 @@ class LossConfig:
     # LUM only: each item token also predicts the next behaviour's item (SASRec's objective, from the same
     # pass), weighted against the condition tokens' loss; 0 = the paper's next-condition-item loss alone.
     item_token_weight: float = 0.0
+    # LUM only: each condition token also predicts the item `future_offset` behaviours after its own, weighted
+    # against the next-item loss (PinnerFormer's dense all-action loss, one offset): the user's interest beyond
+    # the next transition. 0 = off.
+    future_weight: float = 0.0
+    future_offset: int = 1
     label_smoothing: float = 0.0  # full only: the target puts this much mass evenly over every item
     # Items the user already had before a target (in its packed sequence) are no candidates for it, as in the
     # evaluation's full ranking, which leaves the user's history out: the loss stops spending the embedding
@@ -103,6 +108,8 @@ class LossConfig:
               f"max_temperature ({self.max_temperature})")
         check(self.num_random_negatives >= 0, "num_random_negatives", "must be >= 0")
         check(self.item_token_weight >= 0, "item_token_weight", f"{self.item_token_weight} < 0")
+        check(self.future_weight >= 0, "future_weight", f"{self.future_weight} < 0")
+        check(self.future_offset >= 1, "future_offset", f"{self.future_offset}: need >= 1 behaviour ahead")
         check(0 <= self.label_smoothing < 1, "label_smoothing", f"{self.label_smoothing}: need [0, 1)")
         check(self.negatives == "full" or not self.label_smoothing, "label_smoothing",
               "needs loss.negatives=full (a sampled softmax has no fixed set of items to smooth over)")

@@ -71,6 +71,12 @@ class PretrainModule(nn.Module):
             seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
             item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
             loss = loss + weight * item_loss
+        if self.loss.cfg.future_weight > 0:
+            source, target = future_targets(batch, has_target, self.loss.cfg.future_offset)
+            # The items before the future target (the next ones included) are no candidates for it.
+            seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
+            future_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
+            loss = loss + self.loss.cfg.future_weight * future_loss
         if self.loss.cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
             other_view = self.model.forward_batch(batch)[has_target]
             loss = loss + self.loss.cfg.view_contrast_weight * view_contrast(
@@ -82,10 +88,23 @@ def item_token_targets(batch: PackedBatch, has_target: torch.Tensor) -> tuple[to
     """(item tokens, the condition tokens right after them): every target condition token whose previous
     token is an item token of the same sequence, i.e. every behaviour but a sequence's first. The item
     token's output is asked for the same item as that condition token's, without its condition."""
+    return _targets_back(batch, has_target, 1, batch.token_type == ITEM_TOKEN)
+
+
+def future_targets(batch: PackedBatch, has_target: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(condition tokens, the condition tokens ``offset`` behaviours later in the same sequence), both with a
+    target: the first's output is also asked for the second's item."""
+    return _targets_back(batch, has_target, 2 * offset, has_target)  # two tokens per behaviour
+
+
+def _targets_back(batch: PackedBatch, has_target: torch.Tensor, back: int,
+                  source_ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, target) token pairs: every target token with a token ``back`` places before it in the same
+    sequence, where ``source_ok`` holds."""
     target = has_target.nonzero().squeeze(1)
-    target = target[batch.positions[target] > 0]  # positions restart at 0 in every sequence
-    source = target - 1
-    keep = batch.token_type[source] == ITEM_TOKEN
+    target = target[batch.positions[target] >= back]  # positions restart at 0 in every sequence
+    source = target - back
+    keep = source_ok[source]
     return source[keep], target[keep]
 
 
@@ -142,6 +161,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if isinstance(spec, SASRecConfig) and cfg.loss.item_token_weight:
         raise ConfigError(f"loss.item_token_weight: SASRec already predicts from its item tokens (model.preset "
                           f"{cfg.model.preset!r})", "loss.item_token_weight")
+    if isinstance(spec, SASRecConfig) and cfg.loss.future_weight:
+        raise ConfigError(f"loss.future_weight: LUM's condition tokens only (model.preset {cfg.model.preset!r} is "
+                          f"SASRec)", "loss.future_weight")
     made_group = not dist.is_initialized()
     rank, world, device = parallel.init_distributed()
     # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.

@@ -1,4 +1,5 @@
-"""loss.item_token_weight: every item token also predicts the next behaviour's item, against a per-sequence loop."""
+"""The auxiliary targets, against per-sequence loops: loss.item_token_weight (every item token also predicts the
+next behaviour's item) and loss.future_weight (every condition token also predicts an item further ahead)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from lum_dist.data.schema import NUM_SPECIAL_IDS
 from lum_dist.losses import InfoNCE
 from lum_dist.model import LUMModel, load_preset
 from lum_dist.testing.batches import random_packed_batch
-from lum_dist.train.trainer import PretrainModule, item_token_targets, pretrain
+from lum_dist.train.trainer import PretrainModule, future_targets, item_token_targets, pretrain
 
 NUM_ITEMS, SEQ_LENS = 40, [9, 1, 6, 2, 11]  # odd and even lengths, a lone condition token, a single behaviour
 
@@ -63,6 +64,52 @@ def test_item_token_loss_matches_a_per_sequence_reference(weight, exclude_seen):
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("offset", [1, 2])
+def test_future_targets_pair_each_condition_token_with_one_offset_behaviours_later(offset):
+    batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=1)
+    has_target = batch.targets >= NUM_SPECIAL_IDS
+    has_target[int(batch.cu_seqlens[4]) + 4] = False  # a behaviour without a target is neither source nor target
+    source, target = future_targets(batch, has_target, offset)
+    expected = []
+    for s in range(len(SEQ_LENS)):
+        lo, hi = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+        expected += [(t, t + 2 * offset) for t in range(lo, hi - 2 * offset) if has_target[t] and has_target[t + 2 * offset]]
+    assert list(zip(source.tolist(), target.tolist(), strict=True)) == expected
+    assert len(expected) == {1: 3 + 0 + 2 + 0 + 2, 2: 2 + 0 + 1 + 0 + 1}[offset]
+    assert (batch.token_type[source] == COND_TOKEN).all() and (batch.token_type[target] == COND_TOKEN).all()
+
+
+@pytest.mark.parametrize("weight,offset,exclude_seen", [(0.0, 1, False), (0.5, 1, False), (0.5, 2, True)])
+def test_future_loss_matches_a_per_sequence_reference(weight, offset, exclude_seen):
+    """With ``loss.exclude_seen`` the items before the future target (the nearer next ones too), but the target, are
+    no candidates for it."""
+    torch.manual_seed(0)
+    cfg = load_preset("lum-tiny", NUM_ITEMS, [5], hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
+    loss_cfg = LossConfig(negatives="full", temperature=0.1, future_weight=weight, future_offset=offset,
+                          exclude_seen=exclude_seen)
+    module = PretrainModule(LUMModel(cfg).eval(), InfoNCE(loss_cfg, NUM_ITEMS))
+    batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=2)
+    loss, _ = module(batch)
+
+    out, items = module.model.forward_batch(batch), module.model.item_embeddings(None)
+
+    def seen_before(t: int) -> frozenset[int]:
+        start = t - int(batch.positions[t])
+        return frozenset(batch.item_ids[start:t].tolist()) - {int(batch.targets[t])} if exclude_seen else frozenset()
+
+    own, future = [], []
+    for t in range(batch.num_tokens):
+        if batch.targets[t] < NUM_SPECIAL_IDS:
+            continue
+        own.append(_full_softmax_ce(out[t], items, int(batch.targets[t]), 0.1, seen_before(t)))
+        ahead = t + 2 * offset
+        if ahead < batch.num_tokens and batch.positions[ahead] == batch.positions[t] + 2 * offset \
+                and batch.targets[ahead] >= NUM_SPECIAL_IDS:
+            future.append(_full_softmax_ce(out[t], items, int(batch.targets[ahead]), 0.1, seen_before(ahead)))
+    reference = torch.stack(own).mean() + weight * torch.stack(future).mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+
+
 def test_pretrain_refuses_an_item_token_loss_for_sasrec_before_reading_data(tmp_path):
     cfg = PretrainConfig()
     cfg.data.path, cfg.model.preset, cfg.loss.item_token_weight = str(tmp_path / "no-data-here"), "sasrec", 0.5
@@ -71,6 +118,20 @@ def test_pretrain_refuses_an_item_token_loss_for_sasrec_before_reading_data(tmp_
     assert err.value.key == "loss.item_token_weight" and not (tmp_path / "no-data-here").exists()
 
 
+def test_pretrain_refuses_a_future_loss_for_sasrec_before_reading_data(tmp_path):
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.model.preset, cfg.loss.future_weight = str(tmp_path / "no-data-here"), "sasrec", 0.5
+    with pytest.raises(ConfigError, match="loss.future_weight: LUM's condition tokens only") as err:
+        pretrain(cfg)
+    assert err.value.key == "loss.future_weight" and not (tmp_path / "no-data-here").exists()
+
+
 def test_item_token_weight_must_not_be_negative():
     with pytest.raises(ConfigError, match="item_token_weight"):
         LossConfig(item_token_weight=-0.1)
+
+
+@pytest.mark.parametrize("kwargs,key", [({"future_weight": -0.1}, "future_weight"), ({"future_offset": 0}, "future_offset")])
+def test_future_loss_options_are_checked(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        LossConfig(**kwargs)
