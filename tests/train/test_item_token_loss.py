@@ -110,20 +110,15 @@ def test_future_loss_matches_a_per_sequence_reference(weight, offset, exclude_se
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
 
 
-def test_pretrain_refuses_an_item_token_loss_for_sasrec_before_reading_data(tmp_path):
+@pytest.mark.parametrize("key,message", [("item_token_weight", "SASRec already predicts"),
+                                         ("future_weight", "LUM's condition tokens only")])
+def test_pretrain_refuses_an_auxiliary_loss_for_sasrec_before_reading_data(tmp_path, key, message):
     cfg = PretrainConfig()
-    cfg.data.path, cfg.model.preset, cfg.loss.item_token_weight = str(tmp_path / "no-data-here"), "sasrec", 0.5
-    with pytest.raises(ConfigError, match="loss.item_token_weight: SASRec already predicts") as err:
+    cfg.data.path, cfg.model.preset = str(tmp_path / "no-data-here"), "sasrec"
+    setattr(cfg.loss, key, 0.5)
+    with pytest.raises(ConfigError, match=f"loss.{key}: {message}") as err:
         pretrain(cfg)
-    assert err.value.key == "loss.item_token_weight" and not (tmp_path / "no-data-here").exists()
-
-
-def test_pretrain_refuses_a_future_loss_for_sasrec_before_reading_data(tmp_path):
-    cfg = PretrainConfig()
-    cfg.data.path, cfg.model.preset, cfg.loss.future_weight = str(tmp_path / "no-data-here"), "sasrec", 0.5
-    with pytest.raises(ConfigError, match="loss.future_weight: LUM's condition tokens only") as err:
-        pretrain(cfg)
-    assert err.value.key == "loss.future_weight" and not (tmp_path / "no-data-here").exists()
+    assert err.value.key == f"loss.{key}" and not (tmp_path / "no-data-here").exists()
 
 
 def test_item_token_weight_must_not_be_negative():
