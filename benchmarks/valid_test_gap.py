@@ -79,7 +79,9 @@ def rank_users(model: LUMModel | SASRecModel, cfg: PretrainConfig, seqs: list[To
         batch = collate(seqs, [packed], budget)  # sequences in the order of ``packed``
         query = batch.query_index()
         user = as_scored(model.forward_batch(batch)[query], cfg.loss.similarity)
-        scores = user @ items.T if bonus is None else user @ items.T + bonus(packed)
+        scores = user @ items.T
+        if bonus is not None:
+            scores = scores + bonus(packed)
         ranks[packed] = rank_of_targets(scores, batch.targets[query], batch.seen_items).cpu().numpy()
     return ranks
 

@@ -63,25 +63,27 @@ class PretrainModule(nn.Module):
         # condition tokens whose item is in the training vocabulary, where the model has a state to predict from
         has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
-        seen = batch.items_before(has_target.nonzero().squeeze(1)) if self.loss.cfg.exclude_seen else None
-        loss, stats = self.loss(out[has_target], target_ids, self.model.item_embeddings, seen)
-        weight = self.loss.cfg.item_token_weight
-        if weight > 0:
+        targets = has_target.nonzero().squeeze(1)
+        loss, stats = self._predict(batch, out, targets, targets)
+        cfg = self.loss.cfg
+        if cfg.item_token_weight > 0:
             source, target = item_token_targets(batch, has_target)
-            seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
-            item_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
-            loss = loss + weight * item_loss
-        if self.loss.cfg.future_weight > 0:
-            source, target = future_targets(batch, has_target, self.loss.cfg.future_offset)
-            # The items before the future target (the next ones included) are no candidates for it.
-            seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
-            future_loss, _ = self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
-            loss = loss + self.loss.cfg.future_weight * future_loss
-        if self.loss.cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
+            loss = loss + cfg.item_token_weight * self._predict(batch, out, source, target)[0]
+        if cfg.future_weight > 0:
+            source, target = future_targets(batch, has_target, cfg.future_offset)
+            loss = loss + cfg.future_weight * self._predict(batch, out, source, target)[0]
+        if cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
             other_view = self.model.forward_batch(batch)[has_target]
-            loss = loss + self.loss.cfg.view_contrast_weight * view_contrast(
-                out[has_target], other_view, target_ids, self.loss.cfg.view_contrast_temperature)
+            loss = loss + cfg.view_contrast_weight * view_contrast(
+                out[has_target], other_view, target_ids, cfg.view_contrast_temperature)
         return loss, stats
+
+    def _predict(self, batch: PackedBatch, out: torch.Tensor, source: torch.Tensor,
+                 target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of the outputs at the ``source`` tokens for the items of the ``target`` tokens; under
+        ``exclude_seen`` the items before each target token (itself excepted) are no candidates for it."""
+        seen = batch.items_before(target) if self.loss.cfg.exclude_seen else None
+        return self.loss(out[source], batch.targets[target], self.model.item_embeddings, seen)
 
 
 def item_token_targets(batch: PackedBatch, has_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,8 @@ def item_token_targets(batch: PackedBatch, has_target: torch.Tensor) -> tuple[to
 
 def future_targets(batch: PackedBatch, has_target: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(condition tokens, the condition tokens ``offset`` behaviours later in the same sequence), both with a
-    target: the first's output is also asked for the second's item."""
+    target: the first's output is also asked for the second's item (under ``exclude_seen`` the items between them
+    are no candidates for it: they are before the target)."""
     return _targets_back(batch, has_target, 2 * offset, has_target)  # two tokens per behaviour
 
 
