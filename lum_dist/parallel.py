@@ -62,12 +62,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def close_distributed() -> None:
+def close_distributed(barrier: bool = True) -> None:
     """Barrier, then destroy the default process group through DeepSpeed's comm layer (which also drops the groups
-    DeepSpeed keeps beside torch's), so a later :func:`init_distributed` in the same process starts afresh."""
+    DeepSpeed keeps beside torch's), so a later :func:`init_distributed` in the same process starts afresh.
+    ``barrier=False`` on the way out of a failure: the other ranks may never reach one."""
     import deepspeed.comm as ds_comm
 
-    torch.distributed.barrier()  # no rank tears down while another still talks to it
+    if barrier:
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
     ds_comm.destroy_process_group()
 
 

@@ -169,9 +169,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                           f"SASRec)", "loss.future_weight")
     made_group = not dist.is_initialized()
     rank, world, device = parallel.init_distributed()
-    # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
-    with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):
-        result = _pretrain(cfg, rank, world, device, started)
+    try:
+        # Rank 0 holds the output folder for the whole run: a second run on a live folder refuses at once.
+        with checkpoint.hold_output_dir(Path(cfg.train.output_dir)):
+            result = _pretrain(cfg, rank, world, device, started)
+    except BaseException:
+        if made_group:  # a caller that catches the error and calls again starts afresh too
+            parallel.close_distributed(barrier=False)
+        raise
     if made_group:  # an in-process caller (a notebook, a test, a sweep) is left as it came
         parallel.close_distributed()
     return result
