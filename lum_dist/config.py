@@ -88,6 +88,9 @@ class LossConfig:
     # the next transition. 0 = off.
     future_weight: float = 0.0
     future_offset: int = 1
+    # False: the future target scores the condition token's output without the previous-item skip, which then
+    # learns next-item transitions only (the item after next would pull it away from them).
+    future_reads_skip: bool = True
     label_smoothing: float = 0.0  # full only: the target puts this much mass evenly over every item
     # Items the user already had before a target (in its packed sequence) are no candidates for it, as in the
     # evaluation's full ranking, which leaves the user's history out: the loss stops spending the embedding

@@ -262,8 +262,10 @@ class LUMModel(PreTrainedModel):
         max_seqlen: int,
         num_queries: torch.Tensor | None = None,
         numeric: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """[T, item_emb_dim]: the user representation after every token."""
+        return_skip: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[T, item_emb_dim]: the user representation after every token. ``return_skip``: also the previous-item
+        skip's share of it (zeros without the skip), for a loss that scores the representation without it."""
         if self.config.previous_item_slot or self.previous_item_skip is not None:
             # One draw of previous_item_dropout: a condition token loses slot and skip together.
             dropout = self.config.previous_item_dropout if self.training else 0.0
@@ -287,18 +289,22 @@ class LUMModel(PreTrainedModel):
             x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
         out = self.head(self.norm(x))
         if self.previous_item_skip is None:
-            return out
-        last_item = torch.where(token_type == COND_TOKEN, before, PAD_ID)  # PAD (a zero vector): item tokens, no item
-        return out + self.previous_item_skip(self.dropout(self.item_embeddings(last_item)))
+            skip = torch.zeros_like(out)
+        else:
+            last_item = torch.where(token_type == COND_TOKEN, before, PAD_ID)  # PAD (zero vector): item tokens
+            skip = self.previous_item_skip(self.dropout(self.item_embeddings(last_item)))
+            out = out + skip
+        return (out, skip) if return_skip else out
 
     def can_predict(self, batch: PackedBatch) -> torch.Tensor:
         """bool [T]: every token's output is a prediction (the condition token carries what it needs)."""
         return torch.ones_like(batch.targets, dtype=torch.bool)
 
-    def forward_batch(self, batch: PackedBatch) -> torch.Tensor:
+    def forward_batch(self, batch: PackedBatch,
+                      return_skip: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # Training and evaluation batches (at most one query per sequence) skip the group-query layout read.
         num_queries = batch.num_queries if batch.max_queries > 1 else None
         return self(
             batch.item_ids, batch.cond_ids, batch.token_type, batch.positions, batch.time_gaps,
-            batch.cu_seqlens, batch.max_seqlen, num_queries, batch.numeric,
+            batch.cu_seqlens, batch.max_seqlen, num_queries, batch.numeric, return_skip,
         )

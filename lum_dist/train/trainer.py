@@ -59,19 +59,24 @@ class PretrainModule(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.model.forward_batch(batch)  # [T, E]: the user representation at every token
+        cfg = self.loss.cfg
+        # [T, E]: the user representation at every token (and the previous-item skip's share of it)
+        if cfg.future_weight > 0 and not cfg.future_reads_skip:
+            out, skip = self.model.forward_batch(batch, return_skip=True)
+        else:
+            out, skip = self.model.forward_batch(batch), None
         # condition tokens whose item is in the training vocabulary, where the model has a state to predict from
         has_target = (batch.targets >= NUM_SPECIAL_IDS) & self.model.can_predict(batch)
         target_ids = batch.targets[has_target]
         targets = has_target.nonzero().squeeze(1)
         loss, stats = self._predict(batch, out, targets, targets)
-        cfg = self.loss.cfg
         if cfg.item_token_weight > 0:
             source, target = item_token_targets(batch, has_target)
             loss = loss + cfg.item_token_weight * self._predict(batch, out, source, target)[0]
         if cfg.future_weight > 0:
             source, target = future_targets(batch, has_target, cfg.future_offset)
-            loss = loss + cfg.future_weight * self._predict(batch, out, source, target)[0]
+            future_out = out if skip is None else out - skip
+            loss = loss + cfg.future_weight * self._predict(batch, future_out, source, target)[0]
         if cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
             other_view = self.model.forward_batch(batch)[has_target]
             loss = loss + cfg.view_contrast_weight * view_contrast(

@@ -110,6 +110,32 @@ def test_future_loss_matches_a_per_sequence_reference(weight, offset, exclude_se
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("reads_skip", [True, False])
+def test_future_target_trains_the_previous_item_skip_only_when_it_reads_it(reads_skip):
+    """``loss.future_reads_skip=False``: the future target scores the output without the skip's share, so the
+    skip's gradient is the next-item loss's alone, while the rest of the model still learns from the future."""
+    torch.manual_seed(0)
+    cfg = load_preset("lum-tiny", NUM_ITEMS, [5], hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2,
+                      previous_item_skip=True)
+    model = LUMModel(cfg).eval()
+    torch.nn.init.normal_(model.previous_item_skip.weight, std=0.3)  # zero at init: give it a say
+    batch = random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=2)
+
+    def grads(future_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_cfg = LossConfig(negatives="full", temperature=0.1, future_weight=future_weight,
+                              future_reads_skip=reads_skip)
+        model.zero_grad()
+        PretrainModule(model, InfoNCE(loss_cfg, NUM_ITEMS))(batch)[0].backward()
+        return model.previous_item_skip.weight.grad.clone(), model.head.weight.grad.clone()
+
+    (skip_next, head_next), (skip_both, head_both) = grads(0.0), grads(0.5)
+    assert not torch.allclose(head_both, head_next, rtol=1e-3, atol=0)  # the future target trains the backbone
+    if reads_skip:
+        assert not torch.allclose(skip_both, skip_next, rtol=1e-3, atol=0)
+    else:
+        torch.testing.assert_close(skip_both, skip_next, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("key,message", [("item_token_weight", "SASRec already predicts"),
                                          ("future_weight", "LUM's condition tokens only")])
 def test_pretrain_refuses_an_auxiliary_loss_for_sasrec_before_reading_data(tmp_path, key, message):
