@@ -126,8 +126,10 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) 
     """Build the model; under ZeRO-3 each rank materialises only its own shard of every parameter.
 
     ``deepspeed.zero.Init`` partitions each submodule's parameters as soon as it is built, so a 7B model
-    never exists whole on one rank. Weight init of a partitioned parameter would be a no-op, so every
-    module is re-initialised with its parameters gathered (rank 0 writes, the others receive).
+    never exists whole on one rank. Weight init of a partitioned parameter would be a no-op (the model's own
+    ``post_init`` runs after its layers are partitioned), so every module is re-initialised with its parameters
+    gathered (rank 0 writes, the others receive) by the ``_init_weights`` of the innermost module above it that
+    has one: the LUM or SASRec model for its layers, whatever wraps it (the trainer's loss module) for the rest.
     """
     import deepspeed
 
@@ -135,15 +137,23 @@ def build_model(make_model: Callable[[], nn.Module], ds_config: dict[str, Any]) 
         return make_model()
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = make_model()
-    init_fn = getattr(model, "_init_weights", None)
-    if init_fn is not None:
-        for module in model.modules():
-            params = list(module.parameters(recurse=False))
-            if params:
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                    if torch.distributed.get_rank() == 0:
-                        init_fn(module)
+    for module, init_fn in initialisers(model):
+        with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                init_fn(module)
     return model
+
+
+def initialisers(model: nn.Module) -> list[tuple[nn.Module, Callable[[nn.Module], None]]]:
+    """(module with parameters of its own, the ``_init_weights`` of the innermost module above or at it that defines
+    one): the modules' walk is outer first, so an inner model claims its own layers."""
+    init_of: dict[int, Callable[[nn.Module], None]] = {}
+    for owner in model.modules():
+        init_fn = getattr(owner, "_init_weights", None)
+        if callable(init_fn):
+            init_of.update((id(m), init_fn) for m in owner.modules())
+    return [(m, init_of[id(m)]) for m in model.modules()
+            if id(m) in init_of and next(m.parameters(recurse=False), None) is not None]
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False, lr: float = 1e-3,

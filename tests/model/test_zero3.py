@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lum_dist import parallel
 from lum_dist.config import LossConfig, PretrainConfig
 from lum_dist.losses import InfoNCE
-from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset
+from lum_dist.model import MODELS, LUMModel, SASRecConfig, enable_activation_checkpointing, load_preset
 from lum_dist.testing.batches import random_packed_batch
 from lum_dist.testing.distributed import run_distributed
 from lum_dist.train import checkpoint
@@ -110,3 +111,49 @@ def test_best_checkpoint_weights_load_back_under_zero3(monkeypatch, tmp_path):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for r in run_distributed(_best_weights_round_trip, 2, str(tmp_path), timeout=240):
         assert r["moved"] > 1e-4 and r["back"] == 0.0
+
+
+def _initial_weights(stage: int, kind: str) -> dict[str, torch.Tensor]:
+    parallel.init_distributed()
+    cfg = PretrainConfig()
+    cfg.train.zero_stage = stage
+    torch.manual_seed(0)
+    config = (SASRecConfig(num_items=NUM_ITEMS, hidden_size=64, num_layers=2) if kind == "sasrec" else
+              load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, previous_item_skip=True))
+    module = parallel.build_model(lambda: PretrainModule(MODELS[kind](config), InfoNCE(LossConfig(negatives="full"), NUM_ITEMS)),
+                                  parallel.deepspeed_config(cfg))
+    return _weights(module)
+
+
+@pytest.mark.parametrize("kind", ["lum", "sasrec"])
+def test_zero3_builds_the_model_initialised_as_without_it(monkeypatch, kind):
+    """Under ZeRO-3 the layers are partitioned before the model's own init runs: build_model re-initialises them
+    with their parameters gathered. Each parameter must come out as without ZeRO-3: the same constant where init
+    writes one (norms, biases, PAD rows, the zero-initialised skip), the same spread where it draws (within 15 %)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    sharded = run_distributed(_initial_weights, 2, 3, kind, timeout=240)[0]
+    whole = run_distributed(_initial_weights, 1, 0, kind, timeout=240)[0]
+    assert sharded.keys() == whole.keys()
+    for name, w in whole.items():
+        if w.numel() < 64 or float(w.std()) == 0:
+            torch.testing.assert_close(sharded[name], w, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert abs(float(sharded[name].std()) / float(w.std()) - 1) < 0.15, name
+        if w.dim() == 2 and not w[0].any():  # a PAD row
+            assert not sharded[name][0].any(), name
+
+
+def test_initialisers_let_an_inner_model_claim_its_own_layers():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.head = LUMModel(load_preset("lum-tiny", NUM_ITEMS, VOCABS)), nn.Linear(4, 4)
+
+        def _init_weights(self, module: nn.Module) -> None:
+            nn.init.zeros_(module.weight)
+
+    wrapper = Wrapper()
+    owners = {id(m): fn for m, fn in parallel.initialisers(wrapper)}
+    assert owners[id(wrapper.head)] == wrapper._init_weights
+    assert owners[id(wrapper.model.tokens.item_emb)] == wrapper.model._init_weights
+    assert len(owners) == sum(1 for m in wrapper.modules() if next(m.parameters(recurse=False), None) is not None)
