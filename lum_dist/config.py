@@ -91,6 +91,9 @@ class LossConfig:
     # False: the future target scores the condition token's output without the previous-item skip, which then
     # learns next-item transitions only (the item after next would pull it away from them).
     future_reads_skip: bool = True
+    # True: the future target scores out + H out (H a linear map, zero at init) in place of the output itself: the
+    # backbone learns from the item after next, while the next-item output need not point at it.
+    future_head: bool = False
     label_smoothing: float = 0.0  # full only: the target puts this much mass evenly over every item
     # Items the user already had before a target (in its packed sequence) are no candidates for it, as in the
     # evaluation's full ranking, which leaves the user's history out: the loss stops spending the embedding
@@ -113,6 +116,7 @@ class LossConfig:
         check(self.item_token_weight >= 0, "item_token_weight", f"{self.item_token_weight} < 0")
         check(self.future_weight >= 0, "future_weight", f"{self.future_weight} < 0")
         check(self.future_offset >= 1, "future_offset", f"{self.future_offset}: need >= 1 behaviour ahead")
+        check(self.future_weight > 0 or not self.future_head, "future_head", "needs future_weight > 0 (nothing reads it)")
         check(0 <= self.label_smoothing < 1, "label_smoothing", f"{self.label_smoothing}: need [0, 1)")
         check(self.negatives == "full" or not self.label_smoothing, "label_smoothing",
               "needs loss.negatives=full (a sampled softmax has no fixed set of items to smooth over)")

@@ -57,6 +57,17 @@ class PretrainModule(nn.Module):
     def __init__(self, model: LUMModel | SASRecModel, loss: InfoNCE):
         super().__init__()
         self.model, self.loss = model, loss
+        width = model.config.item_emb_dim  # training only: the exported model predicts the next item
+        self.future_head = nn.Linear(width, width, bias=False) if loss.cfg.future_head else None
+        if self.future_head is not None:
+            self._init_weights(self.future_head)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The future head starts at zero (the output itself); the model's layers are the model's own
+        (:func:`lum_dist.parallel.build_model` calls this per module under ZeRO-3), the loss's stay as built."""
+        if module is self.future_head:
+            nn.init.zeros_(module.weight)
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.loss.cfg
@@ -76,6 +87,8 @@ class PretrainModule(nn.Module):
         if cfg.future_weight > 0:
             source, target = future_targets(batch, has_target, cfg.future_offset)
             future_out = out if skip is None else out - skip
+            if self.future_head is not None:
+                future_out = future_out + self.future_head(future_out)
             loss = loss + cfg.future_weight * self._predict(batch, future_out, source, target)[0]
         if cfg.view_contrast_weight > 0 and self.training:  # a second pass: fresh dropout, a second view
             other_view = self.model.forward_batch(batch)[has_target]

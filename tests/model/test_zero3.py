@@ -120,7 +120,8 @@ def _initial_weights(stage: int, kind: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     config = (SASRecConfig(num_items=NUM_ITEMS, hidden_size=64, num_layers=2) if kind == "sasrec" else
               load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, previous_item_skip=True))
-    module = parallel.build_model(lambda: PretrainModule(MODELS[kind](config), InfoNCE(LossConfig(negatives="full"), NUM_ITEMS)),
+    loss = LossConfig(negatives="full", future_weight=0.5, future_head=kind == "lum")  # the loss module's own layer
+    module = parallel.build_model(lambda: PretrainModule(MODELS[kind](config), InfoNCE(loss, NUM_ITEMS)),
                                   parallel.deepspeed_config(cfg))
     return _weights(module)
 
@@ -129,7 +130,8 @@ def _initial_weights(stage: int, kind: str) -> dict[str, torch.Tensor]:
 def test_zero3_builds_the_model_initialised_as_without_it(monkeypatch, kind):
     """Under ZeRO-3 the layers are partitioned before the model's own init runs: build_model re-initialises them
     with their parameters gathered. Each parameter must come out as without ZeRO-3: the same constant where init
-    writes one (norms, biases, PAD rows, the zero-initialised skip), the same spread where it draws (within 15 %)."""
+    writes one (norms, biases, PAD rows, the zero-initialised skip and future head), the same spread where it draws
+    (within 15 %)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     sharded = run_distributed(_initial_weights, 2, 3, kind, timeout=240)[0]
     whole = run_distributed(_initial_weights, 1, 0, kind, timeout=240)[0]

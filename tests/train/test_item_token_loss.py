@@ -136,6 +136,32 @@ def test_future_target_trains_the_previous_item_skip_only_when_it_reads_it(reads
         torch.testing.assert_close(skip_both, skip_next, rtol=1e-5, atol=1e-8)
 
 
+def test_future_head_starts_as_the_output_and_scores_out_plus_its_map():
+    """``loss.future_head``: the future target scores ``out + H out`` (H zero at init, so training starts as
+    without it); the next-item target still scores ``out``."""
+    torch.manual_seed(0)
+    cfg = load_preset("lum-tiny", NUM_ITEMS, [5], hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
+    model, batch = LUMModel(cfg).eval(), random_packed_batch(SEQ_LENS, NUM_ITEMS, [5], seed=2)
+    plain = PretrainModule(model, InfoNCE(LossConfig(negatives="full", future_weight=0.5), NUM_ITEMS))
+    headed = PretrainModule(model, InfoNCE(LossConfig(negatives="full", future_weight=0.5, future_head=True),
+                                           NUM_ITEMS))
+    assert not headed.future_head.weight.any()
+    torch.testing.assert_close(headed(batch)[0], plain(batch)[0], rtol=0, atol=0)
+
+    torch.nn.init.normal_(headed.future_head.weight, std=0.3)
+    out, items = model.forward_batch(batch), model.item_embeddings(None)
+    has_target = batch.targets >= NUM_SPECIAL_IDS
+    future_source, future_target = future_targets(batch, has_target, 1)
+    own = torch.stack([_full_softmax_ce(out[t], items, int(batch.targets[t]), 0.05)
+                       for t in has_target.nonzero().squeeze(1).tolist()]).mean()
+    moved = out + out @ headed.future_head.weight.T
+    future = torch.stack([_full_softmax_ce(moved[s], items, int(batch.targets[t]), 0.05)
+                          for s, t in zip(future_source.tolist(), future_target.tolist(), strict=True)]).mean()
+    torch.testing.assert_close(headed(batch)[0], own + 0.5 * future, rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="future_head"):
+        LossConfig(future_head=True)
+
+
 @pytest.mark.parametrize("key,message", [("item_token_weight", "SASRec already predicts"),
                                          ("future_weight", "LUM's condition tokens only")])
 def test_pretrain_refuses_an_auxiliary_loss_for_sasrec_before_reading_data(tmp_path, key, message):
