@@ -23,8 +23,9 @@ NUM_ITEMS, VOCABS = 100, [9, 5]
 
 def _train_zero3(negatives: str) -> dict:
     parallel.init_distributed()  # joins the existing gloo group
+    torch.manual_seed(0)  # rank 0 draws the initial weights (build_model), every rank its random negatives
     cfg = PretrainConfig()
-    cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 3e-3, 6
+    cfg.optim.warmup_steps, cfg.optim.lr, cfg.train.max_steps = 1, 1e-3, 6
     cfg.loss = (LossConfig(learnable_temperature=True, num_random_negatives=8) if negatives == "in_batch"  # logQ
                 # the item table gathered whole; a second forward of the sharded model for the view contrast
                 else LossConfig(learnable_temperature=True, negatives="full", view_contrast_weight=0.1))
