@@ -263,9 +263,9 @@ class LUMModel(PreTrainedModel):
         num_queries: torch.Tensor | None = None,
         numeric: torch.Tensor | None = None,
         return_skip: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """[T, item_emb_dim]: the user representation after every token. ``return_skip``: also the previous-item
-        skip's share of it (zeros without the skip), for a loss that scores the representation without it."""
+        skip's share of it (None without the skip), for a loss that scores the representation without it."""
         if self.config.previous_item_slot or self.previous_item_skip is not None:
             # One draw of previous_item_dropout: a condition token loses slot and skip together.
             dropout = self.config.previous_item_dropout if self.training else 0.0
@@ -287,10 +287,8 @@ class LUMModel(PreTrainedModel):
                                               head_dim=self.config.head_dim)
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen, plan)
-        out = self.head(self.norm(x))
-        if self.previous_item_skip is None:
-            skip = torch.zeros_like(out)
-        else:
+        out, skip = self.head(self.norm(x)), None
+        if self.previous_item_skip is not None:
             last_item = torch.where(token_type == COND_TOKEN, before, PAD_ID)  # PAD (zero vector): item tokens
             skip = self.previous_item_skip(self.dropout(self.item_embeddings(last_item)))
             out = out + skip
@@ -301,7 +299,7 @@ class LUMModel(PreTrainedModel):
         return torch.ones_like(batch.targets, dtype=torch.bool)
 
     def forward_batch(self, batch: PackedBatch,
-                      return_skip: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_skip: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         # Training and evaluation batches (at most one query per sequence) skip the group-query layout read.
         num_queries = batch.num_queries if batch.max_queries > 1 else None
         return self(
