@@ -8,6 +8,8 @@ Layout (written by :mod:`lum_dist.train.checkpoint`, on a file system every rank
         ds/...                 DeepSpeed shards: parameters and optimizer states of every rank
         trainer_rank0.json ... per rank: step, loader state, selection state, flags, Python/numpy RNG states
         rng_rank0.pt ...       per rank: the torch (and CUDA) RNG states, plain tensors (weights_only=True)
+        ema_rank0.pt ...       with optim.ema_decay: each rank's weight average (its ZeRO-3 shards; rank 0 only
+                               without ZeRO-3), plain tensors; what evaluation, export and query read
         checkpoint.json        written last before the rename: the step, the run config and every file's size
       latest                   text file naming the newest complete checkpoint, updated last
       best                     text file naming the checkpoint with the best validation metric (kept
@@ -54,6 +56,11 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
+def ema_file(rank: int) -> str:
+    """This rank's weight average (``optim.ema_decay``; :class:`lum_dist.train.ema.WeightAverage`)."""
+    return f"ema_rank{rank}.pt"
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -69,7 +76,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def file_sizes(ckpt: Path) -> dict[str, int]:
     """What a checkpoint needs to resume: DeepSpeed's files and each rank's state, with their sizes."""
     files = [f for f in ckpt.rglob("*") if f.is_file()
-             and (f.parts[len(ckpt.parts)] == DS_TAG or f.name.startswith(("trainer_rank", "rng_rank")))]
+             and (f.parts[len(ckpt.parts)] == DS_TAG or f.name.startswith(("trainer_rank", "rng_rank", "ema_rank")))]
     return {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in sorted(files)}
 
 
@@ -187,14 +194,32 @@ def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
     return model
 
 
-def load_model(ckpt: Path) -> tuple[LUMModel | SASRecModel, PretrainConfig, DatasetMeta]:
+def averaged_weights(ckpt: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The whole weight-averaged tensors of a run with ``optim.ema_decay``, from every rank's ``ema_rank*.pt``
+    (ZeRO-3 partitions concatenated in rank order, the last one's padding cut off; otherwise rank 0's copy)."""
+    files = sorted(ckpt.glob("ema_rank*.pt"), key=lambda f: int(f.stem.removeprefix("ema_rank")))
+    if not files:
+        raise CheckpointError(f"checkpoint {ckpt} was trained with optim.ema_decay but holds no {ema_file(0)}")
+    ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    first, out = ranks[0], {}
+    for i, name in enumerate(first["names"]):
+        parts = [r["shadow"][i].reshape(-1) for r in ranks] if first["sharded"] else [first["shadow"][i].reshape(-1)]
+        out[name] = torch.cat(parts)[: first["numels"][i]].view(shapes[name])
+    return out
+
+
+def load_model(ckpt: Path, trained_weights: bool = False) -> tuple[LUMModel | SASRecModel, PretrainConfig,
+                                                                   DatasetMeta]:
     """The model a checkpoint describes, with its full fp32 weights (gathered from the ZeRO shards), on the CPU
-    in eval mode, plus its run config and dataset meta."""
+    in eval mode, plus its run config and dataset meta. A run with ``optim.ema_decay`` gives its weight average
+    (what it evaluated and selected), or with ``trained_weights`` the optimizer's own weights."""
     validate(ckpt)
     cfg = load_run_config(ckpt)
     meta = load_meta(cfg.data.path)
     model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta)
     state = parallel.fp32_state_dict(ckpt / DS_TAG, cfg.train.zero_stage)
+    if cfg.optim.ema_decay and not trained_weights:
+        state.update(averaged_weights(ckpt, {k: v.shape for k, v in state.items()}))
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [k for k in missing if k not in (getattr(model, "_tied_weights_keys", None) or [])]

@@ -137,6 +137,9 @@ class OptimConfig:
     # > 0: muP-style learning rates across widths (lum_dist.parallel.param_groups): the matrices that read the
     # hidden stream train at lr x width_base / hidden_size, so lr tuned at width_base carries to other widths.
     width_base: int = 0
+    # > 0: keep an exponential moving average of the weights (lum_dist.train.ema); evaluation, selection, export
+    # and query use it. Uniform over the first 1 / (1 - ema_decay) steps.
+    ema_decay: float = 0.0
 
     def hidden_lr_scale(self, hidden_size: int) -> float:
         return self.width_base / hidden_size if self.width_base else 1.0
@@ -146,6 +149,7 @@ class OptimConfig:
               "lr, weight_decay, grad_clip and warmup_steps must be >= 0")
         check(self.width_base >= 0, "width_base", f"{self.width_base} must be >= 0 (0: one learning rate)")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"{self.min_lr_ratio} is not in [0, 1]")
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"{self.ema_decay} is not in [0, 1) (0: no average)")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", f"{self.betas}: need two in [0, 1)")
 
 

@@ -29,6 +29,7 @@ from lum_dist.checkpoint import (
     INFO,
     CheckpointError,
     complete_checkpoints,
+    ema_file,
     file_sizes,
     find_best_checkpoint,
     rng_file,
@@ -36,6 +37,7 @@ from lum_dist.checkpoint import (
     trainer_state_file,
     validate,
 )
+from lum_dist.train.ema import WeightAverage
 from lum_dist.utils import atomic_write_text, dist_info, folder_lock
 
 
@@ -82,7 +84,8 @@ def hold_output_dir(out_dir: Path) -> Iterator[None]:
 
 
 def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_config: dict[str, Any],
-         keep_last: int, best: bool = False, die_during_save: bool = False) -> Path:
+         keep_last: int, best: bool = False, die_during_save: bool = False,
+         average: WeightAverage | None = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. ``trainer_state`` must be
     JSON-able. ``best``: also point ``best`` at it. Older checkpoints beyond ``keep_last`` are removed, except
     the best one."""
@@ -101,6 +104,8 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], run_confi
     plain_rng, tensor_rng = rng_state()
     atomic_write_text(tmp / trainer_state_file(rank), json.dumps({**trainer_state, "rng": plain_rng}))
     torch.save(tensor_rng, tmp / rng_file(rank))
+    if average is not None and (rank == 0 or average.sharded):  # unsharded: every rank's is alike
+        torch.save(average.state_dict(), tmp / ema_file(rank))
     if die_during_save:  # test hook: a crash after the shards are written, before the checkpoint is complete
         os.kill(os.getpid(), 9)
     dist.barrier()
@@ -127,6 +132,17 @@ def load_weights(engine, ckpt: Path) -> None:
                                           load_optimizer_states=False, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the weights in {ckpt / DS_TAG}")
+
+
+def load_average(average: WeightAverage, ckpt: Path) -> None:
+    """This rank's weight average from ``ckpt`` (its own shards under ZeRO-3, rank 0's copy otherwise)."""
+    file = ckpt / ema_file(dist.get_rank())
+    if not file.is_file():
+        file = ckpt / ema_file(0)
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} holds no weight average ({ema_file(0)}): it was written without "
+                              "optim.ema_decay, which this run sets")
+    average.load_state_dict(torch.load(file, map_location=average.shadow[0].device, weights_only=True))
 
 
 def load(engine, ckpt: Path) -> dict[str, Any]:

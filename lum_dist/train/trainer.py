@@ -9,6 +9,7 @@ evaluates the selected model. Works under the ``deepspeed`` launcher,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from lum_dist.model import (
     param_counts,
 )
 from lum_dist.train import checkpoint
+from lum_dist.train.ema import WeightAverage
 from lum_dist.train.evaluate import evaluate
 from lum_dist.train.monitor import MetricsLogger, Throughput, format_line, memory_gib, peak_flops
 from lum_dist.utils import atomic_write_text, expand_source
@@ -229,6 +231,12 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(module.model)
     engine = parallel.build_engine(module, cfg, ds_config, max_steps, cfg.optim.hidden_lr_scale(model_cfg.hidden_size))
+    # After the engine: ZeRO-3 has moved each rank's shards into its flat buffers by then.
+    average = WeightAverage(module.named_parameters(), cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+
+    def averaged() -> contextlib.AbstractContextManager:
+        """The weights that are evaluated, selected and exported: the average if the run keeps one."""
+        return average.swapped_in() if average is not None else contextlib.nullcontext()
 
     start_step, tracker, stopped = 0, BestTracker(cfg.eval.metric, cfg.train.early_stopping_patience), False
     loss_sum, steps_logged = torch.zeros((), device=device), 0  # this rank's loss since the last log line
@@ -242,6 +250,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     resume_from = _resume_path(cfg, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
+        if average is not None:
+            checkpoint.load_average(average, resume_from)
         loader.load_state_dict(state["loader"])
         start_step = state["step"]
         tracker = BestTracker(**state["selection"])
@@ -269,7 +279,7 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
                  "random_negative_calls": module.loss.num_calls,
                  "wall_seconds": wall_seconds(), "resumes": resumes}
         checkpoint.save(engine, ckpt_root, step, state, run_config, cfg.train.keep_last, best=best,
-                        die_during_save=step == die_at)
+                        die_during_save=step == die_at, average=average)
 
     die_at = int(os.environ.get("LUM_FAULT_KILL_DURING_SAVE_AT_STEP", "-1"))  # fault-injection hook for tests
     batches = DevicePrefetcher(loader, device)  # on CUDA: the next batch's copy overlaps the step
@@ -292,6 +302,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
             engine.step()
             loss_sum += loss.detach() / cfg.train.grad_accum
         steps_logged += 1
+        if average is not None:
+            average.update()
         work = torch.tensor([local_tokens, local_flops], device=device, dtype=torch.float64)
         dist.all_reduce(work)  # cheap; keeps the throughput meter global (and waits for the step)
         meter.step(int(work[0].item()), float(work[1].item()), time.perf_counter() - t0, data_s)
@@ -309,7 +321,8 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
             logger.log(step, metrics)
         improved = False
         if eval_every and (step % eval_every == 0 or step == max_steps):
-            result = evaluate(module.model, data_path, meta, cfg, device, cfg.eval.split)
+            with averaged():
+                result = evaluate(module.model, data_path, meta, cfg, device, cfg.eval.split)
             _log_eval(result, step, logger, bar, rank)
             improved = tracker.update(step, result[f"{cfg.eval.split}/{cfg.eval.metric}"])
             stopped = tracker.should_stop
@@ -324,6 +337,10 @@ def _pretrain(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     best = find_best_checkpoint(ckpt_root)
     if best is not None and tracker.best_step not in (0, step):
         checkpoint.load_weights(engine, best)
+        if average is not None:
+            checkpoint.load_average(average, best)
+    if average is not None:  # training is over: the average stays in the model
+        average.copy_to_model()
     final_eval: dict[str, float] = {}
     for split in cfg.eval.final_splits:
         final_eval.update(evaluate(module.model, data_path, meta, cfg, device, split, cfg.eval.attribute_query_weight,

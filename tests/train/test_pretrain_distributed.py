@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lum_dist.checkpoint import DS_TAG, find_resume_checkpoint
+from lum_dist.checkpoint import DS_TAG, averaged_weights, find_resume_checkpoint
 from lum_dist.data.prepare import load_vocab, read_users
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
 from lum_dist.model import LUMModel
@@ -36,12 +36,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, out: str, extra_env: dict | None = None) -> subprocess.Popen:
+def _launch(tmp: Path, out: str, extra_env: dict | None = None, *overrides: str) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
         str(REPO / "launch/pretrain.py"), "--config", str(REPO / "configs/pretrain/debug-cpu.yaml"),
         f"data.path={tmp / 'data'}", f"train.output_dir={tmp / out}", f"train.max_steps={STEPS}",
-        "train.save_every=2", "train.log_every=1", "train.keep_last=3", "eval.max_users=40",
+        "train.save_every=2", "train.log_every=1", "train.keep_last=3", "eval.max_users=40", *overrides,
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            **(extra_env or {})}
@@ -187,3 +187,26 @@ def test_export_ranks_like_the_evaluation_and_writes_a_consolidated_hf_model(ref
     assert set(zero) <= set(state)
     for k, v in zero.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_weight_average_under_zero3_evaluates_as_its_consolidated_copy_in_one_process(reference: Path):
+    """optim.ema_decay on 2 ranks under ZeRO-3: each rank averages its own shards (small parameters stay gathered
+    between steps and must be refreshed when the average is swapped in). The trainer's final 2-rank evaluation,
+    of the average, equals one process's evaluation of the average rebuilt from both ranks' files."""
+    import json
+
+    rc = _wait(_launch(reference, "ema", None, "optim.ema_decay=0.8"), reference, "ema")
+    assert rc == 0, (reference / "ema.log").read_text()[-4000:]
+    ckpt = reference / "ema" / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "ema_rank0.pt").is_file() and (ckpt / "ema_rank1.pt").is_file()
+    trained = _final_weights(reference / "ema")
+    averaged = averaged_weights(ckpt, {k: v.shape for k, v in trained.items()})
+    assert averaged.keys() == {k for k, _ in trained.items() if k in averaged}
+    assert any(not torch.allclose(averaged[k], trained[k]) for k in averaged)  # the average is not the weights
+    out = reference / "eval-ema"
+    _launch_script("evaluate.py", "--checkpoint", str(reference / "ema"), "--split", "valid", "--max-users", "40",
+                   "--out", str(out))
+    one = json.loads(out.with_suffix(".json").read_text())["metrics"]
+    two = read_metrics(reference / "ema" / "metrics.jsonl")[STEPS]
+    for key in ("valid/hr@10", "valid/ndcg@10", "valid/mrr"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-6), key

@@ -1,5 +1,6 @@
-"""A resume between two log lines, with random negatives: the resumed run logs and trains exactly as the
-uninterrupted one (the running loss sum and the random-negative counter are part of the checkpoint)."""
+"""A resume between two log lines, with random negatives and a weight average: the resumed run logs and trains
+exactly as the uninterrupted one (the running loss sum, the random-negative counter and the average are part of
+the checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from lum_dist.checkpoint import ema_file
 from lum_dist.train.checkpoint import trainer_state_file
 from lum_dist.train.monitor import read_metrics
 from lum_dist.train.trainer import resume_counters
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ("train.max_steps=8", "train.save_every=2", "train.log_every=3", "loss.num_random_negatives=16",
-        "train.zero_stage=0", "eval.max_users=20", "eval.final_splits=[valid]")
+        "train.zero_stage=0", "eval.max_users=20", "eval.final_splits=[valid]", "optim.ema_decay=0.9")
 
 
 def _run(tmp: Path, name: str, kill_at: int | None = None) -> int:
@@ -42,6 +45,11 @@ def test_resume_off_the_log_grid_with_random_negatives_is_exact(tmp_path):
     for step in logged:  # step 3's line averages steps 1-3: step 1-2 before the stop, step 3 after it
         assert cut[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=1e-7), step
     assert cut[8]["valid/ndcg@10"] == pytest.approx(ref[8]["valid/ndcg@10"], abs=1e-9)
+    averages = [torch.load(tmp_path / name / "checkpoints" / "step_00000008" / ema_file(0), weights_only=True)
+                for name in ("ref", "cut")]
+    assert averages[0]["updates"] == averages[1]["updates"] == 8
+    for a, b in zip(averages[0]["shadow"], averages[1]["shadow"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     # result.json counts the whole run: the resume, and the wall time of the piece before it
     ref_result, cut_result = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("ref", "cut"))
     assert (ref_result["resumes"], cut_result["resumes"]) == (0, 1)
