@@ -7,8 +7,8 @@ stages 1-2 every rank holds (and averages) the whole tensors, identically.
 
 The average is uniform over the first 1 / (1 - decay) updates and exponential after: early weights, still far
 from trained, leave it quickly. Evaluation, the best checkpoint's selection and everything read from a checkpoint
-(``lum_dist.checkpoint.load_model``, which
-rebuilds the whole tensors from every rank's file) use the average when the run keeps one (``optim.ema_decay``).
+(``lum_dist.checkpoint.load_model`` rebuilds the whole tensors from every rank's file) use the average when the
+run keeps one (``optim.ema_decay``).
 """
 
 from __future__ import annotations
@@ -87,4 +87,3 @@ class WeightAverage:
         self.updates = int(state["updates"])
         for s, saved in zip(self.shadow, state["shadow"], strict=True):
             s.copy_(saved)
-
