@@ -208,17 +208,16 @@ def averaged_weights(ckpt: Path, shapes: dict[str, torch.Size]) -> dict[str, tor
     return out
 
 
-def load_model(ckpt: Path, trained_weights: bool = False) -> tuple[LUMModel | SASRecModel, PretrainConfig,
-                                                                   DatasetMeta]:
+def load_model(ckpt: Path) -> tuple[LUMModel | SASRecModel, PretrainConfig, DatasetMeta]:
     """The model a checkpoint describes, with its full fp32 weights (gathered from the ZeRO shards), on the CPU
     in eval mode, plus its run config and dataset meta. A run with ``optim.ema_decay`` gives its weight average
-    (what it evaluated and selected), or with ``trained_weights`` the optimizer's own weights."""
+    (what it evaluated and selected)."""
     validate(ckpt)
     cfg = load_run_config(ckpt)
     meta = load_meta(cfg.data.path)
     model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta)
     state = parallel.fp32_state_dict(ckpt / DS_TAG, cfg.train.zero_stage)
-    if cfg.optim.ema_decay and not trained_weights:
+    if cfg.optim.ema_decay:
         state.update(averaged_weights(ckpt, {k: v.shape for k, v in state.items()}))
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)

@@ -136,9 +136,7 @@ def load_weights(engine, ckpt: Path) -> None:
 
 def load_average(average: WeightAverage, ckpt: Path) -> None:
     """This rank's weight average from ``ckpt`` (its own shards under ZeRO-3, rank 0's copy otherwise)."""
-    file = ckpt / ema_file(dist.get_rank())
-    if not file.is_file():
-        file = ckpt / ema_file(0)
+    file = ckpt / ema_file(dist.get_rank() if average.sharded else 0)
     if not file.is_file():
         raise CheckpointError(f"checkpoint {ckpt} holds no weight average ({ema_file(0)}): it was written without "
                               "optim.ema_decay, which this run sets")

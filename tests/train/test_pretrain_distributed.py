@@ -7,6 +7,7 @@ the final weights must be the same (to float tolerance), whatever moment the kil
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -133,8 +134,6 @@ def _launch_script(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_one_process_evaluation_of_the_checkpoint_equals_the_two_rank_evaluation(reference: Path):
     """launch/evaluate.py consolidates the ZeRO-3 shards and evaluates in one process: the trainer's
     final 2-rank evaluation (each rank half of the users) is reproduced."""
-    import json
-
     out = reference / "eval-one-process"
     _launch_script("evaluate.py", "--checkpoint", str(reference / "ref"), "--split", "valid", "--max-users", "40",
                    "--out", str(out))
@@ -193,15 +192,13 @@ def test_a_weight_average_under_zero3_evaluates_as_its_consolidated_copy_in_one_
     """optim.ema_decay on 2 ranks under ZeRO-3: each rank averages its own shards (small parameters stay gathered
     between steps and must be refreshed when the average is swapped in). The trainer's final 2-rank evaluation,
     of the average, equals one process's evaluation of the average rebuilt from both ranks' files."""
-    import json
-
     rc = _wait(_launch(reference, "ema", None, "optim.ema_decay=0.8"), reference, "ema")
     assert rc == 0, (reference / "ema.log").read_text()[-4000:]
     ckpt = reference / "ema" / "checkpoints" / f"step_{STEPS:08d}"
     assert (ckpt / "ema_rank0.pt").is_file() and (ckpt / "ema_rank1.pt").is_file()
     trained = _final_weights(reference / "ema")
     averaged = averaged_weights(ckpt, {k: v.shape for k, v in trained.items()})
-    assert averaged.keys() == {k for k, _ in trained.items() if k in averaged}
+    assert averaged.keys() == trained.keys()  # every trained parameter has its average
     assert any(not torch.allclose(averaged[k], trained[k]) for k in averaged)  # the average is not the weights
     out = reference / "eval-ema"
     _launch_script("evaluate.py", "--checkpoint", str(reference / "ema"), "--split", "valid", "--max-users", "40",
