@@ -9,8 +9,11 @@ can be stopped and restarted.
     python benchmarks/quality.py --datasets beauty --seeds 0
     python benchmarks/quality.py --heldout                # Sports, Toys, Yelp, LastFM once (seed 0), same configs
     python benchmarks/quality.py --report-only            # re-collect finished runs
+    python benchmarks/quality.py --models lum --reuse benchmarks/results/quality/tuning.json
+                                                          # LUM again, SASRec's runs taken from the last table
 
-Writes ``benchmarks/results/quality/<table>.{md,json}`` (``tuning`` or ``heldout``). The held-out datasets reuse
+Writes ``benchmarks/results/quality/<table>.{md,json}`` (``tuning`` or ``heldout``, or ``--table``); the JSON keeps every
+run's ``result.json``, which is what ``--reuse`` reads back when only one model's config changed. The held-out datasets reuse
 the Beauty configs with only the data changed: they check that the recipe generalises and are never tuned on.
 """
 
@@ -78,6 +81,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def reused_runs(path: Path, datasets: list[str], models: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """The runs of ``models`` on ``datasets`` from a table's JSON (its ``runs``: ``"dataset/model"`` -> the runs'
+    ``result.json``, in seed order); an absent pair is an error, not a silently empty column."""
+    runs = json.loads(path.read_text())["runs"]
+    missing = [f"{d}/{m}" for d in datasets for m in models if f"{d}/{m}" not in runs]
+    if missing:
+        raise SystemExit(f"{path}: no runs for {', '.join(missing)}")
+    return {(d, m): runs[f"{d}/{m}"] for d in datasets for m in models}
+
+
 def table(results: dict[tuple[str, str], list[dict]], datasets: list[str]) -> tuple[str, list[dict]]:
     """Markdown: per dataset and split, LUM / SASRec / popularity HR@10 and NDCG@10 (mean ± std over seeds) and
     LUM's ratio to SASRec."""
@@ -124,11 +137,14 @@ def main(argv: list[str] | None = None) -> None:
                    "about an interrupted run")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality")
+    p.add_argument("--reuse", type=Path, default=None, help="a previous table's JSON: the models not in --models "
+                   "are taken from its runs instead of trained (their configs must be unchanged)")
+    p.add_argument("--table", default=None, help="the table's file name (default: tuning, or heldout)")
     args = p.parse_args(argv)
     specs = HELDOUT if args.heldout else TUNING
     datasets = args.datasets or list(specs)
     seeds = args.seeds or ([0] if args.heldout else [0, 1, 2])
-    results: dict[tuple[str, str], list[dict]] = {}
+    results = reused_runs(args.reuse, datasets, [m for m in MODELS if m not in args.models]) if args.reuse else {}
     for ds in datasets:
         for model in args.models:
             for seed in seeds:
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                         results.setdefault((ds, model), []).append(json.loads((out / "result.json").read_text()))
                     continue
                 results.setdefault((ds, model), []).append(train(args.runs, ds, specs[ds], model, seed, args.threads))
-    name = "heldout" if args.heldout else "tuning"
+    name = args.table or ("heldout" if args.heldout else "tuning")
     text, rows = table(results, datasets)
     print(text)
     out = RESULTS / "quality" / name

@@ -392,3 +392,33 @@ def test_transition_buckets_count_training_pairs_and_bucket_each_user():
     assert (by[("transition", "2-4")]["users"], by[("transition", "2-4")]["hr@10"]) == (1, 0.0)
     assert by[("transition", "5+")]["users"] == 0
     assert [by[("target popularity", b)]["users"] for b in ("0-4", "5-19", "20-99", "100+")] == [3, 0, 0, 0]
+
+
+# --- benchmarks/quality.py: the table, with one model's runs reused from an earlier table ---
+
+def _fake_result(hr: float, minutes: float = 2.0) -> dict:
+    splits = {f"{s}/{p}{m}": v for s in ("valid", "test") for p, v in (("", hr), ("pop_", 0.01))
+              for m in ("hr@10", "ndcg@10")}
+    return {"eval": splits, "epochs": 10.0, "wall_seconds": 60 * minutes}
+
+
+def test_quality_table_reuses_the_other_models_runs_and_refuses_a_missing_one(tmp_path, monkeypatch):
+    quality = _load_benchmark("quality")
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    for seed, hr in enumerate((0.30, 0.34)):
+        out = quality.run_dir(tmp_path / "runs", "ml100k", "lum", seed)
+        out.mkdir(parents=True)
+        (out / "result.json").write_text(json.dumps(_fake_result(hr)))
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps({"runs": {"ml100k/sasrec": [_fake_result(0.20), _fake_result(0.30)],
+                                             "ml100k/lum": [_fake_result(0.01)]}}))
+    common = ["--report-only", "--models", "lum", "--datasets", "ml100k", "--seeds", "0", "1", "--runs",
+              str(tmp_path / "runs"), "--table", "candidate"]
+    quality.main([*common, "--reuse", str(previous)])
+    data = json.loads((tmp_path / "results" / "quality" / "candidate.json").read_text())
+    test_row = next(r for r in data["rows"] if r["split"] == "test")
+    assert test_row["lum_hr@10"] == [0.30, 0.34] and test_row["sasrec_hr@10"] == [0.20, 0.30]  # LUM from its runs
+    assert "| 1.280 / 1.280 |" in (tmp_path / "results" / "quality" / "candidate.md").read_text()  # 0.32 / 0.25
+    previous.write_text(json.dumps({"runs": {"ml100k/lum": [_fake_result(0.01)]}}))
+    with pytest.raises(SystemExit, match="no runs for ml100k/sasrec"):
+        quality.main([*common, "--reuse", str(previous)])
