@@ -44,7 +44,9 @@ def test_learns_planted_structure_of_synthetic_data(tmp_path):
 
 
 @pytest.mark.skipif(data_dir() is None or not (data_dir() / "ml-100k").is_dir(), reason="needs $LUM_DATA_DIR/ml-100k")
-@pytest.mark.parametrize("model,steps", [("lum", 600), ("sasrec", 300)])  # ~6 and ~3 epochs
-def test_learns_on_movielens_100k(tmp_path, model, steps):
-    ev = _train(tmp_path, f"configs/pretrain/ml100k-{model}.yaml", f"train.max_steps={steps}")
+# ~6 and ~3 epochs; LUM's config averages its weights over ~1,400 steps, longer than this run: a 100-step average
+# keeps that path under test without judging a run by weights it has barely moved away from.
+@pytest.mark.parametrize("model,steps,overrides", [("lum", 600, ["optim.ema_decay=0.99"]), ("sasrec", 300, [])])
+def test_learns_on_movielens_100k(tmp_path, model, steps, overrides):
+    ev = _train(tmp_path, f"configs/pretrain/ml100k-{model}.yaml", f"train.max_steps={steps}", *overrides)
     _assert_beats_popularity(ev, factor=2.0)
