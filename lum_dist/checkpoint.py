@@ -195,14 +195,21 @@ def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
 
 
 def averaged_weights(ckpt: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The whole weight-averaged tensors of a run with ``optim.ema_decay``, from every rank's ``ema_rank*.pt``
-    (ZeRO-3 partitions concatenated in rank order, the last one's padding cut off; otherwise rank 0's copy)."""
+    """The whole weight-averaged tensors named in ``shapes``, of a run with ``optim.ema_decay``, from every rank's
+    ``ema_rank*.pt`` (ZeRO-3 partitions concatenated in rank order, the last one's padding cut off; otherwise rank
+    0's copy). Averaged tensors not named (the loss's own parameters, for a model alone) are left out."""
     files = sorted(ckpt.glob("ema_rank*.pt"), key=lambda f: int(f.stem.removeprefix("ema_rank")))
     if not files:
         raise CheckpointError(f"checkpoint {ckpt} was trained with optim.ema_decay but holds no {ema_file(0)}")
     ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    first, out = ranks[0], {}
+    first = ranks[0]
+    absent = sorted(set(shapes) - set(first["names"]))
+    if absent:
+        raise CheckpointError(f"checkpoint {ckpt}: {files[0].name} holds no average of {absent}")
+    out = {}
     for i, name in enumerate(first["names"]):
+        if name not in shapes:
+            continue
         parts = [r["shadow"][i].reshape(-1) for r in ranks] if first["sharded"] else [first["shadow"][i].reshape(-1)]
         out[name] = torch.cat(parts)[: first["numels"][i]].view(shapes[name])
     return out
@@ -216,10 +223,14 @@ def load_model(ckpt: Path) -> tuple[LUMModel | SASRecModel, PretrainConfig, Data
     cfg = load_run_config(ckpt)
     meta = load_meta(cfg.data.path)
     model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta)
-    state = parallel.fp32_state_dict(ckpt / DS_TAG, cfg.train.zero_stage)
     if cfg.optim.ema_decay:
-        state.update(averaged_weights(ckpt, {k: v.shape for k, v in state.items()}))
-    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        # The average holds every trained parameter: consolidating ZeRO's fp32 weights as well would be a second
+        # full gather (28 GB of host memory at 7B) only to be overwritten.
+        shapes = {f"model.{k}": p.shape for k, p in model.named_parameters()}
+        model_state = {k.removeprefix("model."): v for k, v in averaged_weights(ckpt, shapes).items()}
+    else:
+        state = parallel.fp32_state_dict(ckpt / DS_TAG, cfg.train.zero_stage)
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [k for k in missing if k not in (getattr(model, "_tied_weights_keys", None) or [])]
     if missing or unexpected:

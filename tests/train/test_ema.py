@@ -95,6 +95,10 @@ def test_averaged_weights_joins_zero3_shards_in_rank_order_and_cuts_the_padding(
     assert rebuilt.keys() == full.keys()
     for k in full:
         assert torch.equal(rebuilt[k], full[k]), k
+    # Only what is asked for (a model without its loss's parameters), and a name without an average is an error.
+    assert averaged_weights(tmp_path, {"model.b": full["model.b"].shape}).keys() == {"model.b"}
+    with pytest.raises(CheckpointError, match=r"holds no average of \['model.c'\]"):
+        averaged_weights(tmp_path, {"model.b": full["model.b"].shape, "model.c": torch.Size([2])})
 
 
 def test_averaged_weights_names_a_checkpoint_without_them(tmp_path):
