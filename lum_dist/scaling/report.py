@@ -388,15 +388,32 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
     return path
 
 
+def yardstick_rows(yardstick: SweepConfig) -> list[dict[str, Any]]:
+    """The yardstick's run table: from its runs where any is on disk, else from the ``runs.json`` its own
+    report left beside ``report.md`` (a fresh clone, or runs cleaned away), so that re-running one sweep does not
+    mean re-running its baseline."""
+    rows = [collect_row(run) for run in expand_grid(yardstick)]
+    committed = resolve_path(yardstick.report_dir) / "runs.json"
+    if all(r["status"] == "missing" for r in rows) and committed.is_file():
+        try:
+            return json.loads(committed.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{committed}: not a run table ({e})") from e
+    return rows
+
+
 def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] | None = None,
                  memory_shapes: dict[str, ModelShape] | None = None) -> Path:
-    """Collect every run of ``sweep`` into runs.csv/runs.json (in its out_dir) and write the report.
+    """Collect every run of ``sweep`` into runs.csv/runs.json (in its out_dir and its report_dir) and write the
+    report.
 
     ``statuses``: run name -> status from run_sweep (else from what is on disk). ``memory_shapes``:
     the presets of the GPU table (default: sweep.memory_presets built with lum_dist.model)."""
     statuses = statuses or {}
     rows = [collect_row(run, statuses.get(run.name, "")) for run in runs]
-    write_run_table(rows, resolve_path(sweep.out_dir))
+    report_dir = resolve_path(sweep.report_dir)
+    for table_dir in (resolve_path(sweep.out_dir), report_dir):  # the report's copy is committed with it
+        write_run_table(rows, table_dir)
     curves = {run.name: learning_curve(run) for run in runs}
     if memory_shapes is None:
         memory_shapes = {p: shape_from_preset(p, sweep.memory_num_items) for p in sweep.memory_presets}
@@ -406,10 +423,8 @@ def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] |
             f"GiB per GPU at {setup.num_gpus} GPUs and the fewest GPUs (power of two) per ZeRO stage "
             f"('-': does not fit on any count).")
     memory_rows = gpus_table(memory_shapes, H100_80GB, setup) if memory_shapes else None
-    report_dir = resolve_path(sweep.report_dir)
     yardstick_lines = None
     if sweep.yardstick:
         other = load_sweep(resolve_path(sweep.yardstick))
-        other_rows = [collect_row(run) for run in expand_grid(other)]
-        yardstick_lines = yardstick_section(rows, sweep.name, other_rows, other.name, report_dir)
+        yardstick_lines = yardstick_section(rows, sweep.name, yardstick_rows(other), other.name, report_dir)
     return write_report(rows, curves, report_dir, f"Scaling sweep {sweep.name}", memory_rows, note, yardstick_lines)

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -88,6 +89,30 @@ def test_report_prints_each_run_beside_its_yardstick(tmp_path):
     assert all(line.endswith("| 1.00 / 1.00 |") for name, line in rows.items() if name != "h64_L32_seed0")
     assert (tmp_path / "report" / "metric_vs_params_yardstick.png").read_bytes()[:8] == PNG_MAGIC
     assert "hr@10, sweep = fake (3 points)" in section and "hr@10, sweep = baseline (3 points)" in section
+
+
+def test_a_yardstick_whose_runs_are_gone_is_read_from_its_reports_run_table(tmp_path):
+    """A fresh clone has the baseline's report (with runs.json beside it) but not its runs: the sweep's report
+    reads the yardstick from that table and prints the same rows as from the runs themselves."""
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    yard_path = make_yardstick(tmp_path, fail=("h128_L32_seed0",))
+    sweep.yardstick = str(yard_path)
+    run_sweep(sweep, runs, fake_runner([]), lambda s: None)
+    from_runs = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    yard_sweep = load_sweep(yard_path)
+    report_sweep(yard_sweep, expand_grid(yard_sweep), memory_shapes={})
+    assert len(json.loads((tmp_path / "yardstick" / "report" / "runs.json").read_text())) == 9
+    assert json.loads((tmp_path / "report" / "runs.json").read_text()) == \
+        json.loads((tmp_path / "runs" / "runs.json").read_text())  # the sweep's own copy beside its report
+
+    shutil.rmtree(tmp_path / "yardstick" / "runs")
+    from_table = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    section = from_table[from_table.index("## Beside the yardstick"):from_table.index("## Loss at equal tokens")]
+    assert section.count("| h") == 8 and section in from_runs  # h128_L32's yardstick run failed, as before
+
+    (tmp_path / "yardstick" / "report" / "runs.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"yardstick/report/runs.json: not a run table"):
+        report_sweep(sweep, runs, memory_shapes={})
 
 
 def test_context_sweep_beside_its_yardstick_is_plotted_against_length(tmp_path):
