@@ -168,11 +168,22 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def fitted_metrics(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The reported metrics, and where they are test metrics, the validation metrics the runs were selected on:
+    with a few hundred users one split is a noisy sample, and a law that holds on both is worth more."""
+    if any(r["split"] == "test" and r.get("valid_hr@10") is not None for r in _done(rows)):
+        return METRICS + tuple(f"valid_{m}" for m in METRICS)
+    return METRICS
+
+
 def plot_metric_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str, path: Path) -> dict[str, dict]:
-    """One panel per metric, one series per ``group`` value with its fitted curve; returns the fits."""
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 4))
+    """One panel per metric (:func:`fitted_metrics`, two to a row), one series per ``group`` value with its fitted
+    curve; returns the fits."""
+    metrics = fitted_metrics(rows)
+    nrows = -(-len(metrics) // 2)
+    fig, axes = plt.subplots(nrows, 2, figsize=(11, 4 * nrows), squeeze=False)
     fits: dict[str, dict] = {}
-    for ax, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
+    for ax, metric in zip(axes.flat, metrics, strict=True):
         fits[metric] = series_fits(rows, group, x, metric)
         for g, (xs, ys, fit) in fits[metric].items():
             (line,) = ax.plot(xs, ys, "o", label=f"{group}={g}")

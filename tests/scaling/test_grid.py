@@ -144,7 +144,7 @@ def test_shipped_sweep_configs_expand():
         cfg, model = run_model(ladder_sweep, run)
         width = model.hidden_size
         assert cfg.optim.lr * cfg.optim.hidden_lr_scale(width) == pytest.approx(1.2e-3 * 512 / width)
-    for name, epochs in (("beauty-size", 40), ("mlsmall-size", 60)):  # real data: each size to convergence
+    for name, epochs in (("beauty-size", 40), ("mlsmall-size", 120)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
         assert len(real) >= 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
     # Every sweep with a yardstick (SASRec at the same sizes or lengths) pairs with it run for run

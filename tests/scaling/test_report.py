@@ -53,6 +53,8 @@ def test_report_from_fake_runs(tmp_path):
     assert "17 of 18 runs finished" in text and failing in text
     # The planted laws: hr@10 slope 0.02 per ln(params) at every length, 0.01 per ln(L) for every model.
     assert text.count("hr@10 = 0.02 * ln(N)") == 3 and text.count("hr@10 = 0.01 * ln(L)") == 3
+    # ... and on validation, where the runs were selected (the fake runs score 1.5x test there): fitted beside it
+    assert text.count("`valid_hr@10 = 0.03 * ln(N)") == 3 and text.count("`valid_hr@10 = 0.015 * ln(L)") == 3
     assert "R² = 1.000" in text and "C^(-0.1)" in text
     assert "GPUs needed per preset" in text and "| tiny |" in text
     assert not list((tmp_path / "report").glob("*.tmp"))  # atomic writes leave no temporaries
