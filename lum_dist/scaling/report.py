@@ -181,7 +181,7 @@ def plot_metric_fits(rows: list[dict[str, Any]], group: str, x: str, xlabel: str
     curve; returns the fits."""
     metrics = fitted_metrics(rows)
     nrows = -(-len(metrics) // 2)
-    fig, axes = plt.subplots(nrows, 2, figsize=(11, 4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, 2, figsize=(11, 4 * nrows), squeeze=False, layout="constrained")
     fits: dict[str, dict] = {}
     for ax, metric in zip(axes.flat, metrics, strict=True):
         fits[metric] = series_fits(rows, group, x, metric)
