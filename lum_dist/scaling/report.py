@@ -63,6 +63,14 @@ def _eval_metric(eval_result: dict[str, float], key: str) -> tuple[float | None,
     return None, ""
 
 
+def tokens_trained(result: dict[str, Any]) -> int:
+    """Token slots a run trained on: its budget scaled by the steps it ran, for a run that early stopping ended
+    before its budget (a result.json without ``steps`` ran them all)."""
+    budget, max_steps = int(result["tokens_budgeted"]), int(result.get("max_steps") or 0)
+    steps = int(result.get("steps", max_steps))
+    return budget * steps // max_steps if max_steps else budget
+
+
 def collect_row(run: Run, status: str = "") -> dict[str, Any]:
     """One table row for ``run``: its result.json (if finished) and the last logged training metrics."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
@@ -82,7 +90,7 @@ def collect_row(run: Run, status: str = "") -> dict[str, Any]:
         result = json.loads(run.result_path.read_text())
         params = result["params"]
         row.update(dense_params=int(params["dense"]), embedding_params=int(params["embedding"]),
-                   flops_per_token=float(result["flops_per_token"]), tokens=int(result["tokens_budgeted"]))
+                   flops_per_token=float(result["flops_per_token"]), tokens=tokens_trained(result))
         row["compute"] = row["flops_per_token"] * row["tokens"]
         for key in ("hr@10", "ndcg@10", "mrr", "pop_hr@10"):
             row[key], split = _eval_metric(result["eval"], key)
@@ -352,8 +360,18 @@ def axis_sections(rows: list[dict[str, Any]], report_dir: Path, axis: Axis) -> t
     loss = plot_loss_fits(rows, axis.group, axis.x, axis.xlabel, report_dir / f"loss_vs_{axis.stem}.png")
     return ([f"## Metric vs {axis.heading}", "", f"![metric vs {axis.heading}](metric_vs_{axis.stem}.png)", "",
              *_fit_lines(metric, axis.group, axis.xname), ""],
-            [f"## Loss at equal tokens vs {axis.heading}", "", f"![loss vs {axis.heading}](loss_vs_{axis.stem}.png)",
-             "", *_loss_fit_lines(loss, axis.group, axis.xname), ""])
+            [f"## Final training loss vs {axis.heading}", "", _tokens_line(rows), "",
+             f"![loss vs {axis.heading}](loss_vs_{axis.stem}.png)", "", *_loss_fit_lines(loss, axis.group, axis.xname),
+             ""])
+
+
+def _tokens_line(rows: list[dict[str, Any]]) -> str:
+    """Whether the final losses compare runs at equal data: early stopping ends runs at different token counts."""
+    tokens = sorted({r["tokens"] for r in _done(rows)})
+    if len(tokens) <= 1:
+        return f"Every run at {tokens[0]:,} tokens: a loss at equal data." if tokens else "No finished run."
+    return (f"Runs stopped at different token counts ({tokens[0]:,} to {tokens[-1]:,}; early stopping): "
+            f"the fit compares where each run ended, not losses at equal data.")
 
 
 def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray, np.ndarray]], report_dir: Path,

@@ -82,7 +82,7 @@ def test_report_prints_each_run_beside_its_yardstick(tmp_path):
     run_sweep(sweep, runs, fake_runner([]), lambda s: None)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
 
-    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Loss at equal tokens")]
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Final training loss")]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| h")}
     assert len(rows) == 8 and "h128_L32_seed0" not in rows  # its yardstick run failed
     hr = expected_hr(40_000, 32)
@@ -109,7 +109,7 @@ def test_a_yardstick_whose_runs_are_gone_is_read_from_its_reports_run_table(tmp_
 
     shutil.rmtree(tmp_path / "yardstick" / "runs")
     from_table = report_sweep(sweep, runs, memory_shapes={}).read_text()
-    section = from_table[from_table.index("## Beside the yardstick"):from_table.index("## Loss at equal tokens")]
+    section = from_table[from_table.index("## Beside the yardstick"):from_table.index("## Final training loss")]
     assert section.count("| h") == 8 and section in from_runs  # h128_L32's yardstick run failed, as before
 
     (tmp_path / "yardstick" / "report" / "runs.json").write_text("{not json")
@@ -124,7 +124,7 @@ def test_context_sweep_beside_its_yardstick_is_plotted_against_length(tmp_path):
     run_sweep(sweep, runs, fake_runner([]), lambda s: None)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
 
-    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Loss at equal tokens")]
+    section = text[text.index("## Beside the yardstick (baseline)"):text.index("## Final training loss")]
     assert "(metric_vs_seq_len_yardstick.png)" in section and "metric_vs_params_yardstick" not in section
     assert (tmp_path / "report" / "metric_vs_seq_len_yardstick.png").read_bytes()[:8] == PNG_MAGIC
     assert "hr@10, sweep = fake (3 points): `hr@10 = 0.01 * ln(L)" in section  # the planted length law
@@ -145,6 +145,7 @@ def test_a_size_sweep_at_one_length_reports_only_the_size_axis(tmp_path):
     (tmp_path / "report" / "loss_vs_seq_len.png").write_bytes(PNG_MAGIC)
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
     assert "Every run has max_seq_len = 64." in text and "not fitted" not in text
+    assert "Every run at 8,192 tokens: a loss at equal data." in text
     assert "sequence length" not in text and text.count("hr@10 = 0.02 * ln(N)") == 1
     assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
         "learning_curves.png", "loss_vs_compute.png", "loss_vs_params.png", "metric_vs_params.png"]
@@ -162,6 +163,22 @@ def test_fits_average_seeds_and_skip_failed(tmp_path):
         assert fit.a == pytest.approx(0.02) and fit.b == pytest.approx(-0.1 + 0.01 * math.log(seq_len))
     c, loss, power = compute_fit(rows)
     assert len(c) == 17 and power.alpha == pytest.approx(0.1) and power.coef == pytest.approx(50.0)
+
+
+def test_an_early_stopped_run_counts_the_tokens_it_trained_not_its_budget(tmp_path):
+    """Early stopping ends a run before its budget: its tokens and compute are the steps it ran, and the report says
+    the final losses are not at equal data."""
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    sweep.max_seq_lens = [64]
+    runs = expand_grid(sweep)
+    run_sweep(sweep, runs, fake_runner([]), lambda s: None)
+    stopped = runs[0].result_path
+    stopped.write_text(json.dumps({**json.loads(stopped.read_text()), "steps": 1}))  # of 4
+    rows = {r.name: collect_row(r) for r in runs}
+    assert rows[runs[0].name]["tokens"] == 2048 and rows[runs[1].name]["tokens"] == 8192
+    assert rows[runs[0].name]["compute"] == pytest.approx(rows[runs[0].name]["flops_per_token"] * 2048)
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    assert "Runs stopped at different token counts (2,048 to 8,192; early stopping)" in text
 
 
 def test_learning_curve_and_malformed_result(tmp_path):
