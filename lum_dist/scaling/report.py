@@ -32,7 +32,8 @@ from lum_dist.scaling.memory import H100_80GB, ModelShape, TrainSetup, gpus_tabl
 from lum_dist.utils import atomic_write_bytes, atomic_write_text, format_number  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10")
-FINISHED = ("ok", "skipped")  # run statuses whose result.json exists
+COMMITTED = "committed"  # a run not on disk whose finished row the report's committed runs.json keeps
+FINISHED = ("ok", "skipped", COMMITTED)  # run statuses with a result
 COLUMNS = ("name", "model", "max_seq_len", "seed", "status", "dense_params", "embedding_params",
            "flops_per_token", "tokens", "compute", "final_loss", "hr@10", "ndcg@10", "mrr", "pop_hr@10",
            "tokens_per_s", "mfu", "split", "valid_hr@10", "valid_ndcg@10")
@@ -400,14 +401,20 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
     done, failed = _done(rows), [r for r in rows if r["status"] not in FINISHED]
     fixed = ([f"Every run has max_seq_len = {lengths[0]}."] if not by_length and lengths else []) + \
             ([f"Every run is model {models[0]}."] if not by_size else [])
+    from_table = sum(r["status"] == COMMITTED for r in rows)
+    no_curve = sum(r["status"] == COMMITTED and not len(curves.get(r["name"], ((), ()))[0]) for r in rows)
     md = [f"# {title}", "", f"{len(done)} of {len(rows)} runs finished"
+          + (f" ({from_table} read from the committed run table, not on disk)" if from_table else "")
           + (f"; not finished: {', '.join(r['name'] + ' (' + r['status'] + ')' for r in failed)}." if failed else "."),
           *([" ".join(fixed)] if fixed else []), "",
           *metric_md, *(yardstick_lines or []), *loss_md,
           "## Loss vs training compute", "", "![loss vs compute](loss_vs_compute.png)", "",
           (f"- `{loss_fit.equation()}` (C in FLOPs = flops_per_token x tokens), R² (log-log) = {loss_fit.r2:.3f}, "
            f"{loss_fit.n} runs" if loss_fit else "- not fitted (< 2 distinct compute values)"), "",
-          "## Learning curves", "", "![learning curves](learning_curves.png)", "",
+          "## Learning curves", "",
+          *([f"Not drawn: {no_curve} runs read from the committed run table, whose curves are not on record.", ""]
+            if no_curve else []),
+          "![learning curves](learning_curves.png)", "",
           "## Runs", "", markdown_table(rows, COLUMNS), ""]
     if memory_rows:
         md += ["## GPUs needed per preset (memory model, lum_dist/scaling/memory.py)", "", memory_note, "",
@@ -417,18 +424,39 @@ def write_report(rows: list[dict[str, Any]], curves: dict[str, tuple[np.ndarray,
     return path
 
 
+def with_committed_rows(rows: list[dict[str, Any]], table: Path) -> list[dict[str, Any]]:
+    """``rows`` with each run missing on disk replaced by its finished row in ``table`` (the ``runs.json`` a report
+    left beside ``report.md``), marked "committed": a fresh clone, or one run added to a finished sweep, reports
+    every run without re-running the others, and a report never overwrites a result with "missing"."""
+    if not table.is_file():
+        return rows
+    try:
+        committed = {r["name"]: r for r in json.loads(table.read_text())}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{table}: not a run table ({e})") from e
+    return [{**committed[r["name"]], "status": COMMITTED}
+            if r["status"] == "missing" and committed.get(r["name"], {}).get("status") in FINISHED else r
+            for r in rows]
+
+
+def with_committed_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict[str, Any]],
+                          path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``curves`` with the curve of each run read from the committed run table taken from ``path`` (the
+    ``learning_curves.json`` the report left beside its figure), so the figure keeps every run too."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {**curves, **{r["name"]: (np.array(saved[r["name"]]["tokens"]), np.array(saved[r["name"]]["loss"]))
+                         for r in rows if r["status"] == COMMITTED and r["name"] in saved}}
+
+
+def write_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    atomic_write_text(path, json.dumps({name: {"tokens": tokens.tolist(), "loss": loss.tolist()}
+                                        for name, (tokens, loss) in curves.items() if len(tokens)}) + "\n")
+
+
 def yardstick_rows(yardstick: SweepConfig) -> list[dict[str, Any]]:
-    """The yardstick's run table: from its runs where any is on disk, else from the ``runs.json`` its own
-    report left beside ``report.md`` (a fresh clone, or runs cleaned away), so that re-running one sweep does not
-    mean re-running its baseline."""
-    rows = [collect_row(run) for run in expand_grid(yardstick)]
-    committed = resolve_path(yardstick.report_dir) / "runs.json"
-    if all(r["status"] == "missing" for r in rows) and committed.is_file():
-        try:
-            return json.loads(committed.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{committed}: not a run table ({e})") from e
-    return rows
+    """The yardstick's run table: each run from disk, else from the run table its own report committed."""
+    return with_committed_rows([collect_row(run) for run in expand_grid(yardstick)],
+                               resolve_path(yardstick.report_dir) / "runs.json")
 
 
 def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] | None = None,
@@ -439,11 +467,14 @@ def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] |
     ``statuses``: run name -> status from run_sweep (else from what is on disk). ``memory_shapes``:
     the presets of the GPU table (default: sweep.memory_presets built with lum_dist.model)."""
     statuses = statuses or {}
-    rows = [collect_row(run, statuses.get(run.name, "")) for run in runs]
     report_dir = resolve_path(sweep.report_dir)
+    rows = with_committed_rows([collect_row(run, statuses.get(run.name, "")) for run in runs],
+                               report_dir / "runs.json")
     for table_dir in (resolve_path(sweep.out_dir), report_dir):  # the report's copy is committed with it
         write_run_table(rows, table_dir)
-    curves = {run.name: learning_curve(run) for run in runs}
+    curves = with_committed_curves({run.name: learning_curve(run) for run in runs}, rows,
+                                   report_dir / "learning_curves.json")
+    write_curves(curves, report_dir / "learning_curves.json")
     if memory_shapes is None:
         memory_shapes = {p: shape_from_preset(p, sweep.memory_num_items) for p in sweep.memory_presets}
     setup = TrainSetup()

@@ -107,13 +107,49 @@ def test_a_yardstick_whose_runs_are_gone_is_read_from_its_reports_run_table(tmp_
     assert json.loads((tmp_path / "report" / "runs.json").read_text()) == \
         json.loads((tmp_path / "runs" / "runs.json").read_text())  # the sweep's own copy beside its report
 
-    shutil.rmtree(tmp_path / "yardstick" / "runs")
-    from_table = report_sweep(sweep, runs, memory_shapes={}).read_text()
-    section = from_table[from_table.index("## Beside the yardstick"):from_table.index("## Final training loss")]
-    assert section.count("| h") == 8 and section in from_runs  # h128_L32's yardstick run failed, as before
+    for gone in expand_grid(yard_sweep)[1:]:  # one run left on disk, then none
+        shutil.rmtree(gone.output_dir, ignore_errors=True)
+    for _ in range(2):
+        from_table = report_sweep(sweep, runs, memory_shapes={}).read_text()
+        section = from_table[from_table.index("## Beside the yardstick"):from_table.index("## Final training loss")]
+        assert section.count("| h") == 8 and section in from_runs  # h128_L32's yardstick run failed, as before
+        shutil.rmtree(tmp_path / "yardstick" / "runs", ignore_errors=True)
 
     (tmp_path / "yardstick" / "report" / "runs.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"yardstick/report/runs.json: not a run table"):
+        report_sweep(sweep, runs, memory_shapes={})
+
+
+def test_runs_not_on_disk_keep_their_committed_rows(tmp_path):
+    """One run added to (or re-done in) a finished sweep whose other runs are gone: the report reads those from
+    the run table it committed, marked "committed"; none becomes "missing" (a yardstick: the test above)."""
+    sweep, runs = make_sweep(tmp_path, seeds=(0,))
+    run_sweep(sweep, runs, fake_runner([], ("h128_L32_seed0",)), lambda s: None)
+    first = {r["name"]: r for r in json.loads(report_sweep(sweep, runs, memory_shapes={}).with_name("runs.json")
+                                              .read_text())}
+    redone = "h64_L64_seed0"
+    for run in runs:
+        if run.name != redone:
+            shutil.rmtree(run.output_dir, ignore_errors=True)
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    table = {r["name"]: r for r in json.loads((tmp_path / "report" / "runs.json").read_text())}
+    assert table[redone] == first[redone] and table[redone]["status"] == "ok"
+    assert table["h128_L32_seed0"]["status"] == "missing"  # a failed run has nothing to keep
+    kept = [n for n in table if n not in (redone, "h128_L32_seed0")]
+    assert len(kept) == 7 and all(table[n] == {**first[n], "status": "committed"} for n in kept)
+    assert "8 of 9 runs finished (7 read from the committed run table, not on disk)" in text
+    assert "hr@10 = 0.02 * ln(N)" in text  # the fits still see every finished run
+    curves = json.loads((tmp_path / "report" / "learning_curves.json").read_text())
+    assert len(curves) == 8 and all(len(c["loss"]) == len(c["tokens"]) > 0 for c in curves.values())
+    assert "Not drawn" not in text  # the committed runs' curves came from learning_curves.json
+
+    (tmp_path / "report" / "learning_curves.json").unlink()  # a report from before curves were kept
+    text = report_sweep(sweep, runs, memory_shapes={}).read_text()
+    assert "Not drawn: 7 runs read from the committed run table" in text
+    assert list(json.loads((tmp_path / "report" / "learning_curves.json").read_text())) == [redone]
+
+    (tmp_path / "report" / "runs.json").write_text("[{}]")
+    with pytest.raises(ValueError, match=r"report/runs.json: not a run table"):
         report_sweep(sweep, runs, memory_shapes={})
 
 
