@@ -441,11 +441,14 @@ def with_committed_rows(rows: list[dict[str, Any]], table: Path) -> list[dict[st
 
 def with_committed_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[dict[str, Any]],
                           path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``curves`` with the curve of each run read from the committed run table taken from ``path`` (the
+    """``curves`` plus, for each run read from the committed run table, its curve from ``path`` (the
     ``learning_curves.json`` the report left beside its figure), so the figure keeps every run too."""
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return {**curves, **{r["name"]: (np.array(saved[r["name"]]["tokens"]), np.array(saved[r["name"]]["loss"]))
-                         for r in rows if r["status"] == COMMITTED and r["name"] in saved}}
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        return {**curves, **{r["name"]: (np.array(saved[r["name"]]["tokens"]), np.array(saved[r["name"]]["loss"]))
+                             for r in rows if r["status"] == COMMITTED and r["name"] in saved}}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a table of learning curves ({e})") from e
 
 
 def write_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:

@@ -147,6 +147,9 @@ def test_runs_not_on_disk_keep_their_committed_rows(tmp_path):
     text = report_sweep(sweep, runs, memory_shapes={}).read_text()
     assert "Not drawn: 7 runs read from the committed run table" in text
     assert list(json.loads((tmp_path / "report" / "learning_curves.json").read_text())) == [redone]
+    (tmp_path / "report" / "learning_curves.json").write_text('{"h32_L32_seed0": {"tokens": []}}')
+    with pytest.raises(ValueError, match=r"report/learning_curves.json: not a table of learning curves"):
+        report_sweep(sweep, runs, memory_shapes={})
 
     (tmp_path / "report" / "runs.json").write_text("[{}]")
     with pytest.raises(ValueError, match=r"report/runs.json: not a run table"):
