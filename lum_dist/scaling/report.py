@@ -475,9 +475,9 @@ def report_sweep(sweep: SweepConfig, runs: list[Run], statuses: dict[str, str] |
                                report_dir / "runs.json")
     for table_dir in (resolve_path(sweep.out_dir), report_dir):  # the report's copy is committed with it
         write_run_table(rows, table_dir)
-    curves = with_committed_curves({run.name: learning_curve(run) for run in runs}, rows,
-                                   report_dir / "learning_curves.json")
-    write_curves(curves, report_dir / "learning_curves.json")
+    curves_path = report_dir / "learning_curves.json"
+    curves = with_committed_curves({run.name: learning_curve(run) for run in runs}, rows, curves_path)
+    write_curves(curves, curves_path)
     if memory_shapes is None:
         memory_shapes = {p: shape_from_preset(p, sweep.memory_num_items) for p in sweep.memory_presets}
     setup = TrainSetup()

@@ -147,17 +147,15 @@ def test_shipped_sweep_configs_expand():
     for name, epochs in (("beauty-size", 40), ("mlsmall-size", 120)):  # real data: each size to convergence
         real = expand_grid(load_sweep(REPO_ROOT / f"configs/sweeps/{name}.yaml"))
         assert len(real) >= 5 and {(r.max_epochs, r.max_steps) for r in real} == {(epochs, 0)}
-    # Every sweep with a yardstick (SASRec at the same sizes or lengths) pairs each run with the yardstick's run
-    # of the same name, width and depth
+    # Every sweep with a yardstick (SASRec at the same sizes or lengths) pairs with it run for run
     paired = [sweep for sweep in map(load_sweep, sorted((REPO_ROOT / "configs/sweeps").glob("*.yaml")))
               if sweep.yardstick]
     assert {s.name for s in paired} == {"beauty-size", "mlsmall-size", "ml100k-context", "mlsmall-context"}
     for lum_sweep in paired:
         sasrec_sweep = load_sweep(REPO_ROOT / lum_sweep.yardstick)
         for lum_run, sasrec_run in zip(expand_grid(lum_sweep), expand_grid(sasrec_sweep), strict=True):
-            assert lum_run.name == sasrec_run.name
             lum_model, sasrec_model = run_model(lum_sweep, lum_run)[1], run_model(sasrec_sweep, sasrec_run)[1]
-            assert sasrec_model.model_type == "sasrec"
+            assert lum_run.name == sasrec_run.name and sasrec_model.model_type == "sasrec"
             assert (sasrec_model.hidden_size, sasrec_model.num_layers) == (lum_model.hidden_size, lum_model.num_layers)
             assert sasrec_model.max_position >= sasrec_run.max_seq_len // 2  # one item token per behaviour
     for name in ("ml100k-context", "mlsmall-context"):  # 32 .. 512 behaviours, each to convergence
