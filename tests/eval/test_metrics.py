@@ -33,7 +33,10 @@ def rank_reference(scores: torch.Tensor, targets: torch.Tensor, exclude: list[to
         if t < NUM_SPECIAL_IDS or t >= n or math.isnan(float(scores[i, t])):
             out.append(n)
             continue
-        banned = set(exclude[i].tolist()) - {t}
+        banned = set(exclude[i].tolist())
+        if t in banned:  # a target the user already had is no candidate: a miss
+            out.append(n)
+            continue
         cands = [j for j in range(NUM_SPECIAL_IDS, n) if j not in banned]
         order = sorted(cands, key=lambda j: (-float(scores[i, j]), j))
         out.append(order.index(t))
@@ -76,9 +79,19 @@ def test_rank_hand_case():
                            [0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]])
     targets = torch.tensor([3, 5])
     # row 0: candidates 3..6 minus {5}; 0.5 (id 4) > 0.3 (id 6) > 0.1 (target) -> rank 2; specials ignored
-    # row 1: ties broken by id: 3 and 4 come before 5 (target stays a candidate though listed) -> rank 2
-    ranks = rank_of_targets(scores, targets, [torch.tensor([5]), torch.tensor([5, 6])])
+    # row 1: ties broken by id: 3 and 4 come before 5 -> rank 2
+    ranks = rank_of_targets(scores, targets, [torch.tensor([5]), torch.tensor([6])])
     assert ranks.tolist() == [2, 2]
+
+
+def test_rank_excluded_target_is_a_miss():
+    # A scorer that puts every item of the user's history on top: were the excluded target still a candidate,
+    # it would be the only history item left and rank first for free (the label leaking through the exclusion).
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.8, 0.1, 0.2],
+                           [0.0, 0.0, 0.0, 0.9, 0.8, 0.1, 0.2]])
+    history = [torch.tensor([3, 4]), torch.tensor([3, 4])]
+    ranks = rank_of_targets(scores, torch.tensor([4, 6]), history)
+    assert ranks.tolist() == [7, 0]  # row 0 repeats item 4: a miss; row 1's new item 6 ranks first
 
 
 def test_rank_misses():
