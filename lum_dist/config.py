@@ -202,6 +202,10 @@ class EvalConfig:
     # training task, next-condition-item), reported as {split}/cond_*. It is told something about the held-out
     # item (e.g. its category): not comparable with a sequential recommender's numbers.
     condition_query: bool = False
+    # True (the S3-Rec protocol): the user's history is no candidate, and a held-out item the user already had is
+    # a miss. False: every item is a candidate, for data where repeating an item is what is to be predicted (e.g.
+    # Taobao's page views, the long-range synthetic data's recurring interests).
+    exclude_history: bool = True
 
     def __post_init__(self) -> None:
         check(bool(self.ks) and min(self.ks) >= 1, "ks", f"{self.ks}: need cutoffs >= 1")

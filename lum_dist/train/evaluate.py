@@ -82,7 +82,8 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     ``condition_query`` (LUM only), with ``cond_`` for the query carrying the held-out behaviour's own condition.
     A user's generic query and its other queries share one group-query pass.
 
-    Each user is scored by exactly one rank; every rank runs the same number of forward passes
+    Every item is a candidate but the user's history (all of it, with ``eval.exclude_history``: a held-out item the
+    user already had is then a miss). Each user is scored by exactly one rank; every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch. Works without a
     process group too (one process).
     """
@@ -115,6 +116,7 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
                            world_size=world, item_attributes=cfg.data.item_attributes, extra_queries=queries,
                            condition_query=condition_query)
     last = one_token_batch(len(meta.cond_fields), len(meta.numeric_fields))
+    no_items = torch.zeros(0, dtype=torch.long)
     while True:
         batch = next(batches, None)
         more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
@@ -131,18 +133,19 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
         query_at = batch.query_index()  # each sequence's queries: its last per_user tokens, the generic first
         user = as_scored(out[query_at], cfg.loss.similarity).view(-1, per_user, items.shape[1])
         targets = batch.targets[query_at].view(-1, per_user)[:, 0]
+        seen = batch.seen_items if cfg.eval.exclude_history else [no_items] * len(targets)
         logits = user[:, 0] @ items.T
-        acc.update(rank_of_targets(logits, targets, batch.seen_items))
-        pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, batch.seen_items))
+        acc.update(rank_of_targets(logits, targets, seen))
+        pop_acc.update(rank_of_targets(popularity.expand(len(targets), -1), targets, seen))
         if condition_query:
-            cond_acc.update(rank_of_targets(user[:, 1] @ items.T, targets, batch.seen_items))
+            cond_acc.update(rank_of_targets(user[:, 1] @ items.T, targets, seen))
         if weight:
             # Item i's logit under its own value's query: [B, N, E] (fine for eval batches of 10^4 items).
             own = (user[:, first_attr:][:, value_of_item] * items).sum(-1) / cfg.loss.temperature
             generic = (logits / cfg.loss.temperature).index_fill_(
                 1, torch.arange(NUM_SPECIAL_IDS, device=device), -math.inf)
             scores = attribute_query_scores(generic, own, query_of_item, weight)
-            attr_acc.update(rank_of_targets(scores, targets, batch.seen_items))
+            attr_acc.update(rank_of_targets(scores, targets, seen))
     model.train(was_training)
     result = {f"{split}/{k}": v for k, v in acc.all_reduce().compute().items()}
     result.update({f"{split}/pop_{k}": v for k, v in pop_acc.all_reduce().compute().items()})

@@ -25,7 +25,8 @@ USERS, MAX_SEQ_LEN = 12, 21  # 10 behaviours of history: long users are cut, as 
 
 def _reference(model, cfg: PretrainConfig, meta) -> dict[str, float]:
     """Per user: behaviours [lo, train_end] tokenized as training does, the last item token dropped, one causal
-    pass; the output at the held-out behaviour's condition token is ranked over all items."""
+    pass; the output at the held-out behaviour's condition token is ranked over all items (but the user's history,
+    with ``eval.exclude_history``)."""
     items = torch.nn.functional.normalize(model.item_embeddings(None).float(), dim=-1)
     items[:NUM_SPECIAL_IDS] = 0.0
     acc = RankingAccumulator([10])
@@ -40,7 +41,8 @@ def _reference(model, cfg: PretrainConfig, meta) -> dict[str, float]:
         batch = collate([seq], [[0]], len(seq))
         out = torch.nn.functional.normalize(model.forward_batch(batch)[-1].float(), dim=-1)
         acc.update(rank_of_targets((out @ items.T)[None], torch.tensor([row["item"][end]]),
-                                   [torch.from_numpy(np.unique(row["item"][:end]))]))
+                                   [torch.from_numpy(np.unique(row["item"][:end] if cfg.eval.exclude_history
+                                                               else []).astype(np.int64))]))
     return acc.compute()
 
 
@@ -64,6 +66,26 @@ def test_condition_query_matches_a_plain_causal_pass(tmp_path):
     for k in ("hr@10", "ndcg@10", "mrr"):
         assert both[f"valid/cond_{k}"] == pytest.approx(reference[k], rel=1e-5), k
     assert both["valid/cond_mrr"] != both["valid/mrr"]  # the condition changed the ranking
+
+
+@torch.no_grad()
+def test_evaluation_without_history_exclusion_ranks_every_item(tmp_path):
+    # Synthetic users repeat items: with the history excluded a repeated held-out item is a miss, without it every
+    # item is a candidate and a repeat can be hit.
+    meta = prepare({"format": "synthetic", "num_users": 60, "num_items": 80, "num_categories": 5}, tmp_path / "d")
+    cfg = PretrainConfig()
+    cfg.data.path, cfg.data.max_seq_len, cfg.data.item_attributes = str(tmp_path / "d"), MAX_SEQ_LEN, True
+    cfg.eval.max_users, cfg.eval.ks = USERS, [10]
+    cfg.model.overrides = {"num_layers": 2}
+    torch.manual_seed(0)
+    model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta).eval()
+    excluded = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
+    cfg.eval.exclude_history = False
+    every = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
+    reference = _reference(model, cfg, meta)
+    for k in ("hr@10", "ndcg@10", "mrr"):
+        assert every[f"valid/cond_{k}"] == pytest.approx(reference[k], rel=1e-5), k
+    assert every["valid/mrr"] != excluded["valid/mrr"] and every["valid/pop_mrr"] != excluded["valid/pop_mrr"]
 
 
 def test_condition_query_needs_a_model_that_reads_conditions(tmp_path):
