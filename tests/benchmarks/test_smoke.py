@@ -302,6 +302,24 @@ def test_valid_test_gap_smoke(tmp_path):
     assert (tmp_path / "results" / "valid_test_gap_smoke.md").is_file()
 
 
+def test_repeat_targets_smoke(tmp_path):
+    data = _smoke(tmp_path, "repeat_targets.py")
+    rows = {r["ranking"]: r for r in data["rows"]}
+    current, earlier, repeat, new = (rows[name] for name in (
+        "current rule (a repeated target is a miss)", "earlier rule (a repeated target stays a candidate)",
+        "users whose target repeats, earlier rule", "users whose target is new"))
+    assert current["users"] == earlier["users"] == repeat["users"] + new["users"] == 20 and repeat["users"] > 0
+    reference = data["meta"]["evaluate_checkpoint"]  # launch/evaluate.py's scoring of the same checkpoint and users
+    for k in ("hr@10", "ndcg@10"):
+        assert current[k] == pytest.approx(reference[f"valid/{k}"], rel=1e-6)
+        # Under the current rule the repeating users score nothing: the mean is the new users' share of it.
+        assert current[k] == pytest.approx(new[k] * new["users"] / 20, rel=1e-6)
+        assert earlier[k] == pytest.approx(current[k] + repeat[k] * repeat["users"] / 20, rel=1e-6)
+    # (A 4-step model may hit nothing in the top 10; every rank counts in the MRR.)
+    assert current["mrr"] == pytest.approx(reference["valid/mrr"], rel=1e-6) and earlier["mrr"] > current["mrr"]
+    assert (tmp_path / "results" / "repeat_targets_smoke.md").is_file()
+
+
 def test_transition_buckets_smoke(tmp_path):
     data = _smoke(tmp_path, "transition_buckets.py")
     rows = data["rows"]
