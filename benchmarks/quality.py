@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     out = RESULTS / "quality" / name
     atomic_write_text(out.with_suffix(".md"), f"# Quality: {name} datasets\n\nFull ranking over all items, the user's "
-                      "whole history excluded (a held-out item the user already had is a miss); best validation checkpoint evaluated once on valid and test; mean ± std "
+                      "whole history excluded (a held-out item the user already had is a miss); best validation "
+                      "checkpoint evaluated once on valid and test; mean ± std "
                       f"over seeds. Commit `{git_commit()}`.\n\n{text}\n" + "".join(f"\n- {n}" for n in args.note)
                       + ("\n" if args.note else ""))
     atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "notes": args.note, "runs": {
