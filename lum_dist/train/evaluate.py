@@ -83,9 +83,9 @@ def evaluate(model: LUMModel | SASRecModel, data_path: Path, meta: DatasetMeta, 
     A user's generic query and its other queries share one group-query pass.
 
     Every item is a candidate but the user's history (all of it, with ``eval.exclude_history``: a held-out item the
-    user already had is then a miss). Each user is scored by exactly one rank; every rank runs the same number of forward passes
-    (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch. Works without a
-    process group too (one process).
+    user already had is then a miss). Each user is scored by exactly one rank; every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters collectively), padding with a repeat of its last batch. Works without
+    a process group too (one process).
     """
     split = split or cfg.eval.split
     rank, world = dist_info()
