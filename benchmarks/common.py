@@ -18,11 +18,14 @@ from lum_dist.utils import atomic_write_text, format_number, git_commit, provena
 RESULTS = Path(os.environ.get("LUM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
-def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    """Write rows + provenance to benchmarks/results/<name>.json (atomically); return the path."""
+def write_result(name: str, rows: list[dict[str, Any]], meta: dict[str, Any], markdown: str | None = None) -> Path:
+    """Write rows + provenance to benchmarks/results/<name>.json (atomically), and ``markdown`` (the rows as a
+    table for people) to <name>.md beside it; return the JSON's path."""
     full = {**meta, **provenance()}
     path = RESULTS / f"{name}.json"
     atomic_write_text(path, json.dumps({"meta": full, "rows": rows}, indent=2) + "\n")
+    if markdown is not None:
+        atomic_write_text(path.with_suffix(".md"), markdown)
     return path
 
 

@@ -34,7 +34,6 @@ from common import print_table, write_result  # noqa: E402
 from lum_dist.config import PretrainConfig, load_config  # noqa: E402
 from lum_dist.train.evaluate import evaluate_checkpoint_at  # noqa: E402
 from lum_dist.train.trainer import pretrain  # noqa: E402
-from lum_dist.utils import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("hr@1", "hr@10", "ndcg@10", "mrr")  # hr@1: top-1, as the generator's successor oracle
@@ -111,8 +110,7 @@ def main() -> None:
             "checkpoints": [str(c) for c in args.checkpoints],
             "protocol": "each checkpoint evaluated with its history cut to 2 x behaviours + 1 tokens (launch/"
                         "evaluate.py --max-seq-len), generic query and the query told the held-out condition"}
-    path = write_result(args.name, rows, meta)
-    atomic_write_text(path.with_suffix(".md"), markdown(rows))
+    path = write_result(args.name, rows, meta, markdown(rows))
     plot(rows, path.with_suffix(".png"))
     print(f"wrote {path} (.md, .png)")
 

@@ -32,7 +32,6 @@ from lum_dist.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from lum_dist.data.loader import eval_batches  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets  # noqa: E402
 from lum_dist.train.evaluate import as_scored, evaluate_checkpoint, item_scoring_table  # noqa: E402
-from lum_dist.utils import atomic_write_text  # noqa: E402
 
 # (row name, which users, the rule): the rule decides whether a repeated target is a miss or a candidate.
 ROWS = (("current rule (a repeated target is a miss)", "all", "current"),
@@ -101,8 +100,7 @@ def main() -> None:
             "protocol": "generic query, full ranking, the user's history excluded; the earlier rule keeps a "
                         "repeated target as a candidate",
             "evaluate_checkpoint": reference and reference["metrics"]}
-    path = write_result(args.name, rows, meta)
-    atomic_write_text(path.with_suffix(".md"), markdown(rows))
+    path = write_result(args.name, rows, meta, markdown(rows))
     print(f"wrote {path} (.md)")
 
 

@@ -48,7 +48,6 @@ from lum_dist.config import PretrainConfig  # noqa: E402
 from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator  # noqa: E402
 from lum_dist.model import LUMModel, SASRecModel  # noqa: E402
-from lum_dist.utils import atomic_write_text  # noqa: E402
 
 SPLIT_END = {"valid": "train_end", "test": "valid_end"}  # the index of each split's held-out behaviour
 TRANSITION_BUCKETS = ((0, 0), (1, 1), (2, 4), (5, None))
@@ -225,8 +224,7 @@ def main() -> None:
             "skip_scales": args.skip_scales, "prior_weights": args.prior_weights,
             "protocol": "generic query, the history's items excluded (as launch/evaluate.py); buckets counted over "
                         "every user's training behaviours [0, train_end)"}
-    path = write_result(args.name, rows, meta)
-    atomic_write_text(path.with_suffix(".md"), markdown(rows))
+    path = write_result(args.name, rows, meta, markdown(rows))
     print(f"wrote {path} (.md)")
 
 

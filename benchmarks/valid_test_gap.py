@@ -39,7 +39,6 @@ from lum_dist.data.tokenize import TokenSeq, tokenize_eval  # noqa: E402
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets  # noqa: E402
 from lum_dist.model import LUMModel, SASRecModel  # noqa: E402
 from lum_dist.train.evaluate import as_scored, evaluate_checkpoint, item_scoring_table  # noqa: E402
-from lum_dist.utils import atomic_write_text  # noqa: E402
 
 RANKINGS = ("valid", "test, validation behaviour left out", "test")
 
@@ -131,8 +130,7 @@ def main() -> None:
             "protocol": "generic query; valid and test as launch/evaluate.py; test with the validation behaviour "
                         "removed from the history (its item still excluded from the candidates)",
             "evaluate_checkpoint": reference and reference["metrics"]}
-    path = write_result(args.name, rows, meta)
-    atomic_write_text(path.with_suffix(".md"), markdown(rows))
+    path = write_result(args.name, rows, meta, markdown(rows))
     print(f"wrote {path} (.md)")
 
 

@@ -4,6 +4,7 @@ a reference that feeds each user's history and that condition token as one plain
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ from lum_dist.checkpoint import build_run_model, model_config_for
 from lum_dist.config import ConfigError, PretrainConfig
 from lum_dist.data.packing import collate
 from lum_dist.data.prepare import prepare, read_users
-from lum_dist.data.schema import NUM_SPECIAL_IDS
+from lum_dist.data.schema import NUM_SPECIAL_IDS, DatasetMeta
 from lum_dist.data.tokenize import tokenize_train
 from lum_dist.eval.metrics import RankingAccumulator, rank_of_targets
-from lum_dist.model import SASRecModel
+from lum_dist.model import LUMModel, SASRecModel
 from lum_dist.train.evaluate import evaluate
 from lum_dist.train.trainer import pretrain
 
@@ -46,16 +47,22 @@ def _reference(model, cfg: PretrainConfig, meta) -> dict[str, float]:
     return acc.compute()
 
 
-@torch.no_grad()
-def test_condition_query_matches_a_plain_causal_pass(tmp_path):
+def _untrained_lum(tmp_path: Path) -> tuple[DatasetMeta, PretrainConfig, LUMModel]:
+    """A 2-block LUM at its initial weights on a small synthetic dataset, evaluated on the first USERS users."""
     meta = prepare({"format": "synthetic", "num_users": 60, "num_items": 80, "num_categories": 5}, tmp_path / "d")
-    assert meta.has_timestamps  # the condition token's time gap is part of what the query must carry
     cfg = PretrainConfig()
     cfg.data.path, cfg.data.max_seq_len, cfg.data.item_attributes = str(tmp_path / "d"), MAX_SEQ_LEN, True
     cfg.eval.max_users, cfg.eval.ks = USERS, [10]
     cfg.model.overrides = {"num_layers": 2}
     torch.manual_seed(0)
     model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta).eval()
+    return meta, cfg, model
+
+
+@torch.no_grad()
+def test_condition_query_matches_a_plain_causal_pass(tmp_path):
+    meta, cfg, model = _untrained_lum(tmp_path)
+    assert meta.has_timestamps  # the condition token's time gap is part of what the query must carry
 
     plain = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid")
     both = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
@@ -72,13 +79,7 @@ def test_condition_query_matches_a_plain_causal_pass(tmp_path):
 def test_evaluation_without_history_exclusion_ranks_every_item(tmp_path):
     # Synthetic users repeat items: with the history excluded a repeated held-out item is a miss, without it every
     # item is a candidate and a repeat can be hit.
-    meta = prepare({"format": "synthetic", "num_users": 60, "num_items": 80, "num_categories": 5}, tmp_path / "d")
-    cfg = PretrainConfig()
-    cfg.data.path, cfg.data.max_seq_len, cfg.data.item_attributes = str(tmp_path / "d"), MAX_SEQ_LEN, True
-    cfg.eval.max_users, cfg.eval.ks = USERS, [10]
-    cfg.model.overrides = {"num_layers": 2}
-    torch.manual_seed(0)
-    model = build_run_model(model_config_for(cfg, meta), cfg.data.path, meta).eval()
+    meta, cfg, model = _untrained_lum(tmp_path)
     excluded = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
     cfg.eval.exclude_history = False
     every = evaluate(model, tmp_path / "d", meta, cfg, torch.device("cpu"), "valid", condition_query=True)
