@@ -204,7 +204,7 @@ class EvalConfig:
     condition_query: bool = False
     # True (the S3-Rec protocol): the user's history is no candidate, and a held-out item the user already had is
     # a miss. False: every item is a candidate, for data where repeating an item is what is to be predicted (e.g.
-    # Taobao's page views, the long-range synthetic data's recurring interests).
+    # page views, the long-range synthetic data's recurring interests).
     exclude_history: bool = True
 
     def __post_init__(self) -> None:
