@@ -13,7 +13,8 @@ can be stopped and restarted.
                                                           # LUM again, SASRec's runs taken from the last table
 
 Writes ``benchmarks/results/quality/<table>.{md,json}`` (``tuning`` or ``heldout``, or ``--table``); the JSON keeps every
-run's ``result.json``, which is what ``--reuse`` reads back when only one model's config changed. The held-out datasets reuse
+run's ``result.json``, which is what ``--reuse`` reads back when only one model's config changed (several tables:
+a later one's runs of a dataset replace an earlier one's). The held-out datasets reuse
 the Beauty configs with only the data changed: they check that the recipe generalises and are never tuned on.
 """
 
@@ -81,13 +82,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def reused_runs(path: Path, datasets: list[str], models: list[str]) -> dict[tuple[str, str], list[dict]]:
-    """The runs of ``models`` on ``datasets`` from a table's JSON (its ``runs``: ``"dataset/model"`` -> the runs'
-    ``result.json``, in seed order); an absent pair is an error, not a silently empty column."""
-    runs = json.loads(path.read_text())["runs"]
+def reused_runs(paths: list[Path], datasets: list[str], models: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """The runs of ``models`` on ``datasets`` from tables' JSON (their ``runs``: ``"dataset/model"`` -> the runs'
+    ``result.json``, in seed order); a later table's pair replaces an earlier one's (e.g. a dataset re-run under a
+    new evaluation rule). An absent pair is an error, not a silently empty column."""
+    runs = {}
+    for path in paths:
+        runs.update(json.loads(path.read_text())["runs"])
     missing = [f"{d}/{m}" for d in datasets for m in models if f"{d}/{m}" not in runs]
     if missing:
-        raise SystemExit(f"{path}: no runs for {', '.join(missing)}")
+        raise SystemExit(f"{', '.join(map(str, paths))}: no runs for {', '.join(missing)}")
     return {(d, m): runs[f"{d}/{m}"] for d in datasets for m in models}
 
 
@@ -137,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                    "about an interrupted run")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality")
-    p.add_argument("--reuse", type=Path, default=None, help="a previous table's JSON: the models not in --models "
-                   "are taken from its runs instead of trained (their configs must be unchanged)")
+    p.add_argument("--reuse", type=Path, nargs="+", default=None, help="previous tables' JSON: the models not in "
+                   "--models are taken from their runs instead of trained (their configs must be unchanged); a later "
+                   "file's runs of a dataset replace an earlier one's")
     p.add_argument("--table", default=None, help="the table's file name (default: tuning, or heldout)")
     args = p.parse_args(argv)
     specs = HELDOUT if args.heldout else TUNING

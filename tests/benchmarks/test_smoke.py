@@ -412,7 +412,7 @@ def test_transition_buckets_count_training_pairs_and_bucket_each_user():
     assert [by[("target popularity", b)]["users"] for b in ("0-4", "5-19", "20-99", "100+")] == [3, 0, 0, 0]
 
 
-# --- benchmarks/quality.py: the table, with one model's runs reused from an earlier table ---
+# --- benchmarks/quality.py: the table, with one model's runs reused from earlier tables ---
 
 def _fake_result(hr: float, minutes: float = 2.0) -> dict:
     splits = {f"{s}/{p}{m}": v for s in ("valid", "test") for p, v in (("", hr), ("pop_", 0.01))
@@ -437,6 +437,11 @@ def test_quality_table_reuses_the_other_models_runs_and_refuses_a_missing_one(tm
     test_row = next(r for r in data["rows"] if r["split"] == "test")
     assert test_row["lum_hr@10"] == [0.30, 0.34] and test_row["sasrec_hr@10"] == [0.20, 0.30]  # LUM from its runs
     assert "| 1.280 / 1.280 |" in (tmp_path / "results" / "quality" / "candidate.md").read_text()  # 0.32 / 0.25
+    rerun = tmp_path / "rerun.json"  # a later table's runs of a dataset replace the earlier table's
+    rerun.write_text(json.dumps({"runs": {"ml100k/sasrec": [_fake_result(0.40), _fake_result(0.40)]}}))
+    quality.main([*common, "--reuse", str(previous), str(rerun)])
+    data = json.loads((tmp_path / "results" / "quality" / "candidate.json").read_text())
+    assert next(r for r in data["rows"] if r["split"] == "test")["sasrec_hr@10"] == [0.40, 0.40]
     previous.write_text(json.dumps({"runs": {"ml100k/lum": [_fake_result(0.01)]}}))
     with pytest.raises(SystemExit, match="no runs for ml100k/sasrec"):
         quality.main([*common, "--reuse", str(previous)])
