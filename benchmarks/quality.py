@@ -162,15 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     name = args.table or ("heldout" if args.heldout else "tuning")
     text, rows = table(results, datasets)
     print(text)
-    out = RESULTS / "quality" / name
-    atomic_write_text(out.with_suffix(".md"), f"# Quality: {name} datasets\n\nFull ranking over all items, the user's "
+    md_path, json_path = RESULTS / "quality" / f"{name}.md", RESULTS / "quality" / f"{name}.json"
+    atomic_write_text(md_path, f"# Quality: {name} datasets\n\nFull ranking over all items, the user's "
                       "whole history excluded (a held-out item the user already had is a miss); best validation "
                       "checkpoint evaluated once on valid and test; mean ± std "
                       f"over seeds. Commit `{git_commit()}`.\n\n{text}\n" + "".join(f"\n- {n}" for n in args.note)
                       + ("\n" if args.note else ""))
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"rows": rows, "notes": args.note, "runs": {
+    atomic_write_text(json_path, json.dumps({"rows": rows, "notes": args.note, "runs": {
         f"{d}/{m}": r for (d, m), r in results.items()}}, indent=2, default=str) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    print(f"wrote {md_path} and {json_path}")
 
 
 if __name__ == "__main__":

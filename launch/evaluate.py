@@ -38,12 +38,13 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(result["metrics"], cfg.split, cfg.ks)
     print(table)
     if cfg.out is not None:
-        out = Path(cfg.out)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2, sort_keys=True) + "\n")
-        atomic_write_text(out.with_suffix(".md"), f"# Full-ranking evaluation: {result['dataset']}\n\n"
+        # <out>.json and <out>.md as --out promises: not with_suffix, which would turn "eval-v1.5" into "eval-v1.json".
+        json_path, md_path = Path(f"{cfg.out}.json"), Path(f"{cfg.out}.md")
+        atomic_write_text(json_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(md_path, f"# Full-ranking evaluation: {result['dataset']}\n\n"
                           f"checkpoint `{result['checkpoint']}`, preset `{result['preset']}`, query "
                           f"condition: {result['eval_condition']}\n\n{table}\n")
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        print(f"wrote {json_path} and {md_path}")
     return result
 
 

@@ -392,6 +392,18 @@ def test_transition_prior_adds_weighted_log_counts_of_the_last_items_successors(
     assert {r["checkpoint"] for r in rows} == {f"{name} (prior x0)", f"{name} (prior x1)"}
 
 
+def test_evaluate_writes_out_json_and_md_under_the_name_given(skip_checkpoint, tmp_path):
+    """``launch/evaluate.py --out P`` writes P.json and P.md also when P holds a dot (a version, a weight), which
+    ``Path.with_suffix`` would cut ("eval-w0.25" to "eval-w0.json")."""
+    out = tmp_path / "eval-w0.25"
+    _run_python("launch/evaluate.py", "--checkpoint", str(skip_checkpoint), "--split", "valid", "--max-users", "5",
+                "--out", str(out))
+    result = json.loads(Path(f"{out}.json").read_text())
+    assert result["metrics"]["valid/count"] == 5
+    assert Path(f"{out}.md").read_text().startswith("# Full-ranking evaluation")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-w0.25.json", "eval-w0.25.md"]
+
+
 def test_transition_buckets_count_training_pairs_and_bucket_each_user():
     tb = _load_benchmark("transition_buckets")
     users = [{"item": [5, 6, 7, 8, 9], "train_end": 3, "valid_end": 4},  # trains on 5 6 7
