@@ -240,6 +240,9 @@ class PretrainConfig:
         check(not (self.eval.attribute_query_weight and self.loss.learnable_temperature),
               "eval.attribute_query_weight", "attribute queries score with the fixed loss.temperature; "
               "loss.learnable_temperature learns another one")
+        check(not self.model.overrides.get("target_id_dropout") or self.loss.negatives == "full",
+              "model.overrides.target_id_dropout", "hides ids in the full softmax's item table; "
+              f"loss.negatives={self.loss.negatives!r} scores sampled items")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ class LUMConfig(PretrainedConfig):
         # Training only: this share of item tokens read PAD in place of their id (their attribute fields stay), a
         # regulariser against memorised item sequences (the item-mask augmentation of CL4SRec, Xie et al. 2022):
         item_id_dropout: float = 0.0,
+        # Training only, full softmax: each step this share of the scored items, drawn afresh, are scored without
+        # their id embedding (their tags and attributes stay), as DropoutNet trains for items it knows little of
+        # (Volkovs et al. 2017). Round 29 (benchmarks/results/quality/ablation-beauty.md): it infers more:
+        target_id_dropout: float = 0.0,
         # A condition token's output also adds W dropout(v), v the previous behaviour's item as scored (W zero at init;
         # feature_dropout): SASRec's residual path from its last item to its output, so an item-to-item transition
         # is a bilinear v_i W v_j of the shared item vectors, remembered beside the transformer, which generalises.
@@ -108,6 +112,7 @@ class LUMConfig(PretrainedConfig):
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
         self.item_id_dropout = item_id_dropout
+        self.target_id_dropout = target_id_dropout
         self.previous_item_skip = previous_item_skip
         super().__init__(**kwargs)
         if hidden_size % num_heads:
@@ -126,7 +131,7 @@ class LUMConfig(PretrainedConfig):
         if previous_item_dropout and not (previous_item_slot or previous_item_skip):
             raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot or previous_item_skip")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout",
-                     "item_id_dropout"):
+                     "item_id_dropout", "target_id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"LUMConfig: {name} {getattr(self, name)} must be in [0, 1)")
 
@@ -146,7 +151,7 @@ class LUMConfig(PretrainedConfig):
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
         "item_tags", "previous_item_slot", "previous_item_dropout", "item_id_dropout",
-        "previous_item_skip",
+        "target_id_dropout", "previous_item_skip",
     })
 
     @classmethod

@@ -14,7 +14,8 @@ about DeepSpeed or process groups; the trainer shards it from outside.
   residual branch, each with its own rate.
 * Options for the newest behaviour: ``previous_item_slot`` (the previous item as the predicting condition token's
   own input) and ``previous_item_skip`` (``W dropout(v)`` of the previous item's scored vector added to that
-  token's output, SASRec's residual path); ``item_id_dropout`` hides a share of item ids in training.
+  token's output, SASRec's residual path); ``item_id_dropout`` hides a share of item ids in training, and
+  ``target_id_dropout`` a share of the scored items' ids.
 * The output lives in the item embedding space: InfoNCE compares it with the SAME item vectors that item
   tokens read (see :class:`LUMConfig`). With ``attribute_targets`` an item's row also adds an embedding of
   each of its attributes (e.g. its category): most items are seen a handful of times, and an attribute shared
@@ -60,10 +61,13 @@ class TokenEncoder(nn.Module):
         self.register_buffer("item_tags", torch.zeros(cfg.num_items, cfg.max_item_tags if cfg.item_tags else 0,
                                                       dtype=torch.long), persistent=False)
 
-    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+    def item_vectors(self, ids: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
         """Items ``ids`` as the model sees them: the id embedding, plus the mean of the tags' embeddings with
-        ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero)."""
+        ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero).
+        ``id_dropout``: that share of the rows, drawn at random, without their id embedding."""
         emb = self.item_emb(ids)
+        if id_dropout > 0:
+            emb = emb * (torch.rand(ids.shape, device=ids.device) >= id_dropout).unsqueeze(-1).to(emb.dtype)
         if self.tag_emb is None:
             return emb
         tags = self.item_tags[ids]
@@ -241,11 +245,14 @@ class LUMModel(PreTrainedModel):
         that item tokens read (id embedding, plus tags with ``item_tags``), plus each item's attribute
         embeddings with ``attribute_targets``.
 
-        Always calls the modules, so under ZeRO-3 the tables are gathered (``.weight`` is a placeholder).
+        In training the full table (``ids`` None, the full softmax's) hides the ids of a ``target_id_dropout``
+        share of its rows. Always calls the modules, so under ZeRO-3 the tables are gathered (``.weight`` is a
+        placeholder).
         """
+        id_dropout = self.config.target_id_dropout if self.training and ids is None else 0.0
         if ids is None:
             ids = torch.arange(self.config.num_items, device=self.item_attrs.device)
-        emb = self.tokens.item_vectors(ids)
+        emb = self.tokens.item_vectors(ids, id_dropout)
         attrs = self.item_attrs[ids]
         for f, table in enumerate(self.attr_targets):
             emb = emb + table(attrs[:, f])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lum_dist.config import ConfigError
+from lum_dist.config import ConfigError, LossConfig, ModelSpec, PretrainConfig
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
 from lum_dist.data.schema import PAD_ID
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
@@ -279,6 +279,25 @@ def test_scaled_init_shrinks_the_residual_output_projections_with_depth():
             for w in (block.attn.out.weight, block.mlp.down.weight):
                 assert abs(w.std().item() / std - 1) < 0.05
             assert abs(block.attn.qkv.weight.std().item() / model.config.initializer_range - 1) < 0.05
+
+
+def test_target_id_dropout_scores_a_share_of_the_items_without_their_ids_in_training_only():
+    model = tiny(target_id_dropout=0.4, attribute_targets=True, item_attr_vocab_sizes=[8])
+    model.set_item_attributes(torch.randint(1, 8, (60, 1)))
+    full = model.item_embeddings()
+    without_ids = full - model.tokens.item_emb.weight
+    assert torch.equal(model.item_embeddings(), full)  # evaluation scores every id
+    model.train()
+    torch.manual_seed(0)
+    table = model.item_embeddings()
+    hidden = torch.isclose(table, without_ids, rtol=0, atol=1e-6).all(-1)
+    kept = torch.equal(table[~hidden], full[~hidden])
+    assert kept and 0.25 < hidden.float().mean() < 0.55  # each row whole or without its id, ~40 % without
+    torch.testing.assert_close(model.item_embeddings(torch.arange(60)), full)  # rows looked up by id: all kept
+    with pytest.raises(ConfigError, match="target_id_dropout"):
+        tiny(target_id_dropout=1.0)
+    with pytest.raises(ConfigError, match="target_id_dropout"):  # a sampled softmax never scores the full table
+        PretrainConfig(model=ModelSpec(overrides={"target_id_dropout": 0.2}), loss=LossConfig(negatives="in_batch"))
 
 
 def test_item_id_dropout_blanks_a_share_of_item_tokens_in_training_only():
