@@ -77,7 +77,8 @@ class LUMConfig(PretrainedConfig):
         item_id_dropout: float = 0.0,
         # Training only, full softmax: each step this share of the scored items, drawn afresh, are scored without
         # their id embedding (their tags and attributes stay), as DropoutNet trains for items it knows little of
-        # (Volkovs et al. 2017). Round 29 (benchmarks/results/quality/ablation-beauty.md): it infers more:
+        # (Volkovs et al. 2017). On Beauty it trades remembered transitions for inferred ones, so no config sets it
+        # (round 29, benchmarks/results/quality/ablation-beauty.md):
         target_id_dropout: float = 0.0,
         # A condition token's output also adds W dropout(v), v the previous behaviour's item as scored (W zero at init;
         # feature_dropout): SASRec's residual path from its last item to its output, so an item-to-item transition
