@@ -393,6 +393,14 @@ def item_log_prob(path: str | Path, num_items: int) -> np.ndarray:
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
+def item_count_buckets(path: str | Path, num_items: int, num_buckets: int) -> np.ndarray:
+    """int64 ``[num_items]``: floor(log2(1 + training count)) of each item, the last bucket open (reserved ids: 0)."""
+    vocab = load_vocab(path, ITEM_FIELD)
+    counts = np.zeros(num_items, np.int64)
+    counts[vocab.column("id").to_numpy()] = vocab.column("count").to_numpy()
+    return np.minimum(np.floor(np.log2(1 + counts)), num_buckets - 1).astype(np.int64)
+
+
 def item_embedding_table(path: str | Path, embeddings: np.ndarray) -> pa.Table:
     """``item_id`` (raw) and ``embedding`` of every real item (reserved ids dropped), from a ``[num_items, E]``
     table indexed by dense id: what export and group query write beside their user outputs."""
@@ -431,6 +439,37 @@ def item_tag_ids(path: str | Path, meta: DatasetMeta) -> np.ndarray:
     lengths = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
     out = np.full((meta.num_items, meta.max_item_tags), PAD_ID, np.int64)
     out[np.arange(meta.max_item_tags) < lengths[:, None]] = pc.list_flatten(tags).to_numpy()
+    return out
+
+
+def item_neighbour_ids(path: str | Path, meta: DatasetMeta, k: int, window: int) -> np.ndarray:
+    """int64 ``[num_items, k]``: each item's ``k`` most frequent co-occurrence neighbours by dense item id (ties: the
+    smaller id, i.e. the more popular), PAD-padded. Two behaviours co-occur when they are at most ``window`` apart in a
+    user's training behaviours (validation and test are never read); an item is not its own neighbour. Counted shard
+    by shard: memory grows with the distinct pairs, not the behaviours (Beauty, 154k behaviours: 0.6 s)."""
+    n = meta.num_items
+    codes, counts = [], []
+    for shard in iter_user_shards(path, [ITEM_FIELD, "train_end"]):
+        items = shard.column(ITEM_FIELD).combine_chunks()
+        flat = pc.list_flatten(items).to_numpy().astype(np.int64)
+        lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        room = np.repeat(shard.column("train_end").to_numpy(), lengths) - (np.arange(len(flat)) - starts)
+        t = [np.flatnonzero(room > d) for d in range(1, window + 1)]  # t + d is a training behaviour of t's user
+        a = np.concatenate([flat[t_d] for t_d in t] + [flat[t_d + d] for d, t_d in enumerate(t, 1)])
+        b = np.concatenate([flat[t_d + d] for d, t_d in enumerate(t, 1)] + [flat[t_d] for t_d in t])
+        c, m = np.unique((a * n + b)[a != b], return_counts=True)
+        codes.append(c)
+        counts.append(m)
+    pairs, inverse = np.unique(np.concatenate(codes), return_inverse=True)
+    count = np.bincount(inverse, weights=np.concatenate(counts).astype(np.float64)).astype(np.int64)
+    a, b = pairs // n, pairs % n
+    order = np.lexsort((b, -count, a))
+    a, b = a[order], b[order]
+    rank = np.arange(len(a)) - np.searchsorted(a, a)
+    top = rank < k
+    out = np.full((n, k), PAD_ID, np.int64)
+    out[a[top], rank[top]] = b[top]
     return out
 
 

@@ -20,6 +20,7 @@ from lum_dist.model.sasrec import SASRecConfig
 from lum_dist.ops.attention import BACKENDS
 
 ATTENTION_BACKENDS = ("auto", *BACKENDS)
+NUM_COUNT_BUCKETS = 16  # an item's popularity bucket: floor(log2(1 + training count)), the last one open
 
 PRESET_DIR = REPO_ROOT / "configs" / "model"
 
@@ -66,6 +67,15 @@ class LUMConfig(PretrainedConfig):
         item_tags: bool = False,
         num_item_tags: int = 0,  # tag vocabulary incl. the reserved ids (dataset; 0: items have no tags)
         max_item_tags: int = 0,  # most tags an item has (dataset)
+        # An item's embedding also adds the mean id embedding of the (up to) this many items that most often sit
+        # within ``neighbour_window`` behaviours of it in the training sequences (0: off). An item bought twice is
+        # then placed among what it was bought with, each of which learns from many users (item-based CF as a
+        # feature, a one-hop graph convolution over the co-occurrence graph, as in LightGCN):
+        item_neighbours: int = 0,
+        neighbour_window: int = 3,
+        # How much an item leans on its neighbours is learned per popularity bucket (log2 of its training count;
+        # 1 at init): a rare item is known by its neighbours, a popular one by its own id.
+        neighbour_gate: bool = False,
         # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
@@ -110,6 +120,9 @@ class LUMConfig(PretrainedConfig):
         self.item_tags = item_tags
         self.num_item_tags = num_item_tags
         self.max_item_tags = max_item_tags
+        self.item_neighbours = item_neighbours
+        self.neighbour_window = neighbour_window
+        self.neighbour_gate = neighbour_gate
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
         self.item_id_dropout = item_id_dropout
@@ -129,6 +142,9 @@ class LUMConfig(PretrainedConfig):
         if item_tags and not (num_item_tags > 0 and max_item_tags > 0):
             raise ConfigError("LUMConfig: item_tags needs a dataset whose items have tags (meta.max_item_tags is 0; "
                               "a dataset prepared before item tags existed: lum-prepare --force)")
+        if item_neighbours < 0 or neighbour_window < 1:
+            raise ConfigError(f"LUMConfig: item_neighbours {item_neighbours} must be >= 0 and neighbour_window "
+                              f"{neighbour_window} >= 1")
         if previous_item_dropout and not (previous_item_slot or previous_item_skip):
             raise ConfigError("LUMConfig: previous_item_dropout needs previous_item_slot or previous_item_skip")
         for name in ("feature_dropout", "attention_dropout", "residual_dropout", "previous_item_dropout",
@@ -151,8 +167,8 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
-        "item_tags", "previous_item_slot", "previous_item_dropout", "item_id_dropout",
-        "target_id_dropout", "previous_item_skip",
+        "item_tags", "item_neighbours", "neighbour_window", "neighbour_gate", "previous_item_slot",
+        "previous_item_dropout", "item_id_dropout", "target_id_dropout", "previous_item_skip",
     })
 
     @classmethod
@@ -181,6 +197,7 @@ class LUMConfig(PretrainedConfig):
             + 2 * h  # token-type embedding
             + (sum(self.item_attr_vocab_sizes) * self.item_emb_dim if self.attribute_targets else 0)
             + (self.num_item_tags * self.item_emb_dim if self.item_tags else 0)
+            + (NUM_COUNT_BUCKETS if self.item_neighbours and self.neighbour_gate else 0)
         )
         return {"dense": dense, "embedding": embedding, "total": dense + embedding}
 

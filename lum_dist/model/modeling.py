@@ -5,7 +5,8 @@ about DeepSpeed or process groups; the trainer shards it from outside.
 
 * Token encoder: every token is ``concat[item vector, one emb per condition field, time-gap bucket emb,
   numeric features] -> Linear -> hidden`` plus a token-type embedding. An item's vector is its id embedding,
-  plus the mean of its tags' embeddings with ``item_tags`` (content features: all its genres or attributes).
+  plus the mean id embedding of the items it co-occurs with most in training with ``item_neighbours`` (item-based
+  CF as a feature), plus the mean of its tags' embeddings with ``item_tags`` (all its genres or attributes).
   Item tokens carry PAD_ID in the condition slots and condition tokens PAD_ID in the item slot; PAD rows are
   zero (and get no gradient), so a condition token's item part and an item token's condition part are zero.
 * User encoder: pre-norm decoder blocks (RMSNorm, rotary positions from ``positions``, SwiGLU MLP),
@@ -34,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
 from lum_dist.data.schema import PAD_ID
-from lum_dist.model.config import LUMConfig
+from lum_dist.model.config import NUM_COUNT_BUCKETS, LUMConfig
 from lum_dist.ops.attention import varlen_attention
 from lum_dist.ops.group_query import (
     GroupQueryPlan,
@@ -42,6 +43,12 @@ from lum_dist.ops.group_query import (
     group_query_attention_plan,
     read_group_layout,
 )
+
+
+def bag_mean(table: nn.Embedding, bags: torch.Tensor) -> torch.Tensor:
+    """The mean embedding of each PAD-padded bag of ids ``[..., n]`` (zero for an empty bag; PAD rows are zero)."""
+    count = (bags != PAD_ID).sum(-1, keepdim=True).clamp(min=1)
+    return table(bags).sum(-2) / count
 
 
 class TokenEncoder(nn.Module):
@@ -60,19 +67,33 @@ class TokenEncoder(nn.Module):
         # Each item's tag ids, PAD-padded. The dataset is their source of truth (set_item_tags): not saved.
         self.register_buffer("item_tags", torch.zeros(cfg.num_items, cfg.max_item_tags if cfg.item_tags else 0,
                                                       dtype=torch.long), persistent=False)
+        # Each item's co-occurrence neighbours, PAD-padded; from the dataset too (set_item_neighbours): not saved.
+        self.register_buffer("item_nbrs", torch.zeros(cfg.num_items, cfg.item_neighbours, dtype=torch.long),
+                             persistent=False)
+        # neighbour_gate: one learned weight per popularity bucket (1 at init), and each item's bucket.
+        gated = bool(cfg.item_neighbours and cfg.neighbour_gate)
+        self.neighbour_gate = nn.Embedding(NUM_COUNT_BUCKETS, 1) if gated else None
+        if gated:
+            self.neighbour_gate.ones_init = True
+        self.register_buffer("item_count_bucket", torch.zeros(cfg.num_items if gated else 0, dtype=torch.long),
+                             persistent=False)
 
     def item_vectors(self, ids: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
-        """Items ``ids`` as the model sees them: the id embedding, plus the mean of the tags' embeddings with
-        ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero).
+        """Items ``ids`` as the model sees them: the id embedding, plus the mean id embedding of the item's
+        co-occurrence neighbours with ``item_neighbours`` (times its popularity bucket's gate with ``neighbour_gate``),
+        plus the mean of the tags' embeddings with ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero).
         ``id_dropout``: that share of the rows, drawn at random, without their id embedding."""
         emb = self.item_emb(ids)
         if id_dropout > 0:
             emb = emb * (torch.rand(ids.shape, device=ids.device) >= id_dropout).unsqueeze(-1).to(emb.dtype)
-        if self.tag_emb is None:
-            return emb
-        tags = self.item_tags[ids]
-        count = (tags != PAD_ID).sum(-1, keepdim=True).clamp(min=1)
-        return emb + self.tag_emb(tags).sum(-2) / count
+        if self.item_nbrs.shape[-1]:
+            nbrs = bag_mean(self.item_emb, self.item_nbrs[ids])
+            if self.neighbour_gate is not None:
+                nbrs = nbrs * self.neighbour_gate(self.item_count_bucket[ids])
+            emb = emb + nbrs
+        if self.tag_emb is not None:
+            emb = emb + bag_mean(self.tag_emb, self.item_tags[ids])
+        return emb
 
     def forward(self, item_ids, cond_ids, token_type, time_gaps, numeric=None) -> torch.Tensor:
         parts = [self.item_vectors(item_ids)]
@@ -215,6 +236,8 @@ class LUMModel(PreTrainedModel):
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and getattr(module, "ones_init", False):
+            nn.init.ones_(module.weight)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
             # Under ZeRO-3 a parameter outside a gather is empty: the trainer re-runs this gathered.
@@ -239,6 +262,18 @@ class LUMModel(PreTrainedModel):
             raise ValueError(f"LUMModel: item tags of shape {tuple(item_tags.shape)}, the model expects "
                              f"{tuple(self.tokens.item_tags.shape)} (num_items x max_item_tags)")
         self.tokens.item_tags.copy_(item_tags)
+
+    def set_item_neighbours(self, item_nbrs: torch.Tensor, count_bucket: torch.Tensor | None = None) -> None:
+        """Each item's co-occurrence neighbours, ``[num_items, item_neighbours]``, PAD-padded, and popularity bucket
+        (``[num_items]``, for ``neighbour_gate``)."""
+        if item_nbrs.shape != self.tokens.item_nbrs.shape:
+            raise ValueError(f"LUMModel: item neighbours of shape {tuple(item_nbrs.shape)}, the model expects "
+                             f"{tuple(self.tokens.item_nbrs.shape)} (num_items x item_neighbours)")
+        self.tokens.item_nbrs.copy_(item_nbrs)
+        if self.tokens.neighbour_gate is not None:
+            if count_bucket is None or count_bucket.shape != self.tokens.item_count_bucket.shape:
+                raise ValueError("LUMModel: neighbour_gate needs each item's popularity bucket, [num_items]")
+            self.tokens.item_count_bucket.copy_(count_bucket)
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item vectors

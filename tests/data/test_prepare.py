@@ -246,6 +246,38 @@ def test_numeric_fields_and_behaviour_only_conditions(tmp_path, monkeypatch):
     assert P.load_items(tmp_path / "d").column_names == ["id", "raw"]
 
 
+def test_item_neighbours_are_the_most_frequent_co_occurrences_within_the_window_in_training(tmp_path):
+    """Against a loop over the users' training behaviours: pairs at most `window` apart, both directions, an item
+    never its own neighbour, ties to the smaller id, PAD-padded; validation and test items are never read."""
+    rng = np.random.default_rng(0)
+    lines = [" ".join([str(u)] + [str(i) for i in rng.integers(1, 12, rng.integers(3, 12))]) for u in range(60)]
+    (tmp_path / "Toy.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "Toy_item2attributes.json").write_text(json.dumps({str(i): [i % 3] for i in range(1, 12)}))
+    meta = P.prepare({"format": "s3rec", "input": str(tmp_path / "Toy.txt"), "users_per_shard": 16}, tmp_path / "d")
+    assert len(meta.shards) == 4  # counts merged across shards
+    for k, window in [(3, 1), (5, 2)]:
+        got = P.item_neighbour_ids(tmp_path / "d", meta, k, window)
+        counts = [Counter() for _ in range(meta.num_items)]
+        for row in P.read_users(tmp_path / "d").to_pylist():
+            seq = row["item"][: row["train_end"]]
+            for t in range(len(seq)):
+                for b in seq[t + 1 : t + 1 + window]:
+                    if b != seq[t]:
+                        counts[seq[t]][b] += 1
+                        counts[b][seq[t]] += 1
+        want = np.full((meta.num_items, k), PAD_ID)
+        for a, c in enumerate(counts):
+            top = sorted(c, key=lambda b: (-c[b], b))[:k]
+            want[a, : len(top)] = top
+        np.testing.assert_array_equal(got, want)
+        assert (got[:NUM_SPECIAL_IDS] == PAD_ID).all()
+    # Popularity buckets (the neighbour gate's): floor(log2(1 + training count)), the last bucket open.
+    seen = Counter(i for row in P.read_users(tmp_path / "d").to_pylist() for i in row["item"][: row["train_end"]])
+    want = [min(int(np.log2(1 + seen[i])), 5) for i in range(meta.num_items)]
+    assert P.item_count_buckets(tmp_path / "d", meta.num_items, num_buckets=6).tolist() == want
+    assert len(set(want)) >= 3  # reserved ids and items on both sides of a bucket edge
+
+
 def test_item_tags_round_trip_through_prepare(tmp_path):
     """Each item's tags (all its S3-Rec attributes) come back by dense item id, PAD-padded; a tag vocabulary is
     written beside the others; an item without attributes has no tags."""

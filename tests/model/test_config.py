@@ -24,7 +24,7 @@ from lum_dist.testing.batches import random_packed_batch
 NOMINAL = {"lum-tiny": 0.2e6, "lum-19m": 19e6, "lum-100m": 100e6, "lum-300m": 300e6, "lum-1b": 1e9,
            "lum-3b": 3e9, "lum-7b": 7e9}
 EMBEDDINGS = ("tokens.item_emb.", "tokens.cond_embs.", "tokens.time_emb.", "tokens.type_emb.", "attr_targets.",
-              "tokens.tag_emb.")
+              "tokens.tag_emb.", "tokens.neighbour_gate.")
 
 
 def test_every_preset_file_is_tested():
@@ -55,7 +55,8 @@ def test_unknown_arch_and_keys_of_another_arch_are_refused(tmp_path):
 def test_preset_counts_match_modules_and_name(name):
     cfg = load_preset(name, num_items=5000, cond_vocab_sizes=[30, 7], num_numeric=2, item_attr_vocab_sizes=[30],
                       attribute_targets=name == "lum-tiny", item_tags=name == "lum-tiny", num_item_tags=40,
-                      max_item_tags=4, previous_item_skip=name == "lum-tiny")
+                      max_item_tags=4, previous_item_skip=name == "lum-tiny",
+                      item_neighbours=4 * (name == "lum-tiny"), neighbour_gate=name == "lum-tiny")
     with torch.device("meta"):
         model = LUMModel(cfg)
     real = {"dense": 0, "embedding": 0}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lum_dist.checkpoint import build_run_model, model_config_for
 from lum_dist.config import ConfigError, LossConfig, ModelSpec, PretrainConfig
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
+from lum_dist.data.prepare import item_count_buckets, item_neighbour_ids, prepare
 from lum_dist.data.schema import PAD_ID
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
@@ -279,6 +281,55 @@ def test_scaled_init_shrinks_the_residual_output_projections_with_depth():
             for w in (block.attn.out.weight, block.mlp.down.weight):
                 assert abs(w.std().item() / std - 1) < 0.05
             assert abs(block.attn.qkv.weight.std().item() / model.config.initializer_range - 1) < 0.05
+
+
+def test_item_neighbours_add_the_mean_id_embedding_of_each_items_neighbours():
+    """An item's vector is its id row plus the mean id row of its neighbours (against a loop; PAD slots add
+    nothing), the same for its token and its InfoNCE target; a neighbour's id row learns from the item's score."""
+    model = tiny(item_neighbours=3)
+    nbrs = torch.randint(3, 60, (60, 3))
+    nbrs[torch.rand(60, 3) < 0.3] = PAD_ID
+    nbrs[:3] = PAD_ID
+    model.set_item_neighbours(nbrs)
+    table = model.tokens.item_emb.weight
+    ids = torch.tensor([0, 4, 59, 4, 17])
+    want = []
+    for i in ids.tolist():
+        real = [b for b in nbrs[i].tolist() if b != PAD_ID]
+        want.append(table[i] + (table[real].mean(0) if real else 0))
+    torch.testing.assert_close(model.item_embeddings(ids), torch.stack(want), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.tokens.item_vectors(ids), torch.stack(want), rtol=1e-6, atol=1e-6)
+    item = int(torch.nonzero((nbrs != PAD_ID).any(-1))[0])
+    model.item_embeddings(torch.tensor([item]))[0].sum().backward()
+    assert table.grad[nbrs[item][nbrs[item] != PAD_ID]].abs().sum(-1).gt(0).all()
+    with pytest.raises(ValueError, match="num_items x item_neighbours"):
+        model.set_item_neighbours(nbrs[:, :2])
+    # The gate: a learned weight per popularity bucket on the neighbours' mean, 1 at init.
+    gated = tiny(item_neighbours=3, neighbour_gate=True)
+    gated.load_state_dict(model.state_dict(), strict=False)
+    buckets = torch.randint(0, 16, (60,))
+    gated.set_item_neighbours(nbrs, buckets)
+    torch.testing.assert_close(gated.item_embeddings(ids), torch.stack(want), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        gated.tokens.neighbour_gate.weight.copy_(torch.rand(16, 1))
+    gate = gated.tokens.neighbour_gate.weight[buckets[ids], 0, None]
+    torch.testing.assert_close(gated.item_embeddings(ids), table[ids] + gate * (torch.stack(want) - table[ids]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="item_neighbours"):
+        tiny(item_neighbours=-1)
+    assert tiny().tokens.item_nbrs.shape == (60, 0)  # off by default
+
+
+def test_a_runs_model_reads_its_item_neighbours_and_popularity_buckets_from_the_dataset(tmp_path):
+    meta = prepare({"format": "synthetic", "num_users": 40, "num_items": 50}, tmp_path / "d")
+    cfg = PretrainConfig(model=ModelSpec(overrides={"item_neighbours": 4, "neighbour_window": 2,
+                                                    "neighbour_gate": True}))
+    model = build_run_model(model_config_for(cfg, meta), tmp_path / "d", meta)
+    nbrs = item_neighbour_ids(tmp_path / "d", meta, 4, 2)
+    assert (nbrs != PAD_ID).sum() > meta.num_items  # most items have neighbours
+    assert torch.equal(model.tokens.item_nbrs, torch.from_numpy(nbrs))
+    assert torch.equal(model.tokens.item_count_bucket,
+                       torch.from_numpy(item_count_buckets(tmp_path / "d", meta.num_items, 16)))
 
 
 def test_target_id_dropout_scores_a_share_of_the_items_without_their_ids_in_training_only():

@@ -11,6 +11,7 @@ from torch import nn
 
 from lum_dist import parallel
 from lum_dist.config import LossConfig, PretrainConfig
+from lum_dist.data.schema import NUM_SPECIAL_IDS, PAD_ID
 from lum_dist.losses import InfoNCE
 from lum_dist.model import MODELS, LUMModel, SASRecConfig, enable_activation_checkpointing, load_preset
 from lum_dist.testing.batches import random_packed_batch
@@ -31,13 +32,18 @@ def _train_zero3(negatives: str) -> dict:
                 else LossConfig(learnable_temperature=True, negatives="full", view_contrast_weight=0.1))
     log_q = torch.log_softmax(torch.randn(NUM_ITEMS, generator=torch.Generator().manual_seed(0)), 0)
     # The full softmax also scores items with their attribute embeddings (extra tables and a buffer under ZeRO-3).
+    # and (full) its neighbours' id rows, gathered from the same sharded table.
+    full = negatives == "full"
     model_cfg = load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, item_attr_vocab_sizes=VOCABS[:1],
-                            attribute_targets=negatives == "full")
-    item_attrs = torch.arange(NUM_ITEMS)[:, None] % VOCABS[0] if negatives == "full" else torch.zeros(NUM_ITEMS, 0)
+                            attribute_targets=full, item_neighbours=3 * full, neighbour_gate=full)
+    item_attrs = torch.arange(NUM_ITEMS)[:, None] % VOCABS[0] if full else torch.zeros(NUM_ITEMS, 0)
+    nbrs = (torch.arange(NUM_ITEMS)[:, None] + torch.arange(1, 4)) % NUM_ITEMS if full else torch.zeros(NUM_ITEMS, 0)
+    nbrs[:NUM_SPECIAL_IDS] = PAD_ID  # as the dataset's: reserved ids have no neighbours
 
     def make_module() -> PretrainModule:
         model = LUMModel(model_cfg)
         model.set_item_attributes(item_attrs.long())
+        model.set_item_neighbours(nbrs.long(), torch.arange(NUM_ITEMS) % 16 if full else None)
         return PretrainModule(model, InfoNCE(cfg.loss, NUM_ITEMS, log_q))
 
     ds = parallel.deepspeed_config(cfg)
@@ -120,7 +126,8 @@ def _initial_weights(stage: int, kind: str) -> dict[str, torch.Tensor]:
     cfg.train.zero_stage = stage
     torch.manual_seed(0)
     config = (SASRecConfig(num_items=NUM_ITEMS, hidden_size=64, num_layers=2) if kind == "sasrec" else
-              load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, previous_item_skip=True))
+              load_preset("lum-tiny", NUM_ITEMS, VOCABS, num_layers=2, previous_item_skip=True, item_neighbours=3,
+                          neighbour_gate=True))  # the gate starts at 1
     loss = LossConfig(negatives="full", future_weight=0.5, future_head=kind == "lum")  # the loss module's own layer
     module = parallel.build_model(lambda: PretrainModule(MODELS[kind](config), InfoNCE(loss, NUM_ITEMS)),
                                   parallel.deepspeed_config(cfg))
