@@ -456,8 +456,8 @@ def item_neighbour_ids(path: str | Path, meta: DatasetMeta, k: int, window: int)
         starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
         room = np.repeat(shard.column("train_end").to_numpy(), lengths) - (np.arange(len(flat)) - starts)
         t = [np.flatnonzero(room > d) for d in range(1, window + 1)]  # t + d is a training behaviour of t's user
-        a = np.concatenate([flat[t_d] for t_d in t] + [flat[t_d + d] for d, t_d in enumerate(t, 1)])
-        b = np.concatenate([flat[t_d + d] for d, t_d in enumerate(t, 1)] + [flat[t_d] for t_d in t])
+        before, after = [flat[t_d] for t_d in t], [flat[t_d + d] for d, t_d in enumerate(t, 1)]
+        a, b = np.concatenate(before + after), np.concatenate(after + before)  # both directions
         c, m = np.unique((a * n + b)[a != b], return_counts=True)
         codes.append(c)
         counts.append(m)

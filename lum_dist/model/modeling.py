@@ -81,7 +81,8 @@ class TokenEncoder(nn.Module):
     def item_vectors(self, ids: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
         """Items ``ids`` as the model sees them: the id embedding, plus the mean id embedding of the item's
         co-occurrence neighbours with ``item_neighbours`` (times its popularity bucket's gate with ``neighbour_gate``),
-        plus the mean of the tags' embeddings with ``item_tags`` (PAD ids, e.g. a condition token's item slot, have no tags: their vector stays zero).
+        plus the mean of the tags' embeddings with ``item_tags`` (PAD ids, e.g. a condition token's item slot, have
+        no neighbours or tags: their vector stays zero).
         ``id_dropout``: that share of the rows, drawn at random, without their id embedding."""
         emb = self.item_emb(ids)
         if id_dropout > 0:
@@ -277,7 +278,7 @@ class LUMModel(PreTrainedModel):
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item vectors
-        that item tokens read (id embedding, plus tags with ``item_tags``), plus each item's attribute
+        that item tokens read (:meth:`TokenEncoder.item_vectors`), plus each item's attribute
         embeddings with ``attribute_targets``.
 
         In training the full table (``ids`` None, the full softmax's) hides the ids of a ``target_id_dropout``
