@@ -36,14 +36,13 @@ from lum_dist import parallel
 from lum_dist.config import PretrainConfig, from_dict
 from lum_dist.data.prepare import (
     item_attribute_ids,
-    item_count_buckets,
     item_neighbour_ids,
     item_tag_ids,
+    item_train_counts,
     load_meta,
 )
 from lum_dist.data.schema import TAGS_FIELD, DatasetMeta
 from lum_dist.model import LUMConfig, LUMModel, SASRecConfig, SASRecModel, build_model, load_preset
-from lum_dist.model.config import NUM_COUNT_BUCKETS
 from lum_dist.utils import dist_info
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -201,7 +200,7 @@ def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
     if isinstance(model, LUMModel) and model.config.item_neighbours:
         model.set_item_neighbours(torch.from_numpy(item_neighbour_ids(
             data_path, meta, model.config.item_neighbours, model.config.neighbour_window)),
-            torch.from_numpy(item_count_buckets(data_path, meta.num_items, NUM_COUNT_BUCKETS)))
+            torch.from_numpy(item_train_counts(data_path, meta.num_items)))
     return model
 
 

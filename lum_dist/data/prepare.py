@@ -383,22 +383,20 @@ def load_vocab(path: str | Path, field: str) -> pa.Table:
     return read_parquet(file)
 
 
-def item_log_prob(path: str | Path, num_items: int) -> np.ndarray:
-    """log p(item) (float32 [num_items]) from training counts: the popularity baseline and the logQ correction
-    (reserved ids get a tiny mass). numpy, not torch: under ZeRO-3's ``zero.Init`` torch's tensor constructors
-    are patched."""
-    vocab = load_vocab(path, ITEM_FIELD)
-    counts = np.full(num_items, 1e-3)
-    counts[vocab.column("id").to_numpy()] = np.maximum(vocab.column("count").to_numpy().astype(np.float64), 1e-3)
-    return np.log(counts / counts.sum()).astype(np.float32)
-
-
-def item_count_buckets(path: str | Path, num_items: int, num_buckets: int) -> np.ndarray:
-    """int64 ``[num_items]``: floor(log2(1 + training count)) of each item, the last bucket open (reserved ids: 0)."""
+def item_train_counts(path: str | Path, num_items: int) -> np.ndarray:
+    """int64 ``[num_items]``: how often each item occurs in the training behaviours (reserved ids: 0), from the item
+    vocabulary. numpy, not torch: under ZeRO-3's ``zero.Init`` torch's tensor constructors are patched."""
     vocab = load_vocab(path, ITEM_FIELD)
     counts = np.zeros(num_items, np.int64)
     counts[vocab.column("id").to_numpy()] = vocab.column("count").to_numpy()
-    return np.minimum(np.floor(np.log2(1 + counts)), num_buckets - 1).astype(np.int64)
+    return counts
+
+
+def item_log_prob(path: str | Path, num_items: int) -> np.ndarray:
+    """log p(item) (float32 [num_items]) from training counts: the popularity baseline and the logQ correction
+    (reserved ids and unseen items get a tiny mass)."""
+    counts = np.maximum(item_train_counts(path, num_items).astype(np.float64), 1e-3)
+    return np.log(counts / counts.sum()).astype(np.float32)
 
 
 def item_embedding_table(path: str | Path, embeddings: np.ndarray) -> pa.Table:

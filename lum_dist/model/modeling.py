@@ -45,6 +45,12 @@ from lum_dist.ops.group_query import (
 )
 
 
+def popularity_bucket(counts: torch.Tensor) -> torch.Tensor:
+    """The neighbour gate's bucket of each item: floor(log2(1 + training count)), the last of NUM_COUNT_BUCKETS open
+    (doubling counts: the gate's weight is learnt per order of magnitude)."""
+    return torch.log2(1 + counts.double()).floor().long().clamp(max=NUM_COUNT_BUCKETS - 1)
+
+
 def bag_mean(table: nn.Embedding, bags: torch.Tensor) -> torch.Tensor:
     """The mean embedding of each PAD-padded bag of ids ``[..., n]`` (zero for an empty bag; PAD rows are zero)."""
     count = (bags != PAD_ID).sum(-1, keepdim=True).clamp(min=1)
@@ -264,17 +270,17 @@ class LUMModel(PreTrainedModel):
                              f"{tuple(self.tokens.item_tags.shape)} (num_items x max_item_tags)")
         self.tokens.item_tags.copy_(item_tags)
 
-    def set_item_neighbours(self, item_nbrs: torch.Tensor, count_bucket: torch.Tensor | None = None) -> None:
-        """Each item's co-occurrence neighbours, ``[num_items, item_neighbours]``, PAD-padded, and popularity bucket
-        (``[num_items]``, for ``neighbour_gate``)."""
+    def set_item_neighbours(self, item_nbrs: torch.Tensor, item_counts: torch.Tensor | None = None) -> None:
+        """Each item's co-occurrence neighbours, ``[num_items, item_neighbours]``, PAD-padded, and training count
+        (``[num_items]``; ``neighbour_gate`` weighs the neighbours by its :func:`popularity_bucket`)."""
         if item_nbrs.shape != self.tokens.item_nbrs.shape:
             raise ValueError(f"LUMModel: item neighbours of shape {tuple(item_nbrs.shape)}, the model expects "
                              f"{tuple(self.tokens.item_nbrs.shape)} (num_items x item_neighbours)")
         self.tokens.item_nbrs.copy_(item_nbrs)
         if self.tokens.neighbour_gate is not None:
-            if count_bucket is None or count_bucket.shape != self.tokens.item_count_bucket.shape:
-                raise ValueError("LUMModel: neighbour_gate needs each item's popularity bucket, [num_items]")
-            self.tokens.item_count_bucket.copy_(count_bucket)
+            if item_counts is None or item_counts.shape != self.tokens.item_count_bucket.shape:
+                raise ValueError("LUMModel: neighbour_gate needs each item's training count, [num_items]")
+            self.tokens.item_count_bucket.copy_(popularity_bucket(item_counts))
 
     def item_embeddings(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The InfoNCE targets and scoring rows of items ``ids`` (``None`` = all ``num_items``): the item vectors

@@ -271,11 +271,13 @@ def test_item_neighbours_are_the_most_frequent_co_occurrences_within_the_window_
             want[a, : len(top)] = top
         np.testing.assert_array_equal(got, want)
         assert (got[:NUM_SPECIAL_IDS] == PAD_ID).all()
-    # Popularity buckets (the neighbour gate's): floor(log2(1 + training count)), the last bucket open.
+    # Training counts (the neighbour gate's popularity, the logQ correction's): the training prefixes only.
     seen = Counter(i for row in P.read_users(tmp_path / "d").to_pylist() for i in row["item"][: row["train_end"]])
-    want = [min(int(np.log2(1 + seen[i])), 5) for i in range(meta.num_items)]
-    assert P.item_count_buckets(tmp_path / "d", meta.num_items, num_buckets=6).tolist() == want
-    assert len(set(want)) >= 3  # reserved ids and items on both sides of a bucket edge
+    want = [seen[i] for i in range(meta.num_items)]
+    assert P.item_train_counts(tmp_path / "d", meta.num_items).tolist() == want
+    assert len(set(want)) >= 3 and want[:NUM_SPECIAL_IDS] == [0] * NUM_SPECIAL_IDS
+    mass = np.maximum(want, 1e-3)  # reserved and unseen ids: a tiny mass, not log 0
+    np.testing.assert_allclose(P.item_log_prob(tmp_path / "d", meta.num_items), np.log(mass / mass.sum()), rtol=1e-5)
 
 
 def test_item_tags_round_trip_through_prepare(tmp_path):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lum_dist.checkpoint import build_run_model, model_config_for
 from lum_dist.config import ConfigError, LossConfig, ModelSpec, PretrainConfig
 from lum_dist.data.batch import COND_TOKEN, ITEM_TOKEN, PackedBatch
-from lum_dist.data.prepare import item_count_buckets, item_neighbour_ids, prepare
+from lum_dist.data.prepare import item_neighbour_ids, item_train_counts, prepare
 from lum_dist.data.schema import PAD_ID
 from lum_dist.model import LUMModel, enable_activation_checkpointing, load_preset, modeling
 from lum_dist.ops.attention import varlen_attention
@@ -307,8 +309,12 @@ def test_item_neighbours_add_the_mean_id_embedding_of_each_items_neighbours():
     # The gate: a learned weight per popularity bucket on the neighbours' mean, 1 at init.
     gated = tiny(item_neighbours=3, neighbour_gate=True)
     gated.load_state_dict(model.state_dict(), strict=False)
-    buckets = torch.randint(0, 16, (60,))
-    gated.set_item_neighbours(nbrs, buckets)
+    counts = torch.randint(0, 2**17, (60,)) >> torch.randint(0, 18, (60,))  # every order of magnitude
+    gated.set_item_neighbours(nbrs, counts)
+    buckets = gated.tokens.item_count_bucket
+    assert buckets.tolist() == [min(int(math.log2(1 + c)), 15) for c in counts.tolist()]
+    with pytest.raises(ValueError, match="training count"):
+        gated.set_item_neighbours(nbrs)
     torch.testing.assert_close(gated.item_embeddings(ids), torch.stack(want), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         gated.tokens.neighbour_gate.weight.copy_(torch.rand(16, 1))
@@ -329,7 +335,7 @@ def test_a_runs_model_reads_its_item_neighbours_and_popularity_buckets_from_the_
     assert (nbrs != PAD_ID).sum() > meta.num_items  # most items have neighbours
     assert torch.equal(model.tokens.item_nbrs, torch.from_numpy(nbrs))
     assert torch.equal(model.tokens.item_count_bucket,
-                       torch.from_numpy(item_count_buckets(tmp_path / "d", meta.num_items, 16)))
+                       modeling.popularity_bucket(torch.from_numpy(item_train_counts(tmp_path / "d", meta.num_items))))
 
 
 def test_target_id_dropout_scores_a_share_of_the_items_without_their_ids_in_training_only():

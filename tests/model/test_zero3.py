@@ -43,7 +43,7 @@ def _train_zero3(negatives: str) -> dict:
     def make_module() -> PretrainModule:
         model = LUMModel(model_cfg)
         model.set_item_attributes(item_attrs.long())
-        model.set_item_neighbours(nbrs.long(), torch.arange(NUM_ITEMS) % 16 if full else None)
+        model.set_item_neighbours(nbrs.long(), 2 ** (torch.arange(NUM_ITEMS) % 16) if full else None)
         return PretrainModule(model, InfoNCE(cfg.loss, NUM_ITEMS, log_q))
 
     ds = parallel.deepspeed_config(cfg)
