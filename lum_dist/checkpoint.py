@@ -199,7 +199,8 @@ def build_run_model(model_cfg: LUMConfig | SASRecConfig, data_path: str | Path,
         model.set_item_tags(torch.from_numpy(item_tag_ids(data_path, meta)))
     if isinstance(model, LUMModel) and model.config.item_neighbours:
         model.set_item_neighbours(torch.from_numpy(item_neighbour_ids(
-            data_path, meta, model.config.item_neighbours, model.config.neighbour_window)),
+            data_path, meta, model.config.item_neighbours, model.config.neighbour_window,
+            model.config.neighbour_distance_weighted)),
             torch.from_numpy(item_train_counts(data_path, meta.num_items)))
     return model
 

@@ -76,6 +76,9 @@ class LUMConfig(PretrainedConfig):
         # How much an item leans on its neighbours is learned per popularity bucket (log2 of its training count;
         # 1 at init): a rare item is known by its neighbours, a popular one by its own id.
         neighbour_gate: bool = False,
+        # Pairs d behaviours apart count 1/d toward who an item's neighbours are (adjacent ones lead; the window
+        # breaks a rare item's ties); off: every pair in the window counts 1.
+        neighbour_distance_weighted: bool = False,
         # A condition token's item slot (PAD otherwise) carries the item of the user's previous behaviour, so the
         # token that predicts reads the last item as its own input feature, as SASRec's last item token does:
         previous_item_slot: bool = False,
@@ -123,6 +126,7 @@ class LUMConfig(PretrainedConfig):
         self.item_neighbours = item_neighbours
         self.neighbour_window = neighbour_window
         self.neighbour_gate = neighbour_gate
+        self.neighbour_distance_weighted = neighbour_distance_weighted
         self.previous_item_slot = previous_item_slot
         self.previous_item_dropout = previous_item_dropout
         self.item_id_dropout = item_id_dropout
@@ -167,8 +171,8 @@ class LUMConfig(PretrainedConfig):
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "cond_emb_dim", "item_emb_dim",
         "num_time_buckets", "max_position", "rope_theta", "rms_norm_eps", "initializer_range", "scaled_init",
         "feature_dropout", "attention_dropout", "residual_dropout", "attn_backend", "attribute_targets",
-        "item_tags", "item_neighbours", "neighbour_window", "neighbour_gate", "previous_item_slot",
-        "previous_item_dropout", "item_id_dropout", "target_id_dropout", "previous_item_skip",
+        "item_tags", "item_neighbours", "neighbour_window", "neighbour_gate", "neighbour_distance_weighted",
+        "previous_item_slot", "previous_item_dropout", "item_id_dropout", "target_id_dropout", "previous_item_skip",
     })
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -248,29 +249,33 @@ def test_numeric_fields_and_behaviour_only_conditions(tmp_path, monkeypatch):
 
 def test_item_neighbours_are_the_most_frequent_co_occurrences_within_the_window_in_training(tmp_path):
     """Against a loop over the users' training behaviours: pairs at most `window` apart, both directions, an item
-    never its own neighbour, ties to the smaller id, PAD-padded; validation and test items are never read."""
+    never its own neighbour, ties to the smaller id, PAD-padded; validation and test items are never read; with
+    distance weighting a pair d apart counts exactly 1/d."""
     rng = np.random.default_rng(0)
     lines = [" ".join([str(u)] + [str(i) for i in rng.integers(1, 12, rng.integers(3, 12))]) for u in range(60)]
     (tmp_path / "Toy.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "Toy_item2attributes.json").write_text(json.dumps({str(i): [i % 3] for i in range(1, 12)}))
     meta = P.prepare({"format": "s3rec", "input": str(tmp_path / "Toy.txt"), "users_per_shard": 16}, tmp_path / "d")
     assert len(meta.shards) == 4  # counts merged across shards
-    for k, window in [(3, 1), (5, 2)]:
-        got = P.item_neighbour_ids(tmp_path / "d", meta, k, window)
+    for k, window, weighted in [(3, 1, False), (5, 2, False), (5, 3, True), (4, 4, True)]:
+        got = P.item_neighbour_ids(tmp_path / "d", meta, k, window, distance_weighted=weighted)
         counts = [Counter() for _ in range(meta.num_items)]
         for row in P.read_users(tmp_path / "d").to_pylist():
             seq = row["item"][: row["train_end"]]
             for t in range(len(seq)):
-                for b in seq[t + 1 : t + 1 + window]:
+                for d, b in enumerate(seq[t + 1 : t + 1 + window], 1):
                     if b != seq[t]:
-                        counts[seq[t]][b] += 1
-                        counts[b][seq[t]] += 1
+                        counts[seq[t]][b] += Fraction(1, d) if weighted else 1
+                        counts[b][seq[t]] += Fraction(1, d) if weighted else 1
         want = np.full((meta.num_items, k), PAD_ID)
         for a, c in enumerate(counts):
             top = sorted(c, key=lambda b: (-c[b], b))[:k]
             want[a, : len(top)] = top
         np.testing.assert_array_equal(got, want)
         assert (got[:NUM_SPECIAL_IDS] == PAD_ID).all()
+    # The weighting changes who the neighbours are (else the cases above would not tell it from plain counts).
+    unweighted, weighted = (P.item_neighbour_ids(tmp_path / "d", meta, 5, 3, distance_weighted=w) for w in (0, 1))
+    assert (unweighted != weighted).any()
     # Training counts (the neighbour gate's popularity, the logQ correction's): the training prefixes only.
     seen = Counter(i for row in P.read_users(tmp_path / "d").to_pylist() for i in row["item"][: row["train_end"]])
     want = [seen[i] for i in range(meta.num_items)]
