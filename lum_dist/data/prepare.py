@@ -463,9 +463,10 @@ def item_neighbour_ids(path: str | Path, meta: DatasetMeta, k: int, window: int,
         before, after = [flat[t_d] for t_d in t], [flat[t_d + d] for d, t_d in enumerate(t, 1)]
         a, b = np.concatenate(before + after), np.concatenate(after + before)  # both directions
         w = np.concatenate([np.full(len(t_d), w_d, np.int64) for t_d, w_d in zip(t, weight, strict=True)] * 2)
-        c, inverse = np.unique((a * n + b)[a != b], return_inverse=True)
+        keep = a != b
+        c, inverse = np.unique((a * n + b)[keep], return_inverse=True)
         codes.append(c)
-        counts.append(np.bincount(inverse, weights=w[a != b], minlength=len(c)).astype(np.int64))
+        counts.append(np.bincount(inverse, weights=w[keep], minlength=len(c)).astype(np.int64))
     pairs, inverse = np.unique(np.concatenate(codes), return_inverse=True)
     count = np.bincount(inverse, weights=np.concatenate(counts).astype(np.float64)).astype(np.int64)
     a, b = pairs // n, pairs % n
