@@ -466,9 +466,9 @@ def item_neighbour_ids(path: str | Path, meta: DatasetMeta, k: int, window: int,
         keep = a != b
         c, inverse = np.unique((a * n + b)[keep], return_inverse=True)
         codes.append(c)
-        counts.append(np.bincount(inverse, weights=w[keep], minlength=len(c)).astype(np.int64))
+        counts.append(np.bincount(inverse, weights=w[keep]))  # float64: exact for these integer sums
     pairs, inverse = np.unique(np.concatenate(codes), return_inverse=True)
-    count = np.bincount(inverse, weights=np.concatenate(counts).astype(np.float64)).astype(np.int64)
+    count = np.bincount(inverse, weights=np.concatenate(counts)).astype(np.int64)
     a, b = pairs // n, pairs % n
     order = np.lexsort((b, -count, a))
     a, b = a[order], b[order]

@@ -274,7 +274,7 @@ def test_item_neighbours_are_the_most_frequent_co_occurrences_within_the_window_
         np.testing.assert_array_equal(got, want)
         assert (got[:NUM_SPECIAL_IDS] == PAD_ID).all()
     # The weighting changes who the neighbours are (else the cases above would not tell it from plain counts).
-    by_count, by_distance = (P.item_neighbour_ids(tmp_path / "d", meta, 5, 3, distance_weighted=w) for w in (0, 1))
+    by_count, by_distance = (P.item_neighbour_ids(tmp_path / "d", meta, 5, 3, distance_weighted=w) for w in (False, True))
     assert (by_count != by_distance).any()
     # Training counts (the neighbour gate's popularity, the logQ correction's): the training prefixes only.
     seen = Counter(i for row in P.read_users(tmp_path / "d").to_pylist() for i in row["item"][: row["train_end"]])
